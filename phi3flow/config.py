@@ -1,0 +1,248 @@
+"""Typed step configurations: one dataclass per entry point, one name per parameter.
+
+The MLproject parameter, the command-line flag and the dataclass field share one snake_case name;
+`tests/test_project_files.py` parses every MLproject command with its step's parser to keep them
+in step. Validation lives in `__post_init__`, so a bad value fails before any heavy work, with a
+message that names the parameter and the fix.
+
+MLflow passes every parameter as a string and validates none of them (NOTES), so every MLproject
+parameter has a default here and in MLproject: a missing required value is our error message and a
+FAILED run, not an MLflow exception that leaves the run RUNNING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from phi3flow import names
+from phi3flow.errors import StepError
+
+RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+
+ONNX_SOURCES = ("hub", "build")  # or a local directory
+PRECISIONS = ("int4", "fp16", "fp32")
+EXECUTION_PROVIDERS = ("cpu", "cuda")
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(StepError):
+    """A parameter is missing or invalid; the message names it and says what to pass."""
+
+
+def _param(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def parse_bool(name: str, value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean: pass true or false.")
+
+
+def require_run_id(name: str, value: str, producer: str) -> None:
+    if not value:
+        raise ConfigError(
+            f"{name} is required: pass -P {name}=<run ID of a finished {producer} run> "
+            f"(find it with `mlflow runs list --experiment-id <id>` or in the MLflow UI)."
+        )
+    if not RUN_ID_PATTERN.match(value):
+        raise ConfigError(
+            f"{name}={value!r} is not an MLflow run ID (32 lowercase hex characters); "
+            f"pass the run ID of a finished {producer} run."
+        )
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}={value!r} must be greater than 0.")
+
+
+@dataclass
+class FetchModelConfig:
+    model_id: str = _param(
+        names.DEFAULT_MODEL_ID,
+        "Hugging Face hub id (owner/name) or a local checkpoint directory.",
+    )
+    revision: str = _param(
+        "",
+        "Hub revision to fetch. Empty: the pinned commit for the default model, `main` otherwise. "
+        "Ignored for a local directory.",
+    )
+    onnx_source: str = _param(
+        "hub",
+        "Where the ONNX model comes from: `hub` (Microsoft's published int4 CPU build, default "
+        "model only), `build` (convert the fetched weights), or a local onnxruntime-genai folder.",
+    )
+    onnx_revision: str = _param(
+        "", f"Revision of {names.ONNX_HUB_REPO} for onnx_source=hub. Empty: `main`, recorded."
+    )
+    precision: str = _param("int4", "Builder precision for onnx_source=build: int4|fp16|fp32.")
+    execution_provider: str = _param(
+        "cpu", "Builder execution provider for onnx_source=build: cpu|cuda."
+    )
+    log_weights: bool = _param(
+        True,
+        "Copy the fetched files into the run's artifacts (true) or record only the manifest and "
+        "re-resolve the files from the hub cache or local path later (false).",
+    )
+
+    def __post_init__(self) -> None:
+        self.log_weights = parse_bool("log_weights", self.log_weights)
+        if not self.model_id:
+            raise ConfigError("model_id is empty: pass a hub id (owner/name) or a local directory.")
+        if not self.is_local_model and not HUB_ID_PATTERN.match(self.model_id):
+            raise ConfigError(
+                f"model_id={self.model_id!r} is neither an existing local directory nor a Hugging "
+                "Face hub id (owner/name). Check the path (relative paths are relative to the "
+                "project directory) or the hub id."
+            )
+        if not self.revision and not self.is_local_model:
+            self.revision = (
+                names.DEFAULT_MODEL_REVISION if self.model_id == names.DEFAULT_MODEL_ID else "main"
+            )
+        if self.onnx_source not in ONNX_SOURCES and not Path(self.onnx_source).is_dir():
+            raise ConfigError(
+                f"onnx_source={self.onnx_source!r} is not `hub`, `build` or an existing "
+                "directory: pass -P onnx_source=build to convert the fetched weights."
+            )
+        if self.onnx_source == "hub" and self.model_id != names.DEFAULT_MODEL_ID:
+            raise ConfigError(
+                f"onnx_source=hub provides the ONNX build of {names.DEFAULT_MODEL_ID} only, not of "
+                f"{self.model_id!r}: pass -P onnx_source=build to convert these weights, or a "
+                "local onnxruntime-genai folder."
+            )
+        self.onnx_revision = self.onnx_revision or names.DEFAULT_ONNX_REVISION
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("execution_provider", self.execution_provider, EXECUTION_PROVIDERS)
+
+    @property
+    def is_local_model(self) -> bool:
+        return Path(self.model_id).is_dir()
+
+
+@dataclass
+class LogTransformersConfig:
+    fetch_run_id: str = _param("", "Run ID of a finished fetch_model run (required).")
+    max_new_tokens: int = _param(256, "Default cap on generated tokens (a request's max_tokens).")
+    temperature: float = _param(
+        0.0, "Default sampling temperature; 0 means greedy decoding (deterministic)."
+    )
+    top_p: float = _param(1.0, "Default nucleus-sampling probability mass (used when sampling).")
+    torch_dtype: str = _param(
+        "auto", "Weights dtype when loading: auto (the checkpoint's)|float32|bfloat16|float16."
+    )
+    trust_remote_code: bool = _param(
+        False, "Allow code shipped in the checkpoint to run. Off by default; tagged when on."
+    )
+    save_pretrained: bool = _param(
+        True,
+        "Copy the weights into the logged model (true) or log a reference to the hub repo pinned "
+        "to the fetched commit (false; hub models only).",
+    )
+
+    def __post_init__(self) -> None:
+        require_run_id("fetch_run_id", self.fetch_run_id, names.FETCH_MODEL)
+        self.trust_remote_code = parse_bool("trust_remote_code", self.trust_remote_code)
+        self.save_pretrained = parse_bool("save_pretrained", self.save_pretrained)
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1].")
+        _choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The logged model's default generation options (a request may override them)."""
+        if self.temperature == 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+
+@dataclass
+class MainConfig(FetchModelConfig, LogTransformersConfig):
+    """`main` takes every step's parameters (minus the run IDs it wires itself) plus `force`."""
+
+    # Not a main parameter: main wires the run IDs itself.
+    fetch_run_id: str = field(default="", metadata={"help": "", "cli": False})
+    force: bool = _param(False, "Re-run every step even when a finished run can be reused.")
+
+    def __post_init__(self) -> None:
+        self.force = parse_bool("force", self.force)
+        FetchModelConfig.__post_init__(self)
+        # Validate the log step's options now, before the first step spends minutes fetching.
+        self.log_transformers_config()
+
+    def fetch_model_config(self) -> FetchModelConfig:
+        return _subset(FetchModelConfig, self)
+
+    def log_transformers_config(self, fetch_run_id: str = "0" * 32) -> LogTransformersConfig:
+        return _subset(LogTransformersConfig, self, fetch_run_id=fetch_run_id)
+
+
+C = TypeVar("C")
+
+
+def _subset(cls: type[C], source: Any, **overrides: Any) -> C:
+    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def parameters(config: Any) -> dict[str, str]:
+    """The config as MLflow run parameters (the strings `mlflow run -P` would pass)."""
+    return {f.name: _to_param(getattr(config, f.name)) for f in cli_fields(type(config))}
+
+
+def _to_param(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def build_parser(cls: type) -> argparse.ArgumentParser:
+    """An argparse parser whose flags are exactly the dataclass fields (`--model_id`, ...)."""
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None)
+    for f in cli_fields(cls):
+        kind = {int: int, float: float}.get(_field_type(f), str)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool}.get(str(f.type), str)
+
+
+def parse_config(cls: type[C], argv: list[str] | None) -> C:
+    parser = build_parser(cls)
+    try:
+        namespace = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on errors; make it a step error with its message
+        if exc.code == 0:  # --help
+            raise
+        raise ConfigError(f"bad command line {argv!r}; see the usage above.") from None
+    return cls(**vars(namespace))

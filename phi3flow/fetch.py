@@ -1,0 +1,208 @@
+"""fetch_model's work, and how later steps get verified copies of what it fetched.
+
+`fetch()` resolves the checkpoint and the ONNX model into two staged folders and a manifest.
+`fetched_folder()` gives a consumer a local folder for `checkpoint` or `onnx` from a fetch run:
+the run's artifacts when they were logged, otherwise the hub cache or the original local path,
+and in every case verified file by file against the manifest before it is returned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+
+from phi3flow import hub, manifest, names, onnx_build
+from phi3flow.config import FetchModelConfig
+from phi3flow.errors import StepError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Fetched:
+    folders: dict[str, Path]  # {"checkpoint": ..., "onnx": ...}, staged for logging
+    manifest: dict[str, Any]
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Fail fast, before any heavy work, when a folder is not a Hugging Face checkpoint."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise StepError(
+            f"{folder} is not a Hugging Face checkpoint: it has no config.json. Pass the folder "
+            "that `save_pretrained` wrote (config.json, *.safetensors, tokenizer files)."
+        )
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise StepError(f"{config} is not valid JSON ({exc}); the checkpoint is damaged.") from None
+    if not model_type:
+        raise StepError(f"{config} has no model_type: it is not a transformers model config.")
+    if not list(folder.glob("*.safetensors")):
+        raise StepError(
+            f"{folder} has no *.safetensors weights. This project loads safetensors only (no "
+            "pickled .bin weights); convert the checkpoint with save_pretrained."
+        )
+    if not (folder / "tokenizer_config.json").is_file():
+        raise StepError(f"{folder} has no tokenizer_config.json: save the tokenizer beside it.")
+
+
+def stage(source: Path, target: Path, patterns: tuple[str, ...] | None = None) -> Path:
+    """Symlink source's files (matching patterns, if given) into target: no copy of big weights."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in manifest.list_files(source):
+        rel = path.relative_to(source)
+        if patterns and not any(fnmatch.fnmatch(rel.as_posix(), p) for p in patterns):
+            continue
+        link = target / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path.resolve())
+    return target
+
+
+def fetch(cfg: FetchModelConfig, workdir: Path) -> Fetched:
+    checkpoint, checkpoint_source = _fetch_checkpoint(cfg, workdir)
+    onnx, onnx_source = _fetch_onnx(cfg, checkpoint, workdir)
+    source = {
+        "model_id": cfg.model_id,
+        "revision": checkpoint_source.get("revision", "local"),
+        "sources": {names.CHECKPOINT_DIR: checkpoint_source, names.ONNX_DIR: onnx_source},
+    }
+    logger.info("hashing the fetched files for the manifest")
+    folders = {names.CHECKPOINT_DIR: checkpoint, names.ONNX_DIR: onnx}
+    return Fetched(folders=folders, manifest=manifest.build(source, folders))
+
+
+def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    patterns = hub.CHECKPOINT_PATTERNS
+    if cfg.is_local_model:
+        path = Path(cfg.model_id).resolve()
+        check_checkpoint(path)
+        source = {"kind": "local", "path": str(path), "patterns": list(patterns)}
+    else:
+        path, commit = hub.download(cfg.model_id, cfg.revision, list(patterns))
+        check_checkpoint(path)
+        source = {
+            "kind": "hub",
+            "repo_id": cfg.model_id,
+            "requested_revision": cfg.revision,
+            "revision": commit,
+            "patterns": list(patterns),
+        }
+    source["logged"] = cfg.log_weights
+    return stage(path, workdir / names.CHECKPOINT_DIR, patterns), source
+
+
+def _fetch_onnx(
+    cfg: FetchModelConfig, checkpoint: Path, workdir: Path
+) -> tuple[Path, dict[str, Any]]:
+    target = workdir / names.ONNX_DIR
+    if cfg.onnx_source == "build":
+        onnx_build.build(checkpoint, workdir / "onnx-build", cfg.precision, cfg.execution_provider)
+        source = {
+            "kind": "build",
+            "precision": cfg.precision,
+            "execution_provider": cfg.execution_provider,
+            "builder": f"onnxruntime-genai {_genai_version()}",
+            "logged": True,  # a build exists nowhere else: always logged
+        }
+        return stage(workdir / "onnx-build", target), source
+    if cfg.onnx_source == "hub":
+        snapshot, commit = hub.download(
+            names.ONNX_HUB_REPO, cfg.onnx_revision, [f"{names.ONNX_HUB_SUBFOLDER}/*"]
+        )
+        path = snapshot / names.ONNX_HUB_SUBFOLDER
+        source = {
+            "kind": "hub",
+            "repo_id": names.ONNX_HUB_REPO,
+            "requested_revision": cfg.onnx_revision,
+            "revision": commit,
+            "subfolder": names.ONNX_HUB_SUBFOLDER,
+            "precision": "int4",
+            "execution_provider": "cpu",
+        }
+    else:
+        path = Path(cfg.onnx_source).resolve()
+        source = {"kind": "local", "path": str(path)}
+    onnx_build.check_onnx_folder(path)
+    source["logged"] = cfg.log_weights
+    return stage(path, target), source
+
+
+def _genai_version() -> str:
+    import onnxruntime_genai
+
+    return onnxruntime_genai.__version__
+
+
+def log_fetched(fetched: Fetched) -> str:
+    """Log the files (where asked) and then the manifest, last: no manifest, no usable run."""
+    for prefix, folder in fetched.folders.items():
+        if fetched.manifest["sources"][prefix]["logged"]:
+            logger.info("logging %s/ to the run's artifacts", prefix)
+            mlflow.log_artifacts(str(folder), prefix)
+    mlflow.log_text(manifest.dumps(fetched.manifest), names.MANIFEST)
+    return manifest.digest(fetched.manifest)
+
+
+# --- Consumers -------------------------------------------------------------------------------
+
+
+def read_manifest(run: Run) -> tuple[dict[str, Any], str]:
+    """The fetch run's manifest and its sha256 (checked against the run's tag)."""
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}")
+    except Exception:
+        raise StepError(
+            f"fetch run {run.info.run_id} has no {names.MANIFEST} artifact; re-run fetch_model."
+        ) from None
+    data = json.loads(text)
+    digest = manifest.digest(data)
+    recorded = run.data.tags.get(names.TAG_MANIFEST_SHA256)
+    if digest != recorded:
+        raise manifest.ManifestMismatch(
+            f"{names.MANIFEST} of fetch run {run.info.run_id} has sha256 {digest}, but the run "
+            f"recorded {recorded}: the manifest was changed after the run; re-run fetch_model."
+        )
+    return data, digest
+
+
+def fetched_folder(run: Run, data: dict[str, Any], prefix: str) -> Path:
+    """A verified local folder holding the fetch run's `prefix` files."""
+    source = data["sources"][prefix]
+    if source["logged"]:
+        # For a local artifact store this returns the stored folder itself (no copy).
+        path = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=prefix))
+    elif source["kind"] == "hub":
+        snapshot, _ = hub.download(
+            source["repo_id"],
+            source["revision"],
+            [f"{source['subfolder']}/*"] if source.get("subfolder") else source["patterns"],
+        )
+        path = snapshot / source["subfolder"] if source.get("subfolder") else snapshot
+    else:
+        path = Path(source["path"])
+        if not path.is_dir():
+            raise StepError(
+                f"fetch run {run.info.run_id} recorded {prefix} files at {path} (log_weights=false),"
+                " which no longer exists: re-run fetch_model."
+            )
+    if not source["logged"] and "patterns" in source:
+        path = _filtered_view(path, tuple(source["patterns"]), prefix)
+    manifest.verify(data, prefix, path)
+    return path
+
+
+def _filtered_view(path: Path, patterns: tuple[str, ...], prefix: str) -> Path:
+    """The files of path that fetch_model took (a hub cache or local folder may hold more)."""
+    view = Path(tempfile.mkdtemp(prefix=f"phi3flow-{prefix}-"))
+    return stage(path, view / prefix, patterns)
+

@@ -1,0 +1,47 @@
+"""Every name shared between steps, in one place: defaults, artifact paths, tag keys.
+
+A step writes an artifact or a tag under one of these names and the next step reads it back by the
+same constant, so a rename cannot silently break the chain.
+"""
+
+# --- The model this project packages, pinned. -------------------------------------------------
+DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
+# A commit of microsoft/Phi-3-mini-4k-instruct (not the moving `main` branch), so two users who
+# run the defaults get the same weights. Used only when `revision` is left empty.
+DEFAULT_MODEL_REVISION = "0a67737cc96d2554230f90338b163bc6380a2a85"
+
+ONNX_HUB_REPO = "microsoft/Phi-3-mini-4k-instruct-onnx"
+# The published CPU variant; the builder's defaults (-p int4 -e cpu) reproduce it.
+ONNX_HUB_SUBFOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
+# Used when `onnx_revision` is left empty. The resolved commit is recorded in the manifest and a
+# warning tells the user how to pin it (see README, "Pinning").
+DEFAULT_ONNX_REVISION = "main"
+
+# --- Entry points (MLproject names). ----------------------------------------------------------
+FETCH_MODEL = "fetch_model"
+LOG_TRANSFORMERS = "log_transformers"
+MAIN = "main"
+
+# --- Artifacts of a fetch_model run. ----------------------------------------------------------
+MANIFEST = "manifest.json"  # every fetched file with size and sha256, plus the source ids
+CHECKPOINT_DIR = "checkpoint"  # Hugging Face checkpoint (config, weights, tokenizer)
+ONNX_DIR = "onnx"  # onnxruntime-genai model folder (genai_config.json, model.onnx, ...)
+RESOLVED_CONFIG = "config.json"  # each step's resolved config, logged as an artifact
+
+# --- Logged model names (log_model(name=...)). ------------------------------------------------
+TRANSFORMERS_MODEL_NAME = "phi3-transformers"
+
+# --- Tags. ------------------------------------------------------------------------------------
+TAG_PREFIX = "phi3flow."
+TAG_FETCH_RUN_ID = TAG_PREFIX + "fetch_run_id"
+TAG_MODEL_ID = TAG_PREFIX + "model_id"
+TAG_REVISION = TAG_PREFIX + "revision"
+TAG_MANIFEST_SHA256 = TAG_PREFIX + "manifest_sha256"
+TAG_ONNX_SOURCE = TAG_PREFIX + "onnx_source"
+TAG_TRUST_REMOTE_CODE = TAG_PREFIX + "trust_remote_code"
+TAG_CACHE_KEY = TAG_PREFIX + "cache_key"  # main's run-reuse key, see phi3flow/reuse.py
+TAG_CODE_SHA256 = TAG_PREFIX + "code_sha256"
+TAG_REUSED = TAG_PREFIX + "reused"
+TAG_SAVE_PRETRAINED = TAG_PREFIX + "save_pretrained"
+# Set by `mlflow run` on every project run; we check it to refuse run IDs of the wrong step.
+MLFLOW_ENTRY_POINT_TAG = "mlflow.project.entryPoint"

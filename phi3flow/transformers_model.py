@@ -1,0 +1,128 @@
+"""The transformers chat model: a text-generation pipeline logged with task `llm/v1/chat`.
+
+MLflow's `llm/v1/chat` task gives the OpenAI chat contract for free: `{"messages": [...],
+"max_tokens": ...}` in, a `chat.completion` with `choices` and `usage` out, the prompt built with
+the checkpoint's own chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import mlflow
+import yaml
+
+from phi3flow import names
+from phi3flow.config import LogTransformersConfig
+from phi3flow.errors import StepError
+
+logger = logging.getLogger(__name__)
+
+CHAT_EXAMPLE = {
+    "messages": [{"role": "user", "content": "What is the capital of Spain?"}],
+    # Small, so MLflow's check of the example at log time stays cheap on the full model.
+    "max_tokens": 8,
+}
+
+# What the logged model needs at load time, pinned to the versions that logged it. torchvision is
+# not among them: MLflow's default inference would import it (NOTES), so we list them ourselves.
+RUNTIME_DISTRIBUTIONS = (
+    "mlflow", "transformers", "tokenizers", "huggingface_hub", "safetensors", "torch",
+    "numpy", "pandas",
+)
+
+
+def pinned_requirements(distributions: tuple[str, ...]) -> list[str]:
+    pins = []
+    for dist in distributions:
+        version = importlib.metadata.version(dist).split("+")[0]  # torch 2.13.0+cpu -> 2.13.0
+        pins.append(f"{dist}=={version}")
+    return pins
+
+
+def load_pipeline(checkpoint: Path, torch_dtype: str, trust_remote_code: bool) -> Any:
+    import torch
+    import transformers
+
+    dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    logger.info("loading %s (dtype=%s)", checkpoint, torch_dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        checkpoint, trust_remote_code=trust_remote_code
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.chat_template is None:
+        raise StepError(
+            f"the tokenizer in {checkpoint} has no chat template, so chat messages cannot be "
+            "turned into a prompt: use an instruct/chat checkpoint."
+        )
+    return transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[None]:
+    """Make MLflow's by-reference logging record `commit`, not the hub's current HEAD.
+
+    With save_pretrained=False MLflow stores the model's name_or_path and asks the hub for the
+    repository's *latest* commit (NOTES), which is not the revision we fetched and verified. We
+    point name_or_path at the hub id and answer that lookup with the fetched commit; `log()`
+    then checks the written MLmodel to prove the pin took.
+    """
+    pipeline.model.name_or_path = repo_id
+    pipeline.model.config.name_or_path = repo_id
+    pipeline.tokenizer.name_or_path = repo_id
+    with mock.patch(
+        "mlflow.transformers.flavor_config.get_latest_commit_for_repo", return_value=commit
+    ):
+        yield
+
+
+def log(
+    cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: dict[str, Any], tags: dict
+) -> mlflow.models.model.ModelInfo:
+    source = fetch_manifest["sources"][names.CHECKPOINT_DIR]
+    if not cfg.save_pretrained and source["kind"] != "hub":
+        raise StepError(
+            "save_pretrained=false logs a reference to a hub repository, but this checkpoint came "
+            f"from a local folder ({source.get('path')}): use save_pretrained=true."
+        )
+    pipeline = load_pipeline(checkpoint, cfg.torch_dtype, cfg.trust_remote_code)
+    reference = (
+        _pinned_hub_reference(source["repo_id"], source["revision"], pipeline)
+        if not cfg.save_pretrained
+        else contextlib.nullcontext()
+    )
+    logger.info("logging the chat model (%s)", "weights copied" if cfg.save_pretrained else
+                f"by reference to {source.get('repo_id')}@{source.get('revision')}")
+    with reference:
+        info = mlflow.transformers.log_model(
+            transformers_model=pipeline,
+            name=names.TRANSFORMERS_MODEL_NAME,
+            task="llm/v1/chat",
+            model_config=cfg.generation_defaults(),
+            pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
+            input_example=CHAT_EXAMPLE,
+            save_pretrained=cfg.save_pretrained,
+            tags=tags,
+        )
+    if not cfg.save_pretrained:
+        _check_pinned(info, source["revision"])
+    return info
+
+
+def _check_pinned(info: mlflow.models.model.ModelInfo, commit: str) -> None:
+    location = mlflow.get_logged_model(info.model_id).artifact_location
+    mlmodel = yaml.safe_load(mlflow.artifacts.load_text(f"{location}/MLmodel"))
+    recorded = mlmodel["flavors"]["transformers"].get("source_model_revision")
+    if recorded != commit:
+        raise StepError(
+            f"the logged model references revision {recorded}, not the fetched commit {commit}; "
+            "this MLflow version changed how it records revisions: use save_pretrained=true."
+        )

@@ -1,0 +1,42 @@
+"""log_transformers: log the fetched checkpoint as an MLflow transformers chat model.
+
+Inputs: `fetch_run_id` (a FINISHED fetch_model run); generation defaults (`max_new_tokens`,
+`temperature`, `top_p`), `torch_dtype`, `trust_remote_code`, `save_pretrained`.
+Outputs: a logged model `phi3-transformers` (task `llm/v1/chat`, pinned pip requirements, an
+input example) linked to this run; `config.json`.
+Tags (run and logged model): the fetch run, model id, revision, manifest sha256.
+Refuses, before loading anything: a missing/wrong/unfinished fetch run, and any fetched file
+whose size or sha256 differs from the fetch manifest.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from phi3flow import names, tracking, transformers_model
+from phi3flow.config import LogTransformersConfig, parse_config
+from phi3flow.fetch import fetched_folder, read_manifest
+
+
+def main(argv: list[str] | None = None) -> str:
+    with tracking.step_run(names.LOG_TRANSFORMERS):
+        cfg = parse_config(LogTransformersConfig, argv)
+        tracking.log_config(cfg)
+        fetch_run = tracking.upstream_run("fetch_run_id", cfg.fetch_run_id, names.FETCH_MODEL)
+        fetch_manifest, manifest_sha256 = read_manifest(fetch_run)
+        checkpoint = fetched_folder(fetch_run, fetch_manifest, names.CHECKPOINT_DIR)
+        tags = {
+            names.TAG_FETCH_RUN_ID: cfg.fetch_run_id,
+            names.TAG_MODEL_ID: fetch_manifest["model_id"],
+            names.TAG_REVISION: fetch_manifest["revision"],
+            names.TAG_MANIFEST_SHA256: manifest_sha256,
+            names.TAG_TRUST_REMOTE_CODE: str(cfg.trust_remote_code).lower(),
+            names.TAG_SAVE_PRETRAINED: str(cfg.save_pretrained).lower(),
+        }
+        mlflow.set_tags(tags)
+        info = transformers_model.log(cfg, checkpoint, fetch_manifest, tags)
+        return info.model_uri
+
+
+if __name__ == "__main__":
+    tracking.run_cli(names.LOG_TRANSFORMERS, main)
