@@ -1,0 +1,137 @@
+"""The real download path, against a local stand-in for the Hugging Face hub on 127.0.0.1.
+
+No mocks: `mlflow run` runs fetch_model with the project's defaults, and the real
+huggingface_hub client downloads over HTTP from tests/hub_server.py (HF_ENDPOINT points at it).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from phi3flow import names, onnx_build
+from tests.conftest import FIXTURE, run_project
+from tests.hub_server import LocalHub
+from tests.test_mlflow_run import _ok, _run_id
+from tests.test_steps import QUESTION, predict_in_fresh_process
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "hf_test_secret_token_do_not_log_0123456789"
+ONNX_COMMIT = "b" * 40
+
+
+@pytest.fixture(scope="session")
+def onnx_repo(tmp_path_factory) -> Path:
+    """A stand-in for microsoft/Phi-3-mini-4k-instruct-onnx: the fixture's int4 build."""
+    root = tmp_path_factory.mktemp("onnx-repo")
+    onnx_build.build(FIXTURE, root / names.ONNX_HUB_SUBFOLDER, "int4", "cpu")
+    (root / "README.md").write_text("other variants live beside the CPU one\n")
+    (root / "cuda" / "cuda-fp16").mkdir(parents=True)
+    (root / "cuda" / "cuda-fp16" / "model.onnx").write_bytes(b"not for us")
+    return root
+
+
+@pytest.fixture
+def hub(onnx_repo):
+    repos = {
+        names.DEFAULT_MODEL_ID: {"dir": FIXTURE, "commit": names.DEFAULT_MODEL_REVISION},
+        names.ONNX_HUB_REPO: {"dir": onnx_repo, "commit": ONNX_COMMIT},
+    }
+    with LocalHub(repos, require_token=TOKEN) as server:
+        yield server
+
+
+def _hub_env(hub, tmp_path) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN,
+            "HF_HOME": str(tmp_path / "hf-home")}
+
+
+def test_default_fetch_downloads_pinned_files_with_the_token_and_never_logs_it(
+        hub, tracking, tmp_path):
+    done = run_project("-e", "fetch_model", cwd=tmp_path, env=_hub_env(hub, tmp_path))
+    output = _ok(done)
+    run = mlflow.get_run(_run_id(output))
+    data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
+
+    # Pinned: the model at the pinned commit; the ONNX repo's branch resolved and recorded.
+    assert data["revision"] == names.DEFAULT_MODEL_REVISION
+    assert run.data.tags[names.TAG_REVISION] == names.DEFAULT_MODEL_REVISION
+    assert data["sources"]["onnx"]["revision"] == ONNX_COMMIT
+    assert "moving reference" in output and ONNX_COMMIT in output  # told how to pin it
+    # Only the CPU int4 subfolder of the ONNX repo was downloaded.
+    onnx_files = hub.downloaded(names.ONNX_HUB_REPO)
+    assert onnx_files and all(f.startswith(names.ONNX_HUB_SUBFOLDER + "/") for f in onnx_files)
+    assert {f"onnx/{Path(f).name}" for f in onnx_files} <= set(data["files"])
+    # Every request carried the token; nothing we stored or printed contains it.
+    assert all(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in hub.requests)
+    assert "Fetching" in done.stderr  # huggingface_hub's progress bars
+    assert TOKEN not in output
+    db = Path(tracking.removeprefix("sqlite:///"))
+    assert TOKEN.encode() not in db.read_bytes()
+    store = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=""))
+    for path in store.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_by_reference_model_is_pinned_to_the_fetched_commit(hub, tracking, tmp_path):
+    env = _hub_env(hub, tmp_path)
+    fetch = _run_id(_ok(run_project("-e", "fetch_model", "-P", "onnx_source=build",
+                                    "-P", "log_weights=false", cwd=tmp_path, env=env)))
+    assert not mlflow.MlflowClient().list_artifacts(fetch, "checkpoint")  # manifest only
+    log = _run_id(_ok(run_project("-e", "log_transformers", "-P", f"fetch_run_id={fetch}",
+                                  "-P", "save_pretrained=false", "-P", "max_new_tokens=32",
+                                  cwd=tmp_path, env=env)))
+    model_uri = f"models:/{mlflow.get_run(log).outputs.model_outputs[0].model_id}"
+    location = mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
+    mlmodel = mlflow.artifacts.load_text(f"{location}/MLmodel")
+    assert f"source_model_revision: {names.DEFAULT_MODEL_REVISION}" in mlmodel
+    stored = Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
+    assert not list(stored.rglob("*.safetensors"))  # a reference, not a copy
+
+    # A fresh process with an empty cache resolves the weights from the hub at that commit.
+    import os
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({**env, "HF_HOME": str(tmp_path / "fresh-hf-home")})
+    try:
+        answer = predict_in_fresh_process(model_uri, QUESTION)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert "Madrid" in answer["choices"][0]["message"]["content"]
+    fetched = [path for method, path, _ in hub.requests if method == "GET"
+               and f"/resolve/{names.DEFAULT_MODEL_REVISION}/model.safetensors" in path]
+    assert fetched, "the weights were not fetched at the pinned commit"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast_naming_the_model_and_the_offline_fix(tracking, tmp_path):
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf-home")}
+    started = time.monotonic()
+    done = run_project("-e", "fetch_model", cwd=tmp_path, env=env)
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0
+    assert f"cannot reach the Hugging Face hub at http://127.0.0.1" in done.stderr
+    assert names.DEFAULT_MODEL_ID in done.stderr and "-P model_id=/path/to/checkpoint" in done.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s to give up"
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+
+
+def test_offline_mode_with_an_empty_cache_says_what_to_do(tracking, tmp_path):
+    done = run_project("-e", "fetch_model", cwd=tmp_path,
+                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty")})
+    assert done.returncode != 0
+    assert "HF_HUB_OFFLINE is set" in done.stderr and "not in the local hub cache" in done.stderr

@@ -1,0 +1,168 @@
+"""In-process tests of each step's main(argv) on the tiny fixture: outputs, tags, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from phi3flow import manifest, names
+from phi3flow.errors import StepError
+from phi3flow.tracking import TAG_ERROR, TAG_STEP
+from steps import fetch_model, log_transformers
+from tests.conftest import FIXTURE
+
+FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
+QUESTION = {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]}
+
+
+def last_run(step: str):
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{TAG_STEP}` = '{step}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0]
+
+
+def predict_in_fresh_process(model_uri: str, payload: dict) -> dict:
+    """Load the model in a new interpreter (no state shared with the test) and predict."""
+    code = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "out = model.predict(json.loads(sys.argv[2]))\n"
+        "print('RESULT=' + json.dumps(out[0] if isinstance(out, list) else out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, model_uri, json.dumps(payload)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT="))
+    return json.loads(line[len("RESULT="):])
+
+
+@pytest.fixture(scope="session")
+def fetch_run_id():
+    return fetch_model.main(FETCH_ARGS)
+
+
+@pytest.fixture(scope="session")
+def transformers_model_uri(fetch_run_id):
+    return log_transformers.main(["--fetch_run_id", fetch_run_id, "--max_new_tokens", "32"])
+
+
+def test_fetch_model_logs_files_and_a_manifest_of_them(fetch_run_id):
+    run = mlflow.get_run(fetch_run_id)
+    assert run.info.status == "FINISHED"
+    data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
+    assert run.data.tags[names.TAG_MANIFEST_SHA256] == manifest.digest(data)
+    assert run.data.tags[names.TAG_MODEL_ID] == str(FIXTURE)
+    assert run.data.tags[names.TAG_ONNX_SOURCE] == "build"
+    assert data["sources"]["onnx"]["precision"] == "fp32"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        entry = data["files"][f"checkpoint/{name}"]
+        assert entry["sha256"] == manifest.sha256_file(FIXTURE / name)
+        assert entry["size"] == (FIXTURE / name).stat().st_size
+    assert "onnx/genai_config.json" in data["files"]
+    assert any(key.endswith(".onnx") for key in data["files"])
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(fetch_run_id)}
+    assert {"manifest.json", "checkpoint", "onnx", "config.json"} <= artifacts
+
+
+def test_log_transformers_model_answers_openai_chat_in_a_fresh_process(
+        fetch_run_id, transformers_model_uri):
+    answer = predict_in_fresh_process(transformers_model_uri, QUESTION)
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+    assert "Madrid" in answer["choices"][0]["message"]["content"]
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_log_transformers_tags_lineage_and_pins_requirements(fetch_run_id, transformers_model_uri):
+    run = last_run(names.LOG_TRANSFORMERS)
+    fetch = mlflow.get_run(fetch_run_id)
+    expected = {
+        names.TAG_FETCH_RUN_ID: fetch_run_id,
+        names.TAG_MODEL_ID: str(FIXTURE),
+        names.TAG_REVISION: "local",
+        names.TAG_MANIFEST_SHA256: fetch.data.tags[names.TAG_MANIFEST_SHA256],
+        names.TAG_TRUST_REMOTE_CODE: "false",
+    }
+    assert expected.items() <= run.data.tags.items()
+    model = mlflow.get_logged_model(transformers_model_uri.split("/")[-1])
+    assert expected.items() <= model.tags.items()
+    requirements = mlflow.artifacts.load_text(f"{model.artifact_location}/requirements.txt")
+    pins = [line for line in requirements.splitlines() if line and not line.startswith("#")]
+    assert "transformers==5.23.0" in pins and "torch==2.13.0" in pins
+    assert all("==" in pin for pin in pins), pins
+    assert not any(pin.startswith("torchvision") for pin in pins)
+
+
+def _assert_failed_with(step: str, message: str):
+    run = last_run(step)
+    assert run.info.status == "FAILED"
+    assert message in run.data.tags[TAG_ERROR]
+
+
+def test_missing_fetch_run_id_fails_the_run_with_the_fix():
+    with pytest.raises(StepError, match="fetch_run_id is required: pass -P fetch_run_id="):
+        log_transformers.main([])
+    _assert_failed_with(names.LOG_TRANSFORMERS, "fetch_run_id is required")
+
+
+def test_unknown_fetch_run_id_is_refused():
+    with pytest.raises(StepError, match="no such run in the tracking store"):
+        log_transformers.main(["--fetch_run_id", "f" * 32])
+    _assert_failed_with(names.LOG_TRANSFORMERS, "no such run")
+
+
+def test_run_of_another_step_is_refused(transformers_model_uri):
+    other = last_run(names.LOG_TRANSFORMERS).info.run_id
+    with pytest.raises(StepError, match="is a log_transformers run, not a fetch_model run"):
+        log_transformers.main(["--fetch_run_id", other])
+
+
+def test_failed_fetch_run_is_refused(tmp_path):
+    (tmp_path / "not-a-checkpoint").mkdir()
+    with pytest.raises(StepError, match="is not a Hugging Face checkpoint: it has no config.json"):
+        fetch_model.main(["--model_id", str(tmp_path / "not-a-checkpoint"),
+                          "--onnx_source", "build"])
+    failed = last_run(names.FETCH_MODEL)
+    assert failed.info.status == "FAILED"
+    assert not mlflow.MlflowClient().list_artifacts(failed.info.run_id, "checkpoint")
+    with pytest.raises(StepError, match="with status FAILED, not FINISHED"):
+        log_transformers.main(["--fetch_run_id", failed.info.run_id])
+
+
+def test_unknown_onnx_source_fails_before_any_work():
+    with pytest.raises(StepError, match="onnx_source='onnx-zoo' is not `hub`, `build`"):
+        fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "onnx-zoo"])
+    _assert_failed_with(names.FETCH_MODEL, "onnx_source='onnx-zoo'")
+
+
+def _artifact_dir(run_id: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=""))
+
+
+def test_tampered_weights_are_refused_by_file_name():
+    run_id = fetch_model.main(FETCH_ARGS)
+    weights = _artifact_dir(run_id) / "checkpoint" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StepError, match="checkpoint/model.safetensors does not match its sha256"):
+        log_transformers.main(["--fetch_run_id", run_id])
+    _assert_failed_with(names.LOG_TRANSFORMERS, "model.safetensors")
+
+
+def test_tampered_manifest_is_refused():
+    run_id = fetch_model.main(FETCH_ARGS)
+    path = _artifact_dir(run_id) / names.MANIFEST
+    data = json.loads(path.read_text())
+    data["files"]["checkpoint/model.safetensors"]["sha256"] = "0" * 64
+    path.write_text(manifest.dumps(data))
+    with pytest.raises(StepError, match="manifest was changed after the run"):
+        log_transformers.main(["--fetch_run_id", run_id])
