@@ -30,6 +30,7 @@ ONNX_SOURCES = ("hub", "build")  # or a local directory
 PRECISIONS = ("int4", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+INTERFACES = ("chat", "prompt")
 
 
 class ConfigError(StepError):
@@ -138,13 +139,30 @@ class FetchModelConfig:
 
 
 @dataclass
-class LogTransformersConfig:
-    fetch_run_id: str = _param("", "Run ID of a finished fetch_model run (required).")
+class GenerationConfig:
+    """Generation defaults shared by both logged models, so they are compared like for like."""
+
     max_new_tokens: int = _param(256, "Default cap on generated tokens (a request's max_tokens).")
     temperature: float = _param(
         0.0, "Default sampling temperature; 0 means greedy decoding (deterministic)."
     )
     top_p: float = _param(1.0, "Default nucleus-sampling probability mass (used when sampling).")
+    top_k: int = _param(50, "Default top-k cut-off (used when sampling).")
+
+    def validate_generation(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1].")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k} must be at least 1.")
+
+
+@dataclass
+class LogTransformersConfig(GenerationConfig):
+    fetch_run_id: str = _param("", "Run ID of a finished fetch_model run (required).")
     torch_dtype: str = _param(
         "auto", "Weights dtype when loading: auto (the checkpoint's)|float32|bfloat16|float16."
     )
@@ -161,12 +179,7 @@ class LogTransformersConfig:
         require_run_id("fetch_run_id", self.fetch_run_id, names.FETCH_MODEL)
         self.trust_remote_code = parse_bool("trust_remote_code", self.trust_remote_code)
         self.save_pretrained = parse_bool("save_pretrained", self.save_pretrained)
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1].")
+        self.validate_generation()
         _choice("torch_dtype", self.torch_dtype, TORCH_DTYPES)
 
     def generation_defaults(self) -> dict[str, Any]:
@@ -178,11 +191,27 @@ class LogTransformersConfig:
             "do_sample": True,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
         }
 
 
 @dataclass
-class MainConfig(FetchModelConfig, LogTransformersConfig):
+class LogOnnxPyfuncConfig(GenerationConfig):
+    fetch_run_id: str = _param("", "Run ID of a finished fetch_model run (required).")
+    interface: str = _param(
+        "chat",
+        "Request contract: chat (OpenAI messages in, chat.completion out) or prompt "
+        "({\"prompt\": ...} in, a string out).",
+    )
+
+    def __post_init__(self) -> None:
+        require_run_id("fetch_run_id", self.fetch_run_id, names.FETCH_MODEL)
+        self.validate_generation()
+        _choice("interface", self.interface, INTERFACES)
+
+
+@dataclass
+class MainConfig(FetchModelConfig, LogTransformersConfig, LogOnnxPyfuncConfig):
     """`main` takes every step's parameters (minus the run IDs it wires itself) plus `force`."""
 
     # Not a main parameter: main wires the run IDs itself.
@@ -192,14 +221,18 @@ class MainConfig(FetchModelConfig, LogTransformersConfig):
     def __post_init__(self) -> None:
         self.force = parse_bool("force", self.force)
         FetchModelConfig.__post_init__(self)
-        # Validate the log step's options now, before the first step spends minutes fetching.
+        # Validate the log steps' options now, before the first step spends minutes fetching.
         self.log_transformers_config()
+        self.log_onnx_pyfunc_config()
 
     def fetch_model_config(self) -> FetchModelConfig:
         return _subset(FetchModelConfig, self)
 
     def log_transformers_config(self, fetch_run_id: str = "0" * 32) -> LogTransformersConfig:
         return _subset(LogTransformersConfig, self, fetch_run_id=fetch_run_id)
+
+    def log_onnx_pyfunc_config(self, fetch_run_id: str = "0" * 32) -> LogOnnxPyfuncConfig:
+        return _subset(LogOnnxPyfuncConfig, self, fetch_run_id=fetch_run_id)
 
 
 C = TypeVar("C")

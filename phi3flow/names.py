@@ -20,6 +20,7 @@ DEFAULT_ONNX_REVISION = "main"
 # --- Entry points (MLproject names). ----------------------------------------------------------
 FETCH_MODEL = "fetch_model"
 LOG_TRANSFORMERS = "log_transformers"
+LOG_ONNX_PYFUNC = "log_onnx_pyfunc"
 MAIN = "main"
 
 # --- Artifacts of a fetch_model run. ----------------------------------------------------------
@@ -30,6 +31,7 @@ RESOLVED_CONFIG = "config.json"  # each step's resolved config, logged as an art
 
 # --- Logged model names (log_model(name=...)). ------------------------------------------------
 TRANSFORMERS_MODEL_NAME = "phi3-transformers"
+ONNX_MODEL_NAME = "phi3-onnx"
 
 # --- Tags. ------------------------------------------------------------------------------------
 TAG_PREFIX = "phi3flow."
@@ -38,6 +40,9 @@ TAG_MODEL_ID = TAG_PREFIX + "model_id"
 TAG_REVISION = TAG_PREFIX + "revision"
 TAG_MANIFEST_SHA256 = TAG_PREFIX + "manifest_sha256"
 TAG_ONNX_SOURCE = TAG_PREFIX + "onnx_source"
+TAG_ONNX_PRECISION = TAG_PREFIX + "onnx_precision"
+TAG_ONNX_EXECUTION_PROVIDER = TAG_PREFIX + "onnx_execution_provider"
+TAG_INTERFACE = TAG_PREFIX + "interface"
 TAG_TRUST_REMOTE_CODE = TAG_PREFIX + "trust_remote_code"
 TAG_CACHE_KEY = TAG_PREFIX + "cache_key"  # main's run-reuse key, see phi3flow/reuse.py
 TAG_CODE_SHA256 = TAG_PREFIX + "code_sha256"

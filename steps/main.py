@@ -1,4 +1,4 @@
-"""main: fetch_model -> log_transformers, chained by run IDs, reusing finished steps.
+"""main: fetch_model -> log_transformers -> log_onnx_pyfunc, chained by run IDs, with reuse.
 
 Inputs: every parameter of the steps it runs (see MLproject), plus `force`.
 Outputs: one child run per step (or a reused finished one), tagged with this run as parent;
@@ -40,10 +40,16 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             names.LOG_TRANSFORMERS,
             config.parameters(cfg.log_transformers_config(fetch_run_id)),
         )
+        onnx_run_id = steps.run(
+            names.LOG_ONNX_PYFUNC,
+            config.parameters(cfg.log_onnx_pyfunc_config(fetch_run_id)),
+        )
         produced = {
             "fetch_model_run_id": fetch_run_id,
             "log_transformers_run_id": log_run_id,
+            "log_onnx_pyfunc_run_id": onnx_run_id,
             "transformers_model_uri": logged_model_uri(log_run_id),
+            "onnx_model_uri": logged_model_uri(onnx_run_id),
         }
         mlflow.set_tags({names.TAG_PREFIX + k: v for k, v in produced.items()})
         mlflow.set_tag(names.TAG_REUSED, ",".join(steps.reused) or "none")
@@ -67,10 +73,11 @@ def _summarise(run_id: str, experiment_id: str, produced: dict[str, str], reused
     lines.append(f"  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
     lines.append(
         "  python -c \"import mlflow; m = mlflow.pyfunc.load_model('"
-        + produced["transformers_model_uri"]
+        + produced["onnx_model_uri"]
         + "'); print(m.predict({'messages': [{'role': 'user', 'content': 'What is the capital "
         "of Spain?'}]}))\""
     )
+    lines.append(f"  mlflow models serve -m {produced['onnx_model_uri']} --env-manager local -p 5000")
     logger.info("\n".join(lines))
 
 

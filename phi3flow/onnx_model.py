@@ -1,0 +1,73 @@
+"""Logging the onnxruntime-genai chat model: from code, with only what it needs.
+
+The model's code is phi3flow/onnx_chat_model.py, logged as a file (`python_model=` a path,
+models-from-code): nothing is pickled, and the logged model carries that one file, the ONNX
+folder as its artifact, and pinned requirements without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ParamSchema, ParamSpec
+
+from phi3flow import manifest, names
+from phi3flow.config import LogOnnxPyfuncConfig
+from phi3flow.onnx_chat_model import ONNX_ARTIFACT
+from phi3flow.transformers_model import CHAT_EXAMPLE, pinned_requirements
+
+logger = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("onnx_chat_model.py")
+RUNTIME_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas")
+PROMPT_EXAMPLE = {"prompt": "What is the capital of Spain?", "max_tokens": 8}
+
+# Per-request generation options, as MLflow params (in-process `params=`, and over REST the
+# top-level keys named here). `stop` is left out on purpose: a params schema must fix it as a
+# string or a list, while OpenAI clients send either; as a payload field both are accepted.
+PARAMS = ParamSchema([
+    ParamSpec("max_tokens", "long", None),
+    ParamSpec("temperature", "double", None),
+    ParamSpec("top_p", "double", None),
+    ParamSpec("top_k", "long", None),
+    ParamSpec("n", "long", None),
+])
+
+
+def model_config(cfg: LogOnnxPyfuncConfig, model_name: str) -> dict[str, Any]:
+    return {
+        "interface": cfg.interface,
+        "max_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "model_name": model_name,
+    }
+
+
+def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: dict[str, Any],
+        tags: dict[str, str]) -> mlflow.models.model.ModelInfo:
+    logger.info("logging the ONNX %s model from %s", cfg.interface, MODEL_CODE.name)
+    info = mlflow.pyfunc.log_model(
+        name=names.ONNX_MODEL_NAME,
+        python_model=str(MODEL_CODE),
+        artifacts={ONNX_ARTIFACT: str(onnx_folder)},
+        model_config=model_config(cfg, fetch_manifest["model_id"]),
+        signature=ModelSignature(params=PARAMS),
+        input_example=CHAT_EXAMPLE if cfg.interface == "chat" else PROMPT_EXAMPLE,
+        pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
+        tags=tags,
+    )
+    verify_logged(info, fetch_manifest)
+    return info
+
+
+def verify_logged(info: mlflow.models.model.ModelInfo, fetch_manifest: dict[str, Any]) -> None:
+    """The ONNX files inside the logged model are the fetched ones, byte for byte."""
+    location = mlflow.get_logged_model(info.model_id).artifact_location
+    stored = Path(mlflow.artifacts.download_artifacts(f"{location}/artifacts/{ONNX_ARTIFACT}"))
+    manifest.verify(fetch_manifest, names.ONNX_DIR, stored)

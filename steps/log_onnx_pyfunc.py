@@ -1,0 +1,45 @@
+"""log_onnx_pyfunc: log the fetched ONNX model as an onnxruntime-genai chat pyfunc, from code.
+
+Inputs: `fetch_run_id` (a FINISHED fetch_model run); `interface` (chat|prompt); generation
+defaults (`max_new_tokens`, `temperature`, `top_p`, `top_k`).
+Outputs: a logged model `phi3-onnx` whose code is phi3flow/onnx_chat_model.py (no pickle), whose
+artifact is the fetched ONNX folder (verified against the manifest before and after logging),
+with pinned requirements and no torch; `config.json`.
+Tags (run and logged model): fetch run, model id, revision, manifest sha256, ONNX source,
+precision and execution provider, interface.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from phi3flow import names, onnx_model, tracking
+from phi3flow.config import LogOnnxPyfuncConfig, parse_config
+from phi3flow.fetch import fetched_folder, read_manifest
+
+
+def main(argv: list[str] | None = None) -> str:
+    with tracking.step_run(names.LOG_ONNX_PYFUNC):
+        cfg = parse_config(LogOnnxPyfuncConfig, argv)
+        tracking.log_config(cfg)
+        fetch_run = tracking.upstream_run("fetch_run_id", cfg.fetch_run_id, names.FETCH_MODEL)
+        fetch_manifest, manifest_sha256 = read_manifest(fetch_run)
+        onnx_folder = fetched_folder(fetch_run, fetch_manifest, names.ONNX_DIR)
+        onnx = fetch_manifest["sources"][names.ONNX_DIR]
+        tags = {
+            names.TAG_FETCH_RUN_ID: cfg.fetch_run_id,
+            names.TAG_MODEL_ID: fetch_manifest["model_id"],
+            names.TAG_REVISION: fetch_manifest["revision"],
+            names.TAG_MANIFEST_SHA256: manifest_sha256,
+            names.TAG_ONNX_SOURCE: onnx["kind"],
+            names.TAG_ONNX_PRECISION: onnx.get("precision", "unknown"),
+            names.TAG_ONNX_EXECUTION_PROVIDER: onnx.get("execution_provider", "unknown"),
+            names.TAG_INTERFACE: cfg.interface,
+        }
+        mlflow.set_tags(tags)
+        info = onnx_model.log(cfg, onnx_folder, fetch_manifest, tags)
+        return info.model_uri
+
+
+if __name__ == "__main__":
+    tracking.run_cli(names.LOG_ONNX_PYFUNC, main)
