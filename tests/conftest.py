@@ -6,6 +6,7 @@ and HF_HOME once) are set here, before any test module imports them. Subprocesse
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +32,9 @@ os.environ.update({
 })
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_ENDPOINT", None)
+# The sqlite store puts artifacts under ./mlruns of the directory it is first used from, which
+# can be before any per-test chdir (session fixtures): make that directory the session's.
+os.chdir(_SESSION_DIR)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -60,3 +64,49 @@ def run_project(*args: str, cwd: Path, env: dict[str, str] | None = None,
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+QUESTION = {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]}
+
+
+def predict_in_fresh_process(model_uri: str, payload: dict, env: dict | None = None) -> dict:
+    """Load the model in a new interpreter (no state shared with the test) and predict."""
+    code = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "out = model.predict(json.loads(sys.argv[2]))\n"
+        "print('RESULT=' + json.dumps(out[0] if isinstance(out, list) else out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, model_uri, json.dumps(payload)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT="))
+    return json.loads(line[len("RESULT="):])
+
+
+def eval_rows() -> list[dict]:
+    return [json.loads(line) for line in EVAL_DATA.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def fetch_run_id():
+    """One fetch of the fixture with an fp32 ONNX build, shared by the tests that only read it."""
+    from steps import fetch_model
+
+    return fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
+                             "--precision", "fp32"])
+
+
+@pytest.fixture(scope="session")
+def transformers_model_uri(fetch_run_id):
+    from steps import log_transformers
+
+    return log_transformers.main(["--fetch_run_id", fetch_run_id, "--max_new_tokens", "32"])
+
+
+@pytest.fixture(scope="session")
+def onnx_model_uri(fetch_run_id):
+    from steps import log_onnx_pyfunc
+
+    return log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--max_new_tokens", "32"])

@@ -72,7 +72,7 @@ def test_greedy_by_default_and_sampling_only_when_asked():
     sampled = parse_config(LogTransformersConfig,
                            ["--fetch_run_id", RUN_ID, "--temperature", "0.7", "--top_p", "0.9"])
     assert sampled.generation_defaults() == {
-        "max_new_tokens": 256, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+        "max_new_tokens": 256, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50}
 
 
 def test_main_validates_every_step_before_running_any():

@@ -15,10 +15,9 @@ import mlflow
 import pytest
 
 from phi3flow import names, onnx_build
-from tests.conftest import FIXTURE, run_project
+from tests.conftest import FIXTURE, QUESTION, predict_in_fresh_process, run_project
 from tests.hub_server import LocalHub
 from tests.test_mlflow_run import _ok, _run_id
-from tests.test_steps import QUESTION, predict_in_fresh_process
 
 pytestmark = pytest.mark.e2e
 
@@ -96,14 +95,8 @@ def test_by_reference_model_is_pinned_to_the_fetched_commit(hub, tracking, tmp_p
     assert not list(stored.rglob("*.safetensors"))  # a reference, not a copy
 
     # A fresh process with an empty cache resolves the weights from the hub at that commit.
-    import os
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({**env, "HF_HOME": str(tmp_path / "fresh-hf-home")})
-    try:
-        answer = predict_in_fresh_process(model_uri, QUESTION)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    answer = predict_in_fresh_process(model_uri, QUESTION,
+                                      env={**env, "HF_HOME": str(tmp_path / "fresh-hf-home")})
     assert "Madrid" in answer["choices"][0]["message"]["content"]
     fetched = [path for method, path, _ in hub.requests if method == "GET"
                and f"/resolve/{names.DEFAULT_MODEL_REVISION}/model.safetensors" in path]

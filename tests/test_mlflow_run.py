@@ -9,8 +9,7 @@ import mlflow
 import pytest
 
 from phi3flow import names
-from tests.conftest import FIXTURE, ROOT, run_project
-from tests.test_steps import QUESTION, predict_in_fresh_process
+from tests.conftest import FIXTURE, QUESTION, ROOT, predict_in_fresh_process, run_project
 
 pytestmark = pytest.mark.e2e
 
@@ -73,15 +72,22 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
     assert tags[names.TAG_REUSED] == "none"
     for child in (fetch_id, log_id):  # each step is a child run of main
         assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == first.info.run_id
-    model_uri = tags["phi3flow.transformers_model_uri"]
-    assert model_uri in output and "mlflow ui --backend-store-uri" in output
-    answer = predict_in_fresh_process(model_uri, QUESTION)
-    assert "Madrid" in answer["choices"][0]["message"]["content"]
+    for key in ("log_onnx_pyfunc_run_id",):
+        assert mlflow.get_run(tags[f"phi3flow.{key}"]).data.tags["mlflow.parentRunId"] == (
+            first.info.run_id)
+    assert "mlflow ui --backend-store-uri" in output and "mlflow models serve -m" in output
+    for key in ("transformers_model_uri", "onnx_model_uri"):
+        model_uri = tags[f"phi3flow.{key}"]
+        assert model_uri in output
+        answer = predict_in_fresh_process(model_uri, QUESTION)
+        assert "Madrid" in answer["choices"][0]["message"]["content"]
 
     second, _ = _main(project, tmp_path)
     assert second.data.tags["phi3flow.fetch_model_run_id"] == fetch_id
     assert second.data.tags["phi3flow.log_transformers_run_id"] == log_id
-    assert second.data.tags[names.TAG_REUSED] == "fetch_model,log_transformers"
+    assert second.data.tags["phi3flow.log_onnx_pyfunc_run_id"] == tags[
+        "phi3flow.log_onnx_pyfunc_run_id"]
+    assert second.data.tags[names.TAG_REUSED] == "fetch_model,log_transformers,log_onnx_pyfunc"
 
     changed, _ = _main(project, tmp_path, "-P", "top_p=0.9")  # a parameter of step 2 only
     assert changed.data.tags["phi3flow.fetch_model_run_id"] == fetch_id

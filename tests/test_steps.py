@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -14,10 +12,9 @@ from phi3flow import manifest, names
 from phi3flow.errors import StepError
 from phi3flow.tracking import TAG_ERROR, TAG_STEP
 from steps import fetch_model, log_transformers
-from tests.conftest import FIXTURE
+from tests.conftest import FIXTURE, QUESTION, predict_in_fresh_process
 
 FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
-QUESTION = {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]}
 
 
 def last_run(step: str):
@@ -25,31 +22,6 @@ def last_run(step: str):
                               filter_string=f"tags.`{TAG_STEP}` = '{step}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0]
-
-
-def predict_in_fresh_process(model_uri: str, payload: dict) -> dict:
-    """Load the model in a new interpreter (no state shared with the test) and predict."""
-    code = (
-        "import json, sys, mlflow\n"
-        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
-        "out = model.predict(json.loads(sys.argv[2]))\n"
-        "print('RESULT=' + json.dumps(out[0] if isinstance(out, list) else out))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, model_uri, json.dumps(payload)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT="))
-    return json.loads(line[len("RESULT="):])
-
-
-@pytest.fixture(scope="session")
-def fetch_run_id():
-    return fetch_model.main(FETCH_ARGS)
-
-
-@pytest.fixture(scope="session")
-def transformers_model_uri(fetch_run_id):
-    return log_transformers.main(["--fetch_run_id", fetch_run_id, "--max_new_tokens", "32"])
 
 
 def test_fetch_model_logs_files_and_a_manifest_of_them(fetch_run_id):

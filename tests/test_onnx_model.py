@@ -1,0 +1,253 @@
+"""The onnxruntime-genai chat pyfunc: same answers as transformers, batches, threads, streams."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from phi3flow import names
+from mlflow.exceptions import MlflowException
+from steps import fetch_model, log_onnx_pyfunc
+from tests.conftest import FIXTURE, QUESTION, eval_rows
+
+ROWS = eval_rows()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(onnx_model_uri):
+    return mlflow.pyfunc.load_model(onnx_model_uri)
+
+
+@pytest.fixture(scope="module")
+def transformers_model(transformers_model_uri):
+    return mlflow.pyfunc.load_model(transformers_model_uri)
+
+
+def content(response: dict) -> str:
+    return response["choices"][0]["message"]["content"]
+
+
+def ask(model, row: dict, **options) -> dict:
+    (response,) = model.predict({"messages": row["messages"], **options})
+    return response
+
+
+def loaded_module(model):
+    """The module MLflow loaded the model's code into (models from code: not phi3flow's)."""
+    return sys.modules[type(model.unwrap_python_model()).__module__]
+
+
+def test_fp32_onnx_answers_equal_the_transformers_answers(onnx_model, transformers_model):
+    for row in ROWS:
+        onnx, reference = ask(onnx_model, row), ask(transformers_model, row)
+        assert content(onnx) == content(reference), row["messages"]
+        assert row["expected"] in content(onnx)
+        assert onnx["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+        assert onnx["choices"][0]["finish_reason"] == reference["choices"][0]["finish_reason"]
+
+
+def test_response_has_the_openai_chat_completion_shape(onnx_model):
+    response = ask(onnx_model, ROWS[0])
+    assert response["object"] == "chat.completion"
+    assert response["id"].startswith("chatcmpl-") and isinstance(response["created"], int)
+    assert response["model"] == str(FIXTURE)
+    (choice,) = response["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] == "stop"
+    usage = response["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_max_tokens_counts_new_tokens_and_reports_length(onnx_model):
+    response = ask(onnx_model, ROWS[0], max_tokens=3)
+    assert response["usage"]["completion_tokens"] == 3
+    assert response["choices"][0]["finish_reason"] == "length"
+    assert content(ask(onnx_model, ROWS[0])).startswith(content(response))
+
+
+def test_options_come_from_params_too(onnx_model):
+    (response,) = onnx_model.predict({"messages": ROWS[0]["messages"]}, params={"max_tokens": 2})
+    assert response["usage"]["completion_tokens"] == 2
+
+
+def test_stop_sequences_cut_the_answer(onnx_model):
+    response = ask(onnx_model, ROWS[0], stop=["Spain"])
+    assert content(response) == "The capital of"
+    assert response["choices"][0]["finish_reason"] == "stop"
+
+
+def test_every_row_of_a_batch_is_answered_as_if_alone(onnx_model):
+    singles = [content(ask(onnx_model, row)) for row in ROWS]
+    batch = onnx_model.predict([{"messages": row["messages"]} for row in ROWS])
+    assert [content(r) for r in batch] == singles
+    # Rows with different options are answered too, each with its own options.
+    mixed = onnx_model.predict([{"messages": ROWS[0]["messages"], "max_tokens": 2},
+                                {"messages": ROWS[1]["messages"]}])
+    assert mixed[0]["usage"]["completion_tokens"] == 2 and content(mixed[1]) == singles[1]
+
+
+def loaded_module(model):
+    """The module MLflow loaded the model's code into (models from code: not phi3flow's)."""
+    return sys.modules[type(model.unwrap_python_model()).__module__]
+
+
+def test_chunked_prompt_feeding_gives_the_same_answers(onnx_model, monkeypatch):
+    """The prompt goes in PREFILL_CHUNK-token calls (GIL released between them), same output."""
+    import onnxruntime_genai as og
+
+    python_model = onnx_model.unwrap_python_model()
+    calls: list[int] = []
+
+    class CountingGenerator:  # a recording wrapper around the real Generator
+        def __init__(self, *args):
+            self.inner = og.Generator(*args)
+            calls.append(0)
+
+        def append_tokens(self, tokens):
+            calls[-1] += 1
+            self.inner.append_tokens(tokens)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    whole = [ask(onnx_model, row) for row in ROWS[:4]]
+    monkeypatch.setattr(python_model, "og", types.SimpleNamespace(
+        GeneratorParams=og.GeneratorParams, Generator=CountingGenerator))
+    monkeypatch.setattr(loaded_module(onnx_model), "PREFILL_CHUNK", 1)
+    chunked = [ask(onnx_model, row) for row in ROWS[:4]]
+    assert [content(r) for r in chunked] == [content(r) for r in whole]
+    assert calls == [r["usage"]["prompt_tokens"] for r in whole]  # one call per token
+
+
+def test_concurrent_predicts_on_one_model_match_sequential_answers(onnx_model):
+    expected = {i: content(ask(onnx_model, row)) for i, row in enumerate(ROWS)}
+    jobs = [i % len(ROWS) for i in range(64)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: (i, content(ask(onnx_model, ROWS[i]))), jobs))
+    assert [a for _, a in answers] == [expected[i] for i, _ in answers]
+
+
+def test_stream_concatenates_to_the_answer_with_finish_reasons(onnx_model):
+    for options, reason in (({}, "stop"), ({"max_tokens": 3}, "length")):
+        chunks = list(onnx_model.predict_stream({"messages": ROWS[0]["messages"], **options}))
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == content(ask(onnx_model, ROWS[0], **options))
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == reason
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        assert len({c["id"] for c in chunks}) == 1
+
+
+def test_kv_cache_is_sized_to_each_request(onnx_model, monkeypatch):
+    """onnxruntime-genai allocates max_length up front: it must be prompt + max_tokens."""
+    sizes = []
+    cls = loaded_module(onnx_model).OnnxChatModel
+    real = cls._search_options
+
+    def recording(self, options, max_length, batch_size):
+        params = real(self, options, max_length, batch_size)
+        sizes.append(params.get_search_options()["max_length"])
+        return params
+
+    monkeypatch.setattr(cls, "_search_options", recording)
+    response = ask(onnx_model, ROWS[0], max_tokens=5)
+    assert sizes == [response["usage"]["prompt_tokens"] + 5]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"max_tokens": 5}, "has no messages"),
+        ({"messages": []}, "messages must be a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role must be one of"),
+        ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content must be a string"),
+        ({"messages": [{"role": "user", "content": " "}]}, "messages[0].content is empty"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content must be a string"),
+        ({"messages": "hello"}, "messages must be a non-empty list"),
+        ({**QUESTION, "max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+        ({**QUESTION, "max_tokens": "ten"}, 'max_tokens must be a number, got "ten"'),
+        ({**QUESTION, "max_tokens": 100000}, "max_tokens=100000 does not fit"),
+        ({**QUESTION, "temperature": -0.5}, "temperature must be >= 0"),
+        ({**QUESTION, "top_p": 0}, "top_p must be > 0"),
+        ({**QUESTION, "n": 2}, "n must be 1"),
+        ({**QUESTION, "stream": True}, "stream=true is not available over predict"),
+        ({**QUESTION, "stop": [1]}, "stop must be a non-empty string"),
+        ({**QUESTION, "temprature": 0.5}, "unknown field(s) ['temprature']"),
+        ({"messages": [{"role": "user", "content": "x " * 5000}]}, "more than the context window"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_requests_are_refused_naming_the_field(onnx_model, payload, message):
+    with pytest.raises(MlflowException) as error:
+        onnx_model.predict(payload)
+    assert message in str(error.value)
+    assert error.value.error_code == "INVALID_PARAMETER_VALUE"  # HTTP 400 when served
+    assert content(ask(onnx_model, ROWS[0])) == ROWS[0]["answer"]  # still serving
+
+
+def test_prompt_interface_answers_a_string(fetch_run_id):
+    uri = log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--interface", "prompt",
+                                "--max_new_tokens", "32"])
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.predict({"prompt": "What is the capital of Spain?"}) == (
+        "The capital of Spain is Madrid.")
+    assert model.predict([{"prompt": r["messages"][0]["content"]} for r in ROWS[:3]]) == [
+        r["answer"] for r in ROWS[:3]]
+    with pytest.raises(MlflowException, match="non-empty string field prompt"):
+        model.predict({"prompt": ""})
+    with pytest.raises(MlflowException, match=r"unknown field\(s\) \['messages'\]"):
+        model.predict(QUESTION)
+
+
+def test_int4_build_loads_and_answers():
+    fetch = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
+                              "--precision", "int4"])
+    uri = log_onnx_pyfunc.main(["--fetch_run_id", fetch, "--max_new_tokens", "32"])
+    model = mlflow.pyfunc.load_model(uri)
+    answers = [content(ask(model, row)) for row in ROWS]
+    assert sum(row["expected"] in a for row, a in zip(ROWS, answers)) == len(ROWS), answers
+    tags = mlflow.get_logged_model(uri.split("/")[-1]).tags
+    assert tags[names.TAG_ONNX_PRECISION] == "int4"
+
+
+def test_logged_from_code_without_pickles_or_torch(onnx_model_uri, fetch_run_id):
+    model = mlflow.get_logged_model(onnx_model_uri.split("/")[-1])
+    stored = Path(mlflow.artifacts.download_artifacts(model.artifact_location))
+    files = [p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert "onnx_chat_model.py" in {Path(f).name for f in files}
+    assert not [f for f in files if f.startswith("code/")]  # no other project code carried
+    requirements = (stored / "requirements.txt").read_text()
+    assert "onnxruntime-genai==0.18.0" in requirements and "torch" not in requirements
+    fetch_tags = mlflow.get_run(fetch_run_id).data.tags
+    assert model.tags[names.TAG_FETCH_RUN_ID] == fetch_run_id
+    assert model.tags[names.TAG_MANIFEST_SHA256] == fetch_tags[names.TAG_MANIFEST_SHA256]
+    assert model.tags[names.TAG_ONNX_SOURCE] == "build"
+    assert model.tags[names.TAG_ONNX_EXECUTION_PROVIDER] == "cpu"
+
+    code = ("import json, sys, mlflow\n"
+            "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+            "print(json.dumps(m.predict(json.loads(sys.argv[2]))))\n")
+    done = subprocess.run(
+        [sys.executable, "-c", code, onnx_model_uri, json.dumps(QUESTION)],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Madrid" in done.stdout
+
+
+def test_tampered_onnx_file_is_refused_by_name():
+    fetch = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
+                              "--precision", "fp32"])
+    store = Path(mlflow.artifacts.download_artifacts(run_id=fetch, artifact_path=""))
+    (store / "onnx" / "genai_config.json").write_text("{}")  # in the run's artifact store
+    with pytest.raises(Exception, match="onnx/genai_config.json has"):
+        log_onnx_pyfunc.main(["--fetch_run_id", fetch])
