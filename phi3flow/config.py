@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 from phi3flow import names
 from phi3flow.errors import StepError
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHALLENGER = "challenger"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
@@ -211,11 +213,85 @@ class LogOnnxPyfuncConfig(GenerationConfig):
 
 
 @dataclass
-class MainConfig(FetchModelConfig, LogTransformersConfig, LogOnnxPyfuncConfig):
+class EvaluateConfig:
+    transformers_run_id: str = _param("", "Run ID of a finished log_transformers run (required).")
+    onnx_run_id: str = _param("", "Run ID of a finished log_onnx_pyfunc run (required).")
+    eval_data: str = _param(
+        "data/eval.jsonl",
+        "JSONL eval set, one {\"messages\": [...], \"expected\": \"...\"} per line; relative "
+        "paths are relative to the project directory.",
+    )
+    max_new_tokens: int = _param(256, "Cap on generated tokens per answer, for both models.")
+    # The gate. Defaults suit Phi-3-mini on a CPU; see README, "The decision file".
+    min_quality: float = _param(0.8, "Minimum share of answers containing the expected text.")
+    max_quality_drop: float = _param(
+        0.05, "Largest quality drop of the ONNX model against the transformers model."
+    )
+    max_p95_latency_s: float = _param(120.0, "Largest 95th-percentile answer latency, seconds.")
+
+    def __post_init__(self) -> None:
+        require_run_id("transformers_run_id", self.transformers_run_id, names.LOG_TRANSFORMERS)
+        require_run_id("onnx_run_id", self.onnx_run_id, names.LOG_ONNX_PYFUNC)
+        self.validate_evaluation()
+
+    def validate_evaluation(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
+        for name in ("min_quality", "max_quality_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be between 0 and 1.")
+        if not self.max_p95_latency_s > 0:
+            raise ConfigError(f"max_p95_latency_s={self.max_p95_latency_s} must be > 0 seconds.")
+        if not self.eval_data_path.is_file():
+            raise ConfigError(f"eval_data={self.eval_data!r} does not exist (resolved to "
+                              f"{self.eval_data_path}): pass a JSONL file.")
+
+    @property
+    def eval_data_path(self) -> Path:
+        path = Path(self.eval_data)
+        return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
+
+    def thresholds(self) -> dict[str, float]:
+        return {"min_quality": self.min_quality, "max_quality_drop": self.max_quality_drop,
+                "max_p95_latency_s": self.max_p95_latency_s}
+
+
+@dataclass
+class RegisterConfig:
+    evaluate_run_id: str = _param("", "Run ID of a finished evaluate run (required).")
+    model_name: str = _param(names.DEFAULT_REGISTERED_MODEL, "Registered model name.")
+    alias: str = _param(
+        "champion", "Alias the chosen model competes for; a loser is aliased `challenger`."
+    )
+    allow_unvalidated: bool = _param(
+        False, "Give the alias even if the gate failed or the champion is better (recorded)."
+    )
+
+    def __post_init__(self) -> None:
+        require_run_id("evaluate_run_id", self.evaluate_run_id, names.EVALUATE)
+        self.validate_registration()
+
+    def validate_registration(self) -> None:
+        self.allow_unvalidated = parse_bool("allow_unvalidated", self.allow_unvalidated)
+        for name in ("model_name", "alias"):
+            if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,99}", getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be letters, digits, "
+                                  "'_', '-' or '.', starting with a letter or digit.")
+        if self.alias == CHALLENGER or re.fullmatch(r"v\d+", self.alias):
+            raise ConfigError(f"alias={self.alias!r} is reserved: `{CHALLENGER}` marks losers "
+                              "and v<N> names versions.")
+
+
+@dataclass
+class MainConfig(FetchModelConfig, LogTransformersConfig, LogOnnxPyfuncConfig, EvaluateConfig,
+                 RegisterConfig):
     """`main` takes every step's parameters (minus the run IDs it wires itself) plus `force`."""
 
-    # Not a main parameter: main wires the run IDs itself.
+    # Not main parameters: main wires the run IDs itself.
     fetch_run_id: str = field(default="", metadata={"help": "", "cli": False})
+    transformers_run_id: str = field(default="", metadata={"help": "", "cli": False})
+    onnx_run_id: str = field(default="", metadata={"help": "", "cli": False})
+    evaluate_run_id: str = field(default="", metadata={"help": "", "cli": False})
     force: bool = _param(False, "Re-run every step even when a finished run can be reused.")
 
     def __post_init__(self) -> None:
@@ -224,6 +300,8 @@ class MainConfig(FetchModelConfig, LogTransformersConfig, LogOnnxPyfuncConfig):
         # Validate the log steps' options now, before the first step spends minutes fetching.
         self.log_transformers_config()
         self.log_onnx_pyfunc_config()
+        self.validate_evaluation()
+        self.validate_registration()
 
     def fetch_model_config(self) -> FetchModelConfig:
         return _subset(FetchModelConfig, self)
@@ -233,6 +311,13 @@ class MainConfig(FetchModelConfig, LogTransformersConfig, LogOnnxPyfuncConfig):
 
     def log_onnx_pyfunc_config(self, fetch_run_id: str = "0" * 32) -> LogOnnxPyfuncConfig:
         return _subset(LogOnnxPyfuncConfig, self, fetch_run_id=fetch_run_id)
+
+    def evaluate_config(self, transformers_run_id: str, onnx_run_id: str) -> EvaluateConfig:
+        return _subset(EvaluateConfig, self, transformers_run_id=transformers_run_id,
+                       onnx_run_id=onnx_run_id)
+
+    def register_config(self, evaluate_run_id: str) -> RegisterConfig:
+        return _subset(RegisterConfig, self, evaluate_run_id=evaluate_run_id)
 
 
 C = TypeVar("C")

@@ -21,6 +21,8 @@ DEFAULT_ONNX_REVISION = "main"
 FETCH_MODEL = "fetch_model"
 LOG_TRANSFORMERS = "log_transformers"
 LOG_ONNX_PYFUNC = "log_onnx_pyfunc"
+EVALUATE = "evaluate"
+REGISTER = "register"
 MAIN = "main"
 
 # --- Artifacts of a fetch_model run. ----------------------------------------------------------
@@ -32,6 +34,12 @@ RESOLVED_CONFIG = "config.json"  # each step's resolved config, logged as an art
 # --- Logged model names (log_model(name=...)). ------------------------------------------------
 TRANSFORMERS_MODEL_NAME = "phi3-transformers"
 ONNX_MODEL_NAME = "phi3-onnx"
+DEFAULT_REGISTERED_MODEL = "phi3-mini-4k-instruct-chat"
+
+# --- Artifacts of an evaluate run. ------------------------------------------------------------
+DECISION = "decision.json"  # thresholds, each model's pass/fail with reasons, the chosen one
+EVAL_TABLE = "eval_table.json"  # per row: question, expected, both answers, scores, latencies
+EVAL_CHART = "comparison.png"
 
 # --- Tags. ------------------------------------------------------------------------------------
 TAG_PREFIX = "phi3flow."
@@ -43,6 +51,11 @@ TAG_ONNX_SOURCE = TAG_PREFIX + "onnx_source"
 TAG_ONNX_PRECISION = TAG_PREFIX + "onnx_precision"
 TAG_ONNX_EXECUTION_PROVIDER = TAG_PREFIX + "onnx_execution_provider"
 TAG_INTERFACE = TAG_PREFIX + "interface"
+TAG_EVAL_DATA_SHA256 = TAG_PREFIX + "eval_data_sha256"
+TAG_EVALUATE_RUN_ID = TAG_PREFIX + "evaluate_run_id"
+TAG_LOG_RUN_ID = TAG_PREFIX + "log_run_id"
+TAG_CHOSEN = TAG_PREFIX + "chosen"
+TAG_UNVALIDATED = TAG_PREFIX + "unvalidated"
 TAG_TRUST_REMOTE_CODE = TAG_PREFIX + "trust_remote_code"
 TAG_CACHE_KEY = TAG_PREFIX + "cache_key"  # main's run-reuse key, see phi3flow/reuse.py
 TAG_CODE_SHA256 = TAG_PREFIX + "code_sha256"

@@ -79,12 +79,3 @@ def _end_failed_if_running(run_id: str) -> None:
     client = mlflow.MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "FAILED")
-
-
-def logged_model_uri(run_id: str) -> str:
-    """models:/<id> of the model a log step's run produced."""
-    outputs = mlflow.get_run(run_id).outputs
-    models = outputs.model_outputs if outputs else []
-    if not models:
-        raise StepError(f"run {run_id} logged no model; re-run it with force=true.")
-    return f"models:/{models[-1].model_id}"

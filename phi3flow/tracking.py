@@ -104,6 +104,15 @@ def upstream_run(param: str, run_id: str, step: str) -> Run:
     return run
 
 
+def logged_model_uri(run_id: str) -> str:
+    """models:/<id> of the model a log step's run produced."""
+    outputs = mlflow.get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    if not models:
+        raise StepError(f"run {run_id} logged no model; re-run it.")
+    return f"models:/{models[-1].model_id}"
+
+
 def run_cli(step: str, main: Callable[[list[str] | None], Any]) -> None:
     """Entry for `python -m steps.<step>`: a StepError is one clear line and exit code 2."""
     setup_logging()

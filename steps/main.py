@@ -1,4 +1,4 @@
-"""main: fetch_model -> log_transformers -> log_onnx_pyfunc, chained by run IDs, with reuse.
+"""main: fetch_model -> log_transformers -> log_onnx_pyfunc -> evaluate -> register, by run IDs.
 
 Inputs: every parameter of the steps it runs (see MLproject), plus `force`.
 Outputs: one child run per step (or a reused finished one), tagged with this run as parent;
@@ -18,7 +18,8 @@ import mlflow
 
 from phi3flow import config, names, tracking
 from phi3flow.config import COMMIT_PATTERN, MainConfig, parse_config
-from phi3flow.pipeline import StepRunner, logged_model_uri
+from phi3flow.pipeline import StepRunner
+from phi3flow.tracking import logged_model_uri
 
 logger = logging.getLogger("steps.main")
 
@@ -44,12 +45,28 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             names.LOG_ONNX_PYFUNC,
             config.parameters(cfg.log_onnx_pyfunc_config(fetch_run_id)),
         )
+        evaluate_run_id = steps.run(
+            names.EVALUATE,
+            config.parameters(cfg.evaluate_config(log_run_id, onnx_run_id)),
+            inputs=[cfg.eval_data_path],
+        )
+        register_run_id = steps.run(
+            names.REGISTER, config.parameters(cfg.register_config(evaluate_run_id))
+        )
+        registration = mlflow.artifacts.load_dict(
+            f"{mlflow.get_run(register_run_id).info.artifact_uri}/registration.json")
         produced = {
             "fetch_model_run_id": fetch_run_id,
             "log_transformers_run_id": log_run_id,
             "log_onnx_pyfunc_run_id": onnx_run_id,
+            "evaluate_run_id": evaluate_run_id,
+            "register_run_id": register_run_id,
             "transformers_model_uri": logged_model_uri(log_run_id),
             "onnx_model_uri": logged_model_uri(onnx_run_id),
+            "registered_model_uri": registration["model_uri"],
+            "registered_alias": registration["alias"] or "none",
+            "alias_reason": registration["reason"],
+            "serve_uri": registration["serve_uri"],
         }
         mlflow.set_tags({names.TAG_PREFIX + k: v for k, v in produced.items()})
         mlflow.set_tag(names.TAG_REUSED, ",".join(steps.reused) or "none")
@@ -71,13 +88,12 @@ def _summarise(run_id: str, experiment_id: str, produced: dict[str, str], reused
     lines.append(f"  {'reused steps':<26} {', '.join(reused) or 'none'}")
     lines.append("Look at it with:")
     lines.append(f"  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+    lines.append(f"  mlflow models serve -m {produced['serve_uri']} --env-manager local -p 5000")
     lines.append(
-        "  python -c \"import mlflow; m = mlflow.pyfunc.load_model('"
-        + produced["onnx_model_uri"]
-        + "'); print(m.predict({'messages': [{'role': 'user', 'content': 'What is the capital "
-        "of Spain?'}]}))\""
+        "  curl -s localhost:5000/invocations -H 'Content-Type: application/json' -d "
+        "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of "
+        "Spain?\"}]}'"
     )
-    lines.append(f"  mlflow models serve -m {produced['onnx_model_uri']} --env-manager local -p 5000")
     logger.info("\n".join(lines))
 
 

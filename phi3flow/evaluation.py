@@ -1,0 +1,279 @@
+"""evaluate's work: both models on the same rows, measured the same way, then a written decision.
+
+Each model runs in a fresh Python process (`python -m phi3flow.evaluation MODEL_URI ...`), so
+its load time and peak memory are its own and not the other model's leftovers. Quality scorers
+are offline (the expected answer contained in the reply, exact match); MLflow's
+question-answering metrics and LLM judges need downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi3flow.errors import StepError
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("transformers", "onnx")
+
+
+class EvalDataError(StepError):
+    """The eval file is missing, empty or malformed; the message names the line."""
+
+
+def load_eval_data(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise EvalDataError(f"eval_data {path} does not exist: pass a JSONL file of "
+                            "{\"messages\": [...], \"expected\": \"...\"} rows.")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalDataError(f"{path} line {number} is not valid JSON: {exc.msg}.") from None
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{path} line {number} must be a JSON object.")
+        missing = [k for k in ("messages", "expected") if k not in row]
+        if missing:
+            raise EvalDataError(f"{path} line {number} has no {' or '.join(missing)} field; "
+                                "each row needs messages (a chat) and expected (a string).")
+        messages = row["messages"]
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in messages)):
+            raise EvalDataError(f"{path} line {number}: messages must be a non-empty list of "
+                                "{\"role\": ..., \"content\": ...} objects with string values.")
+        if not isinstance(row["expected"], str) or not row["expected"].strip():
+            raise EvalDataError(f"{path} line {number}: expected must be a non-empty string.")
+        rows.append({"messages": messages, "expected": row["expected"]})
+    if not rows:
+        raise EvalDataError(f"{path} holds no rows: an empty eval set cannot judge a model.")
+    return rows
+
+
+# --- the worker: one model, one fresh process -------------------------------------------------
+
+
+def _answer(model, messages: list[dict], max_tokens: int) -> tuple[dict, float]:
+    started = time.perf_counter()
+    (response,) = model.predict({"messages": messages, "max_tokens": max_tokens})
+    return response, time.perf_counter() - started
+
+
+def run_worker(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict[str, Any]:
+    """Load the model once, answer every row, and time each answer and its first token."""
+    import mlflow
+
+    started = time.perf_counter()
+    model = mlflow.pyfunc.load_model(model_uri)
+    load_seconds = time.perf_counter() - started
+    _answer(model, rows[0]["messages"], 1)  # warm-up, not measured
+    results = []
+    for row in rows:
+        # Time to first token, measured the same way for both models: a 1-token request
+        # (the transformers pyfunc has no streaming to time the first chunk of).
+        _, ttft = _answer(model, row["messages"], 1)
+        response, latency = _answer(model, row["messages"], max_new_tokens)
+        results.append({
+            "answer": response["choices"][0]["message"]["content"],
+            "finish_reason": response["choices"][0]["finish_reason"],
+            "completion_tokens": response["usage"]["completion_tokens"],
+            "latency_s": latency,
+            "ttft_s": ttft,
+        })
+    return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory.
+
+    VmHWM belongs to the process's own address space, so it starts afresh at exec; getrusage's
+    ru_maxrss does not: a child forked from a big parent reports the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
+def evaluate_in_fresh_process(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="phi3flow-eval-") as tmp:
+        data, out = Path(tmp) / "rows.json", Path(tmp) / "result.json"
+        data.write_text(json.dumps(rows))
+        command = [sys.executable, "-m", "phi3flow.evaluation", model_uri, str(data),
+                   str(max_new_tokens), str(out)]
+        logger.info("evaluating %s on %d rows in a fresh process", model_uri, len(rows))
+        import mlflow
+
+        env = {
+            **os.environ,
+            # The same store as ours, even when ours is MLflow's relative default.
+            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+            "PYTHONPATH": os.pathsep.join(
+                [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        }
+        done = subprocess.run(command, env=env)
+        if done.returncode != 0:
+            raise StepError(f"evaluating {model_uri} failed (exit code {done.returncode}); "
+                            "its log is above.")
+        return json.loads(out.read_text())
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def contains(answer: str, expected: str) -> bool:
+    return expected.strip().lower() in answer.lower()
+
+
+def exact(answer: str, expected: str) -> bool:
+    return answer.strip().strip(".").lower() == expected.strip().strip(".").lower()
+
+
+def model_metrics(rows: list[dict], result: dict, size_mb: float) -> dict[str, float]:
+    answers = result["rows"]
+    tokens = sum(a["completion_tokens"] for a in answers)
+    seconds = sum(a["latency_s"] for a in answers)
+    return {
+        "quality_contains": sum(contains(a["answer"], r["expected"])
+                                for a, r in zip(answers, rows)) / len(rows),
+        "quality_exact": sum(exact(a["answer"], r["expected"])
+                             for a, r in zip(answers, rows)) / len(rows),
+        "latency_p50_s": percentile([a["latency_s"] for a in answers], 0.5),
+        "latency_p95_s": percentile([a["latency_s"] for a in answers], 0.95),
+        "ttft_p50_s": percentile([a["ttft_s"] for a in answers], 0.5),
+        "output_tokens_per_s": tokens / seconds if seconds else 0.0,
+        "load_s": result["load_s"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "size_mb": size_mb,
+    }
+
+
+def agreement(first: dict, second: dict) -> float:
+    pairs = list(zip(first["rows"], second["rows"]))
+    return sum(a["answer"].strip() == b["answer"].strip() for a, b in pairs) / len(pairs)
+
+
+def folder_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+# --- decision ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    model: str
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def judge(metrics: dict[str, dict[str, float]], thresholds: dict[str, float]) -> list[Verdict]:
+    verdicts = []
+    reference = metrics["transformers"]["quality_contains"]
+    for name in MODELS:
+        m, reasons = metrics[name], []
+        if m["quality_contains"] < thresholds["min_quality"]:
+            reasons.append(f"quality {m['quality_contains']:.3f} < min_quality "
+                           f"{thresholds['min_quality']}")
+        if name == "onnx" and reference - m["quality_contains"] > thresholds["max_quality_drop"]:
+            reasons.append(f"quality drop vs transformers {reference - m['quality_contains']:.3f}"
+                           f" > max_quality_drop {thresholds['max_quality_drop']}")
+        if m["latency_p95_s"] > thresholds["max_p95_latency_s"]:
+            reasons.append(f"p95 latency {m['latency_p95_s']:.2f} s > max_p95_latency_s "
+                           f"{thresholds['max_p95_latency_s']}")
+        verdicts.append(Verdict(name, not reasons, reasons or ["all thresholds met"]))
+    return verdicts
+
+
+def choose(verdicts: list[Verdict], metrics: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """Among models that passed, the fastest (p95); if none passed, the best quality."""
+    passed = [v.model for v in verdicts if v.passed]
+    if passed:
+        best = min(passed, key=lambda n: metrics[n]["latency_p95_s"])
+        return best, f"passed the gate with the lowest p95 latency among {passed}"
+    best = max(MODELS, key=lambda n: (metrics[n]["quality_contains"],
+                                      -metrics[n]["latency_p95_s"]))
+    return best, "no model passed the gate; best quality chosen, it will not become champion"
+
+
+def decision(metrics, verdicts, thresholds, models: dict[str, dict]) -> dict[str, Any]:
+    chosen, why = choose(verdicts, metrics)
+    return {
+        "thresholds": thresholds,
+        "verdicts": {v.model: asdict(v) for v in verdicts},
+        "chosen": chosen,
+        "chosen_passed": next(v.passed for v in verdicts if v.model == chosen),
+        "why": why,
+        "models": models,
+        "metrics": metrics,
+    }
+
+
+# --- chart ------------------------------------------------------------------------------------
+
+
+def chart(metrics: dict[str, dict[str, float]], agree: float, verdict: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("Quality (share of rows)", ["quality_contains", "quality_exact"], "{:.0%}"),
+        ("Latency (s)", ["ttft_p50_s", "latency_p50_s", "latency_p95_s"], "{:.3g}"),
+        ("Throughput (output tokens/s)", ["output_tokens_per_s"], "{:.3g}"),
+        ("Footprint (MB)", ["peak_rss_mb", "size_mb"], "{:.0f}"),
+    ]
+    colors = {"transformers": "#4c72b0", "onnx": "#dd8452"}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, (title, keys, fmt) in zip(axes, panels):
+        width = 0.38
+        for i, name in enumerate(MODELS):
+            xs = [k + (i - 0.5) * width for k in range(len(keys))]
+            values = [metrics[name][key] for key in keys]
+            bars = ax.bar(xs, values, width, label=name, color=colors[name])
+            ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+        ax.set_xticks(range(len(keys)), [k.replace("_", " ") for k in keys], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.2)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"transformers vs onnx on the same rows — answers agree on {agree:.0%}\n"
+                 f"{verdict}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    model_uri, data, max_new_tokens, out = argv
+    result = run_worker(model_uri, json.loads(Path(data).read_text()), int(max_new_tokens))
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main(sys.argv[1:])

@@ -1,0 +1,173 @@
+"""register's work: publish evaluate's chosen model under a stable name, with its lineage.
+
+Champion/challenger with aliases (registry stages are deprecated): the chosen model takes the
+alias (default `champion`) only if it passed evaluate's gate and beats the current holder on the
+same eval set (same sha256): higher quality, or equal quality and lower p95 latency. Otherwise it
+is registered as `challenger`, and the reason is written down. Registering the same evaluate run
+twice returns the version made the first time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from phi3flow import names
+from phi3flow.config import CHALLENGER, RegisterConfig
+from phi3flow.errors import StepError
+
+logger = logging.getLogger(__name__)
+
+METRIC_TAG = names.TAG_PREFIX + "metric."
+KEY_METRICS = ("quality_contains", "quality_exact", "latency_p95_s", "output_tokens_per_s",
+               "peak_rss_mb")
+
+
+@dataclass
+class Outcome:
+    version: str
+    alias: str  # "" when a re-registered version holds no alias any more
+    reason: str
+    reused: bool
+
+    def as_dict(self, model_name: str) -> dict[str, Any]:
+        where = f"@{self.alias}" if self.alias else f"/{self.version}"
+        return {"model_name": model_name, "version": str(self.version), "alias": self.alias,
+                "reason": self.reason, "reused": self.reused,
+                "model_uri": f"models:/{model_name}/{self.version}",
+                "serve_uri": f"models:/{model_name}{where}"}
+
+
+def check_registry(client: mlflow.MlflowClient) -> None:
+    try:
+        client.search_registered_models(max_results=1)
+    except Exception as exc:
+        raise StepError(
+            f"the tracking store {mlflow.get_tracking_uri()} has no usable model registry "
+            f"({type(exc).__name__}: {str(exc)[:200]}). Use a database-backed store (the default "
+            "sqlite:///mlflow.db, or MLFLOW_TRACKING_URI=sqlite:///path/mlflow.db) or a tracking "
+            "server."
+        ) from None
+
+
+def _existing_version(client, name: str, evaluate_run_id: str) -> ModelVersion | None:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.tags.get(names.TAG_EVALUATE_RUN_ID) == evaluate_run_id:
+            return version
+    return None
+
+
+def _holder(client, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _beats(candidate: dict[str, float], holder: ModelVersion) -> tuple[bool, str]:
+    theirs = {k: float(holder.tags[METRIC_TAG + k]) for k in ("quality_contains", "latency_p95_s")}
+    if candidate["quality_contains"] != theirs["quality_contains"]:
+        better = candidate["quality_contains"] > theirs["quality_contains"]
+        return better, (f"quality {candidate['quality_contains']:.3f} vs "
+                        f"{theirs['quality_contains']:.3f} of version {holder.version}")
+    better = candidate["latency_p95_s"] < theirs["latency_p95_s"]
+    return better, (f"equal quality; p95 latency {candidate['latency_p95_s']:.3f} s vs "
+                    f"{theirs['latency_p95_s']:.3f} s of version {holder.version}")
+
+
+def decide_alias(cfg: RegisterConfig, decision: dict, holder: ModelVersion | None) -> tuple[str, str]:
+    chosen = decision["chosen"]
+    metrics = decision["metrics"][chosen]
+    if cfg.allow_unvalidated:
+        return cfg.alias, "allow_unvalidated=true: alias given without the gate (recorded)"
+    if not decision["chosen_passed"]:
+        reasons = "; ".join(decision["verdicts"][chosen]["reasons"])
+        return CHALLENGER, f"the {chosen} model failed the gate: {reasons}"
+    if holder is None:
+        return cfg.alias, f"passed the gate; no current {cfg.alias}"
+    if holder.tags.get(names.TAG_EVAL_DATA_SHA256) != decision["eval_data_sha256"]:
+        return CHALLENGER, (
+            f"the current {cfg.alias} (version {holder.version}) was evaluated on other eval data "
+            f"(sha256 {holder.tags.get(names.TAG_EVAL_DATA_SHA256)}), so the two cannot be "
+            "compared: evaluate on the same data, or pass allow_unvalidated=true."
+        )
+    better, why = _beats(metrics, holder)
+    if better:
+        return cfg.alias, f"passed the gate and beats the current {cfg.alias}: {why}"
+    return CHALLENGER, f"passed the gate but does not beat the current {cfg.alias}: {why}"
+
+
+def lineage_tags(cfg: RegisterConfig, decision: dict, evaluate_run) -> dict[str, str]:
+    chosen = decision["chosen"]
+    log_run = mlflow.get_run(decision["models"][chosen]["run_id"])
+    tags = log_run.data.tags
+    git_commit = (evaluate_run.data.tags.get("mlflow.source.git.commit")
+                  or tags.get("mlflow.source.git.commit") or "unknown")
+    lineage = {
+        names.TAG_EVALUATE_RUN_ID: cfg.evaluate_run_id,
+        names.TAG_LOG_RUN_ID: log_run.info.run_id,
+        names.TAG_FETCH_RUN_ID: tags.get(names.TAG_FETCH_RUN_ID, ""),
+        names.TAG_MODEL_ID: tags.get(names.TAG_MODEL_ID, ""),
+        names.TAG_REVISION: tags.get(names.TAG_REVISION, ""),
+        names.TAG_MANIFEST_SHA256: tags.get(names.TAG_MANIFEST_SHA256, ""),
+        names.TAG_ONNX_PRECISION: tags.get(names.TAG_ONNX_PRECISION, "n/a (transformers)"),
+        names.TAG_CHOSEN: chosen,
+        names.TAG_EVAL_DATA_SHA256: decision["eval_data_sha256"],
+        "git_commit": git_commit,
+    }
+    lineage.update({METRIC_TAG + k: repr(float(decision["metrics"][chosen][k]))
+                    for k in KEY_METRICS})
+    return lineage
+
+
+def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
+    client = mlflow.MlflowClient()
+    check_registry(client)
+    existing = _existing_version(client, cfg.model_name, cfg.evaluate_run_id)
+    if existing is not None:
+        existing = client.get_model_version(cfg.model_name, existing.version)  # with aliases
+        alias = existing.aliases[0] if existing.aliases else ""
+        logger.info("evaluate run %s is already registered as %s version %s (@%s): nothing to do",
+                    cfg.evaluate_run_id, cfg.model_name, existing.version, alias or "none")
+        return Outcome(existing.version, alias, "already registered by an earlier register run",
+                       reused=True)
+
+    holder = _holder(client, cfg.model_name, cfg.alias)
+    alias, reason = decide_alias(cfg, decision, holder)
+    tags = lineage_tags(cfg, decision, evaluate_run)
+    if alias == cfg.alias and cfg.allow_unvalidated:
+        tags[names.TAG_UNVALIDATED] = "true"
+    chosen = decision["chosen"]
+    version = mlflow.register_model(decision["models"][chosen]["model_uri"], cfg.model_name,
+                                    tags=tags)
+    description = (
+        f"{chosen} model of {tags[names.TAG_MODEL_ID]}@{tags[names.TAG_REVISION]} "
+        f"(manifest sha256 {tags[names.TAG_MANIFEST_SHA256][:12]}), logged by run "
+        f"{tags[names.TAG_LOG_RUN_ID]}, evaluated by run {cfg.evaluate_run_id}: "
+        + ", ".join(f"{k} {float(decision['metrics'][chosen][k]):.4g}" for k in KEY_METRICS)
+        + f". Alias {alias}: {reason}."
+    )
+    client.update_model_version(cfg.model_name, version.version, description=description)
+    client.set_registered_model_alias(cfg.model_name, alias, version.version)
+    logger.info("registered %s version %s as @%s: %s", cfg.model_name, version.version, alias,
+                reason)
+    return Outcome(version.version, alias, reason, reused=False)
+
+
+def read_decision(evaluate_run) -> dict:
+    try:
+        text = mlflow.artifacts.load_text(f"{evaluate_run.info.artifact_uri}/{names.DECISION}")
+    except Exception:
+        raise StepError(f"evaluate run {evaluate_run.info.run_id} has no {names.DECISION}; "
+                        "re-run evaluate.") from None
+    return json.loads(text)

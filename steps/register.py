@@ -1,0 +1,37 @@
+"""register: put evaluate's chosen model in the Model Registry, as champion or challenger.
+
+Inputs: `evaluate_run_id` (a FINISHED evaluate run), `model_name`, `alias` (default champion),
+`allow_unvalidated`.
+Outputs: a model version of `model_name` with lineage tags (fetch, log and evaluate run IDs,
+model id, revision, manifest sha256, ONNX precision, git commit, key metrics) and a description;
+the alias (`champion`) or `challenger`; `registration.json` and tags on this run saying which and
+why. Idempotent: the same evaluate run registered twice makes one version.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from phi3flow import names, registry, tracking
+from phi3flow.config import RegisterConfig, parse_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    with tracking.step_run(names.REGISTER):
+        cfg = parse_config(RegisterConfig, argv)
+        tracking.log_config(cfg)
+        registry.check_registry(mlflow.MlflowClient())
+        evaluate_run = tracking.upstream_run("evaluate_run_id", cfg.evaluate_run_id,
+                                             names.EVALUATE)
+        decision = registry.read_decision(evaluate_run)
+        outcome = registry.register(cfg, decision, evaluate_run)
+        result = outcome.as_dict(cfg.model_name)
+        mlflow.log_dict(result, "registration.json")
+        mlflow.set_tags({names.TAG_PREFIX + "registered_version": str(outcome.version),
+                         names.TAG_PREFIX + "alias": outcome.alias,
+                         names.TAG_EVALUATE_RUN_ID: cfg.evaluate_run_id})
+        return result
+
+
+if __name__ == "__main__":
+    tracking.run_cli(names.REGISTER, main)
