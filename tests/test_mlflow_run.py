@@ -72,10 +72,15 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
     assert tags[names.TAG_REUSED] == "none"
     for child in (fetch_id, log_id):  # each step is a child run of main
         assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == first.info.run_id
-    for key in ("log_onnx_pyfunc_run_id",):
+    for key in ("log_onnx_pyfunc_run_id", "evaluate_run_id", "register_run_id"):
         assert mlflow.get_run(tags[f"phi3flow.{key}"]).data.tags["mlflow.parentRunId"] == (
             first.info.run_id)
-    assert "mlflow ui --backend-store-uri" in output and "mlflow models serve -m" in output
+    assert "mlflow ui --backend-store-uri" in output
+    assert tags["phi3flow.registered_alias"] == "champion"
+    assert f"mlflow models serve -m models:/{names.DEFAULT_REGISTERED_MODEL}@champion" in output
+    champion = predict_in_fresh_process(f"models:/{names.DEFAULT_REGISTERED_MODEL}@champion",
+                                        QUESTION)
+    assert "Madrid" in champion["choices"][0]["message"]["content"]
     for key in ("transformers_model_uri", "onnx_model_uri"):
         model_uri = tags[f"phi3flow.{key}"]
         assert model_uri in output
@@ -87,11 +92,16 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
     assert second.data.tags["phi3flow.log_transformers_run_id"] == log_id
     assert second.data.tags["phi3flow.log_onnx_pyfunc_run_id"] == tags[
         "phi3flow.log_onnx_pyfunc_run_id"]
-    assert second.data.tags[names.TAG_REUSED] == "fetch_model,log_transformers,log_onnx_pyfunc"
+    assert second.data.tags[names.TAG_REUSED] == (
+        "fetch_model,log_transformers,log_onnx_pyfunc,evaluate,register")
 
-    changed, _ = _main(project, tmp_path, "-P", "top_p=0.9")  # a parameter of step 2 only
+    changed, _ = _main(project, tmp_path, "-P", "torch_dtype=float32")  # log_transformers only
     assert changed.data.tags["phi3flow.fetch_model_run_id"] == fetch_id
+    assert changed.data.tags["phi3flow.log_onnx_pyfunc_run_id"] == tags[
+        "phi3flow.log_onnx_pyfunc_run_id"]
     assert changed.data.tags["phi3flow.log_transformers_run_id"] != log_id
+    # ... and what consumes it runs again (new upstream run ID)
+    assert changed.data.tags["phi3flow.evaluate_run_id"] != tags["phi3flow.evaluate_run_id"]
 
     with open(project / "phi3flow" / "names.py", "a") as f:  # an uncommitted code change
         f.write("\n# a change to the project's code\n")

@@ -17,6 +17,8 @@ STEP_CONFIGS = {
     names.FETCH_MODEL: config.FetchModelConfig,
     names.LOG_TRANSFORMERS: config.LogTransformersConfig,
     names.LOG_ONNX_PYFUNC: config.LogOnnxPyfuncConfig,
+    names.EVALUATE: config.EvaluateConfig,
+    names.REGISTER: config.RegisterConfig,
     names.MAIN: config.MainConfig,
 }
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -45,7 +47,7 @@ def test_mlproject_command_parses_with_the_steps_parser(step):
         default = fields[name].default
         assert str(param.default) == config._to_param(default), f"{step}.{name} default differs"
     # The command exactly as `mlflow run` renders it from the defaults (plus a run ID).
-    overrides = {"fetch_run_id": RUN_ID} if "fetch_run_id" in entry.parameters else {}
+    overrides = {name: RUN_ID for name in entry.parameters if name.endswith("run_id")}
     if "model_id" in entry.parameters:
         overrides["model_id"] = str(ROOT / "tests" / "fixtures" / "tiny-phi3")
         overrides["onnx_source"] = "build"
