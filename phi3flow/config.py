@@ -228,6 +228,11 @@ class EvaluateConfig:
         0.05, "Largest quality drop of the ONNX model against the transformers model."
     )
     max_p95_latency_s: float = _param(120.0, "Largest 95th-percentile answer latency, seconds.")
+    judge_model_uri: str = _param(
+        "",
+        "Optional LLM judge: an MLflow chat model URI that grades each answer against the "
+        "expected one (reported as <model>_judge_correct, not gated). Empty: no judge.",
+    )
 
     def __post_init__(self) -> None:
         require_run_id("transformers_run_id", self.transformers_run_id, names.LOG_TRANSFORMERS)
@@ -242,6 +247,9 @@ class EvaluateConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be between 0 and 1.")
         if not self.max_p95_latency_s > 0:
             raise ConfigError(f"max_p95_latency_s={self.max_p95_latency_s} must be > 0 seconds.")
+        if self.judge_model_uri and not re.match(r"^(models|runs):/.+", self.judge_model_uri):
+            raise ConfigError(f"judge_model_uri={self.judge_model_uri!r} is not a models:/ or "
+                              "runs:/ URI of an MLflow chat model.")
         if not self.eval_data_path.is_file():
             raise ConfigError(f"eval_data={self.eval_data!r} does not exist (resolved to "
                               f"{self.eval_data_path}): pass a JSONL file.")

@@ -181,6 +181,38 @@ def folder_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
+# --- optional LLM judge -------------------------------------------------------------------------
+
+JUDGE_PROMPT = (
+    "You are grading an answer to a question.\nQuestion: {question}\nReference answer: "
+    "{expected}\nCandidate answer: {answer}\nDoes the candidate answer agree with the reference "
+    "answer? Reply with one word: yes or no."
+)
+
+
+def judge_answers(judge_uri: str, rows: list[dict], results: dict[str, dict]) -> dict[str, list]:
+    """Ask a chat model (any MLflow model that takes {"messages": ...}) to grade each answer.
+
+    Off unless the user names a judge: useful judges are large hosted models, which need network
+    access and credentials this project never assumes.
+    """
+    import mlflow
+
+    logger.info("grading answers with the judge %s", judge_uri)
+    judge = mlflow.pyfunc.load_model(judge_uri)
+    grades: dict[str, list] = {}
+    for name, result in results.items():
+        grades[name] = []
+        for row, answer in zip(rows, result["rows"]):
+            prompt = JUDGE_PROMPT.format(question=row["messages"][-1]["content"],
+                                         expected=row["expected"], answer=answer["answer"])
+            reply = judge.predict({"messages": [{"role": "user", "content": prompt}],
+                                   "max_tokens": 4})
+            text = reply[0]["choices"][0]["message"]["content"]
+            grades[name].append(text.strip().lower().startswith("yes"))
+    return grades
+
+
 # --- decision ---------------------------------------------------------------------------------
 
 
@@ -191,7 +223,7 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
 
 
-def judge(metrics: dict[str, dict[str, float]], thresholds: dict[str, float]) -> list[Verdict]:
+def gate(metrics: dict[str, dict[str, float]], thresholds: dict[str, float]) -> list[Verdict]:
     verdicts = []
     reference = metrics["transformers"]["quality_contains"]
     for name in MODELS:

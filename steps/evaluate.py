@@ -2,7 +2,8 @@
 
 Inputs: `transformers_run_id` (log_transformers) and `onnx_run_id` (log_onnx_pyfunc), both
 FINISHED and made from the same fetch run; `eval_data` (JSONL of messages + expected);
-`max_new_tokens`; thresholds `min_quality`, `max_quality_drop`, `max_p95_latency_s`.
+`max_new_tokens`; thresholds `min_quality`, `max_quality_drop`, `max_p95_latency_s`; an
+optional LLM judge `judge_model_uri`.
 Outputs: metrics `<model>_<metric>` and `agreement` on this run, and each model's metrics on its
 logged model (so `mlflow.search_logged_models` can rank them); artifacts `eval_table.json`
 (per row), `comparison.png`, `decision.json` (thresholds, verdicts with reasons, the chosen
@@ -48,9 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
             stored = Path(mlflow.artifacts.download_artifacts(model.artifact_location))
             metrics[name] = evaluation.model_metrics(rows, results[name],
                                                      evaluation.folder_size_mb(stored))
-            # On the logged model too, so search_logged_models can rank the candidates.
-            mlflow.log_metrics(metrics[name], model_id=model.model_id)
+        grades = (evaluation.judge_answers(cfg.judge_model_uri, rows, results)
+                  if cfg.judge_model_uri else {})
+        for name, graded in grades.items():
+            metrics[name]["judge_correct"] = sum(graded) / len(graded)
         agree = evaluation.agreement(results["transformers"], results["onnx"])
+        for name, uri in uris.items():  # on each logged model too, so they can be ranked
+            mlflow.log_metrics(metrics[name], model_id=uri.split("/")[-1])
         mlflow.log_metrics({f"{name}_{key}": value for name, values in metrics.items()
                             for key, value in values.items()} | {"agreement": agree})
 
@@ -66,11 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
             table[f"{name}_latency_s"] = [a["latency_s"] for a in answers]
             table[f"{name}_ttft_s"] = [a["ttft_s"] for a in answers]
             table[f"{name}_completion_tokens"] = [a["completion_tokens"] for a in answers]
+            if name in grades:
+                table[f"{name}_judge"] = grades[name]
         table["agree"] = [a["answer"].strip() == b["answer"].strip() for a, b in
                           zip(results["transformers"]["rows"], results["onnx"]["rows"])]
         mlflow.log_table(table, names.EVAL_TABLE)
 
-        verdicts = evaluation.judge(metrics, cfg.thresholds())
+        verdicts = evaluation.gate(metrics, cfg.thresholds())
         models = {name: {"model_uri": uris[name], "run_id": runs[name].info.run_id}
                   for name in uris}
         decided = evaluation.decision(metrics, verdicts, cfg.thresholds(), models)

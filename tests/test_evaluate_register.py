@@ -118,11 +118,28 @@ def test_bad_eval_files_are_refused_with_the_line(log_runs, tmp_path, content, m
         (["--max_quality_drop", "-0.1"], "max_quality_drop=-0.1 must be between 0 and 1"),
         (["--max_p95_latency_s", "0"], "max_p95_latency_s=0.0 must be > 0"),
         (["--eval_data", "/no/such.jsonl"], "eval_data='/no/such.jsonl' does not exist"),
+        (["--judge_model_uri", "gpt-4"], "judge_model_uri='gpt-4' is not a models:/"),
     ],
 )
 def test_bad_thresholds_are_refused(log_runs, extra, message):
     with pytest.raises(StepError, match=message):
         evaluate.main(evaluate_args(log_runs, *extra))
+
+
+def test_an_optional_llm_judge_grades_every_answer(log_runs, transformers_model_uri, tmp_path):
+    """Any MLflow chat model can judge; the tiny fixture stands in for a real judge here."""
+    subset = tmp_path / "eval.jsonl"
+    subset.write_text("".join(EVAL_DATA.read_text().splitlines(keepends=True)[:3]))
+    evaluate.main(evaluate_args(log_runs, "--eval_data", str(subset),
+                                "--judge_model_uri", transformers_model_uri))
+    run_id = last_run_id(names.EVALUATE)
+    metrics = mlflow.get_run(run_id).data.metrics
+    for model in ("transformers", "onnx"):
+        assert 0 <= metrics[f"{model}_judge_correct"] <= 1
+    table = json.loads(mlflow.artifacts.load_text(
+        f"{mlflow.get_run(run_id).info.artifact_uri}/{names.EVAL_TABLE}"))
+    assert {"transformers_judge", "onnx_judge"} <= set(table["columns"])
+    assert len(table["data"]) == 3
 
 
 def test_run_ids_of_the_wrong_step_are_refused(log_runs):
