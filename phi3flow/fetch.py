@@ -156,6 +156,28 @@ def log_fetched(fetched: Fetched) -> str:
 # --- Consumers -------------------------------------------------------------------------------
 
 
+@dataclass
+class Consumed:
+    folder: Path  # verified local copy of the fetch run's `checkpoint/` or `onnx/`
+    manifest: dict[str, Any]
+    lineage: dict[str, str]  # tags every consuming run and model carries
+
+
+def consume(fetch_run_id: str, prefix: str) -> Consumed:
+    """What a log step needs from its fetch run, checked: run kind and status, manifest, files."""
+    from phi3flow import tracking
+
+    run = tracking.upstream_run("fetch_run_id", fetch_run_id, names.FETCH_MODEL)
+    data, digest = read_manifest(run)
+    lineage = {
+        names.TAG_FETCH_RUN_ID: fetch_run_id,
+        names.TAG_MODEL_ID: data["model_id"],
+        names.TAG_REVISION: data["revision"],
+        names.TAG_MANIFEST_SHA256: digest,
+    }
+    return Consumed(fetched_folder(run, data, prefix), data, lineage)
+
+
 def read_manifest(run: Run) -> tuple[dict[str, Any], str]:
     """The fetch run's manifest and its sha256 (checked against the run's tag)."""
     try:

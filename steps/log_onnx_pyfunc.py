@@ -15,29 +15,24 @@ import mlflow
 
 from phi3flow import names, onnx_model, tracking
 from phi3flow.config import LogOnnxPyfuncConfig, parse_config
-from phi3flow.fetch import fetched_folder, read_manifest
+from phi3flow.fetch import consume
 
 
 def main(argv: list[str] | None = None) -> str:
     with tracking.step_run(names.LOG_ONNX_PYFUNC):
         cfg = parse_config(LogOnnxPyfuncConfig, argv)
         tracking.log_config(cfg)
-        fetch_run = tracking.upstream_run("fetch_run_id", cfg.fetch_run_id, names.FETCH_MODEL)
-        fetch_manifest, manifest_sha256 = read_manifest(fetch_run)
-        onnx_folder = fetched_folder(fetch_run, fetch_manifest, names.ONNX_DIR)
-        onnx = fetch_manifest["sources"][names.ONNX_DIR]
+        fetched = consume(cfg.fetch_run_id, names.ONNX_DIR)
+        onnx = fetched.manifest["sources"][names.ONNX_DIR]
         tags = {
-            names.TAG_FETCH_RUN_ID: cfg.fetch_run_id,
-            names.TAG_MODEL_ID: fetch_manifest["model_id"],
-            names.TAG_REVISION: fetch_manifest["revision"],
-            names.TAG_MANIFEST_SHA256: manifest_sha256,
+            **fetched.lineage,
             names.TAG_ONNX_SOURCE: onnx["kind"],
             names.TAG_ONNX_PRECISION: onnx.get("precision", "unknown"),
             names.TAG_ONNX_EXECUTION_PROVIDER: onnx.get("execution_provider", "unknown"),
             names.TAG_INTERFACE: cfg.interface,
         }
         mlflow.set_tags(tags)
-        info = onnx_model.log(cfg, onnx_folder, fetch_manifest, tags)
+        info = onnx_model.log(cfg, fetched.folder, fetched.manifest, tags)
         return info.model_uri
 
 

@@ -15,26 +15,21 @@ import mlflow
 
 from phi3flow import names, tracking, transformers_model
 from phi3flow.config import LogTransformersConfig, parse_config
-from phi3flow.fetch import fetched_folder, read_manifest
+from phi3flow.fetch import consume
 
 
 def main(argv: list[str] | None = None) -> str:
     with tracking.step_run(names.LOG_TRANSFORMERS):
         cfg = parse_config(LogTransformersConfig, argv)
         tracking.log_config(cfg)
-        fetch_run = tracking.upstream_run("fetch_run_id", cfg.fetch_run_id, names.FETCH_MODEL)
-        fetch_manifest, manifest_sha256 = read_manifest(fetch_run)
-        checkpoint = fetched_folder(fetch_run, fetch_manifest, names.CHECKPOINT_DIR)
+        fetched = consume(cfg.fetch_run_id, names.CHECKPOINT_DIR)
         tags = {
-            names.TAG_FETCH_RUN_ID: cfg.fetch_run_id,
-            names.TAG_MODEL_ID: fetch_manifest["model_id"],
-            names.TAG_REVISION: fetch_manifest["revision"],
-            names.TAG_MANIFEST_SHA256: manifest_sha256,
+            **fetched.lineage,
             names.TAG_TRUST_REMOTE_CODE: str(cfg.trust_remote_code).lower(),
             names.TAG_SAVE_PRETRAINED: str(cfg.save_pretrained).lower(),
         }
         mlflow.set_tags(tags)
-        info = transformers_model.log(cfg, checkpoint, fetch_manifest, tags)
+        info = transformers_model.log(cfg, fetched.folder, fetched.manifest, tags)
         return info.model_uri
 
 
