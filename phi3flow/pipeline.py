@@ -25,6 +25,7 @@ class StepRunner:
     experiment_id: str
     force: bool
     project_root: Path = reuse.PROJECT_ROOT
+    git_commit: str | None = None  # of the main run, when `mlflow run` recorded one
     code_sha256: str = field(default_factory=reuse.code_sha256)
     reused: list[str] = field(default_factory=list)
 
@@ -36,7 +37,8 @@ class StepRunner:
         reusable: bool = True,
     ) -> str:
         """The run ID of a FINISHED `entry_point` run for these params: reused or new."""
-        key = reuse.cache_key(entry_point, params, self.code_sha256, list(inputs))
+        key = reuse.cache_key(entry_point, params, self.code_sha256, list(inputs),
+                              self.git_commit)
         if self.force:
             logger.info("%s: force=true, running it again", entry_point)
         elif not reusable:

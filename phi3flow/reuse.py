@@ -2,8 +2,9 @@
 
 The key of a step run is the sha256 of: the entry point; its parameters (upstream run IDs
 included); the sha256 of the project's code, read from the files themselves (so uncommitted
-changes count, and it works outside git too); and, for local input folders, each file's path,
-size and modification time. A step run is reused only if it FINISHED and carries the same key.
+changes count, and it works outside git too); the git commit `mlflow run` recorded, when there is
+one (so a run from a git URL at another commit runs again); and, for local input folders, each
+file's path, size and modification time. A step run is reused only if it FINISHED and carries the same key.
 MLflow's multistep example keys on the git commit instead, which misses all of these.
 """
 
@@ -50,11 +51,13 @@ def folder_stamp(folder: Path) -> list[tuple[str, int, int]]:
     )
 
 
-def cache_key(entry_point: str, params: dict[str, str], code: str, inputs: list[Path]) -> str:
+def cache_key(entry_point: str, params: dict[str, str], code: str, inputs: list[Path],
+              git_commit: str | None = None) -> str:
     payload = {
         "entry_point": entry_point,
         "params": dict(sorted(params.items())),
         "code_sha256": code,
+        "git_commit": git_commit,
         "inputs": {str(p.resolve()): folder_stamp(p) for p in inputs},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

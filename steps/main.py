@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     with tracking.step_run(names.MAIN) as run:
         cfg = parse_config(MainConfig, argv)
         tracking.log_config(cfg)
-        steps = StepRunner(experiment_id=run.info.experiment_id, force=cfg.force)
+        commit = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.source.git.commit")
+        steps = StepRunner(experiment_id=run.info.experiment_id, force=cfg.force,
+                           git_commit=commit)
 
         fetch_cfg = cfg.fetch_model_config()
         fetch_run_id = steps.run(
