@@ -1,0 +1,128 @@
+"""Reproducible anywhere: an environment MLflow builds itself, and runs from a git URL.
+
+Both are real: `--env-manager virtualenv` creates a new virtual environment from conda.yaml (with
+pyenv's Python and packages from the package index), and the git test serves a clone of this
+repository with `git daemon` on 127.0.0.1 and runs `mlflow run git://...`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from phi3flow import names
+from tests.conftest import QUESTION, ROOT, predict_in_fresh_process
+from tests.test_mlflow_run import _ok, _run_id
+
+pytestmark = pytest.mark.e2e
+
+FIXTURE_PARAMS = ["-P", "model_id=tests/fixtures/tiny-phi3", "-P", "onnx_source=build",
+                  "-P", "precision=fp32"]
+
+
+def mlflow_run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
+    return subprocess.run([sys.executable, "-m", "mlflow", "run", *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.skipif(shutil.which("pyenv") is None, reason="MLflow's virtualenv manager needs pyenv")
+def test_virtualenv_builds_the_environment_and_runs_the_first_steps(tracking, tmp_path):
+    env = {"MLFLOW_ENV_ROOT": str(tmp_path / "envs")}  # a brand-new environment, not a cached one
+    done = mlflow_run(str(ROOT), "--env-manager", "virtualenv", "-e", "fetch_model",
+                      *FIXTURE_PARAMS, cwd=tmp_path, env=env)
+    output = _ok(done)
+    assert "Creating a new environment" in output
+    fetch = _run_id(output)
+    envs = list((tmp_path / "envs").iterdir())
+    assert len(envs) == 1 and (envs[0] / "bin" / "python").exists()
+
+    log = _run_id(_ok(mlflow_run(str(ROOT), "--env-manager", "virtualenv", "-e",
+                                 "log_transformers", "-P", f"fetch_run_id={fetch}",
+                                 "-P", "max_new_tokens=32", cwd=tmp_path, env=env)))
+    model_id = mlflow.get_run(log).outputs.model_outputs[0].model_id
+    answer = predict_in_fresh_process(f"models:/{model_id}", QUESTION)
+    assert "Madrid" in answer["choices"][0]["message"]["content"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def git_server(tmp_path):
+    """A clone of this repository's committed HEAD, served read-only by `git daemon`."""
+    served = tmp_path / "served"
+    served.mkdir()
+    bare = served / "phi3-mlflow.git"
+    _git("clone", "--bare", "--quiet", str(ROOT), str(bare), cwd=tmp_path)
+    work = tmp_path / "work"
+    _git("clone", "--quiet", str(bare), str(work), cwd=tmp_path)
+    _git("config", "user.email", "test@example.invalid", cwd=work)
+    _git("config", "user.name", "test", cwd=work)
+    port = _free_port()
+    daemon = subprocess.Popen(
+        ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
+         f"--port={port}", f"--base-path={served}", str(served)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"git://127.0.0.1:{port}/phi3-mlflow.git", bare, work
+    daemon.terminate()
+    daemon.wait(10)
+
+
+def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tracking,
+                                                                    tmp_path):
+    url, bare, work = git_server
+    first_commit = _git("rev-parse", "HEAD", cwd=work)
+    args = ["-e", "main", "--env-manager", "local", *FIXTURE_PARAMS, "-P", "max_new_tokens=32"]
+
+    first = mlflow.get_run(_run_id(_ok(mlflow_run(url, "-v", first_commit, *args,
+                                                  cwd=tmp_path))))
+    assert first.data.tags["mlflow.source.git.commit"] == first_commit
+    assert first.data.tags["mlflow.source.name"].startswith("git://127.0.0.1")
+    children = [first.data.tags[f"phi3flow.{step}_run_id"] for step in
+                ("fetch_model", "log_transformers", "log_onnx_pyfunc", "evaluate", "register")]
+    for child in children:
+        assert mlflow.get_run(child).data.tags["mlflow.source.git.commit"] == first_commit
+    champion = f"models:/{names.DEFAULT_REGISTERED_MODEL}@champion"
+    assert "Madrid" in predict_in_fresh_process(champion, QUESTION)["choices"][0]["message"][
+        "content"]
+
+    again = mlflow.get_run(_run_id(_ok(mlflow_run(url, "-v", first_commit, *args, cwd=tmp_path))))
+    assert again.data.tags[names.TAG_REUSED] == (
+        "fetch_model,log_transformers,log_onnx_pyfunc,evaluate,register")
+
+    # A new commit (even one that leaves the code alone) is a new version of the project.
+    (work / "NOTICE.txt").write_text("a later commit\n")
+    _git("add", "NOTICE.txt", cwd=work)
+    _git("commit", "--quiet", "-m", "a later commit", cwd=work)
+    _git("push", "--quiet", "origin", "HEAD", cwd=work)
+    second_commit = _git("rev-parse", "HEAD", cwd=work)
+    later = mlflow.get_run(_run_id(_ok(mlflow_run(url, "-v", second_commit, *args,
+                                                  cwd=tmp_path))))
+    assert later.data.tags["mlflow.source.git.commit"] == second_commit
+    assert later.data.tags[names.TAG_REUSED] == "none"
+    fetch = mlflow.get_run(later.data.tags["phi3flow.fetch_model_run_id"])
+    assert fetch.data.tags["mlflow.source.git.commit"] == second_commit
