@@ -3,9 +3,10 @@
 The key of a step run is the sha256 of: the entry point; its parameters (upstream run IDs
 included); the sha256 of the project's code, read from the files themselves (so uncommitted
 changes count, and it works outside git too); the git commit `mlflow run` recorded, when there is
-one (so a run from a git URL at another commit runs again); and, for local input folders, each
-file's path, size and modification time. A step run is reused only if it FINISHED and carries the same key.
-MLflow's multistep example keys on the git commit instead, which misses all of these.
+one (so a run from a git URL at another commit runs again); and, for local inputs (folders or
+files), each file's path, size and content hash (modification time for files over 64 MiB). A
+step run is reused only if it FINISHED and carries the same key. MLflow's multistep example
+keys on the git commit alone, which misses uncommitted edits, inputs and work outside git.
 """
 
 from __future__ import annotations
@@ -42,13 +43,29 @@ def code_sha256(root: Path = PROJECT_ROOT) -> str:
     return digest.hexdigest()
 
 
-def folder_stamp(folder: Path) -> list[tuple[str, int, int]]:
-    """Cheap change detection for a local input folder (no hashing of multi-GB weights)."""
-    return sorted(
-        (p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-        if p.is_file()
-    )
+# Files up to this size are identified by content, bigger ones by size and modification time
+# (hashing multi-GB weights on every `main` would cost more than the reuse saves).
+HASH_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+def stamp(path: Path) -> list[tuple[str, int, str]]:
+    """What identifies a local input (a folder or one file) for reuse."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stamps = []
+    for file in files:
+        size = file.stat().st_size
+        ident = (hashlib.sha256(file.read_bytes()).hexdigest() if size <= HASH_LIMIT_BYTES
+                 else f"mtime:{file.stat().st_mtime_ns}")
+        stamps.append((file.relative_to(path).as_posix() if file != path else file.name, size,
+                       ident))
+    return stamps
+
+
+def _input_name(path: Path, root: Path) -> str:
+    """Inside the project: relative, so two checkouts of one commit share their keys."""
+    resolved = path.resolve()
+    return (resolved.relative_to(root).as_posix() if resolved.is_relative_to(root)
+            else str(resolved))
 
 
 def cache_key(entry_point: str, params: dict[str, str], code: str, inputs: list[Path],
@@ -58,7 +75,7 @@ def cache_key(entry_point: str, params: dict[str, str], code: str, inputs: list[
         "params": dict(sorted(params.items())),
         "code_sha256": code,
         "git_commit": git_commit,
-        "inputs": {str(p.resolve()): folder_stamp(p) for p in inputs},
+        "inputs": {_input_name(p, PROJECT_ROOT): stamp(p) for p in inputs},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
