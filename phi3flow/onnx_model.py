@@ -15,7 +15,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from phi3flow import manifest, names
+from phi3flow import manifest, names, tracking
 from phi3flow.config import LogOnnxPyfuncConfig
 from phi3flow.onnx_chat_model import ONNX_ARTIFACT
 from phi3flow.transformers_model import CHAT_EXAMPLE, pinned_requirements
@@ -50,24 +50,27 @@ def model_config(cfg: LogOnnxPyfuncConfig, model_name: str) -> dict[str, Any]:
 
 
 def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: dict[str, Any],
-        tags: dict[str, str]) -> mlflow.models.model.ModelInfo:
+        tags: dict[str, str]) -> str:
     logger.info("logging the ONNX %s model from %s", cfg.interface, MODEL_CODE.name)
-    info = mlflow.pyfunc.log_model(
-        name=names.ONNX_MODEL_NAME,
+    options = dict(
         python_model=str(MODEL_CODE),
         artifacts={ONNX_ARTIFACT: str(onnx_folder)},
         model_config=model_config(cfg, fetch_manifest["model_id"]),
         signature=ModelSignature(params=PARAMS),
         input_example=CHAT_EXAMPLE if cfg.interface == "chat" else PROMPT_EXAMPLE,
         pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
-        tags=tags,
     )
-    verify_logged(info, fetch_manifest)
-    return info
+    uri = tracking.log_model_or_fallback(
+        lambda: mlflow.pyfunc.log_model(name=names.ONNX_MODEL_NAME, tags=tags, **options),
+        lambda path: mlflow.pyfunc.save_model(path=path, **options),
+        names.ONNX_MODEL_NAME,
+    )
+    verify_logged(uri, fetch_manifest)
+    return uri
 
 
-def verify_logged(info: mlflow.models.model.ModelInfo, fetch_manifest: dict[str, Any]) -> None:
+def verify_logged(model_uri: str, fetch_manifest: dict[str, Any]) -> None:
     """The ONNX files inside the logged model are the fetched ones, byte for byte."""
-    location = mlflow.get_logged_model(info.model_id).artifact_location
+    location = tracking.model_location(model_uri)
     stored = Path(mlflow.artifacts.download_artifacts(f"{location}/artifacts/{ONNX_ARTIFACT}"))
     manifest.verify(fetch_manifest, names.ONNX_DIR, stored)

@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,13 +105,48 @@ def upstream_run(param: str, run_id: str, step: str) -> Run:
     return run
 
 
+TAG_MODEL_URI = names.TAG_PREFIX + "model_uri"
+
+
+def log_model_or_fallback(log: Callable[[], Any], save: Callable[[str], None], name: str) -> str:
+    """Log a model; where the server lacks MLflow 3's logged-model API, log it as run artifacts.
+
+    Azure ML's MLflow endpoint answers 404 on /api/2.0/mlflow/logged-models with MLflow 3
+    (NOTES); the known workaround is save_model + log_artifacts, after which the model is
+    `runs:/<run>/<name>` and registers from there. Returns the model URI, also tagged on the run.
+    """
+    try:
+        uri = log().model_uri
+    except MlflowException as exc:
+        if "logged-models" not in str(exc) and getattr(exc, "error_code", "") not in (
+                "ENDPOINT_NOT_FOUND", "NOT_FOUND"):
+            raise
+        logger.warning("the tracking server has no logged-model API (%s): saving the model and "
+                       "logging it as run artifacts instead", str(exc)[:200])
+        with tempfile.TemporaryDirectory(prefix="phi3flow-model-") as tmp:
+            save(f"{tmp}/{name}")
+            mlflow.log_artifacts(f"{tmp}/{name}", name)
+        uri = f"runs:/{mlflow.active_run().info.run_id}/{name}"
+    mlflow.set_tag(TAG_MODEL_URI, uri)
+    return uri
+
+
 def logged_model_uri(run_id: str) -> str:
-    """models:/<id> of the model a log step's run produced."""
-    outputs = mlflow.get_run(run_id).outputs
-    models = outputs.model_outputs if outputs else []
+    """The URI of the model a log step's run produced (models:/m-... or runs:/.../name)."""
+    run = mlflow.get_run(run_id)
+    if uri := run.data.tags.get(TAG_MODEL_URI):
+        return uri
+    models = run.outputs.model_outputs if run.outputs else []
     if not models:
         raise StepError(f"run {run_id} logged no model; re-run it.")
     return f"models:/{models[-1].model_id}"
+
+
+def model_location(model_uri: str) -> str:
+    """Where a model's files live, for reading them (MLmodel, requirements, artifacts)."""
+    if model_uri.startswith("models:/m-"):
+        return mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
+    return model_uri
 
 
 def run_cli(step: str, main: Callable[[list[str] | None], Any]) -> None:

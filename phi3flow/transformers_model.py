@@ -18,7 +18,7 @@ from unittest import mock
 import mlflow
 import yaml
 
-from phi3flow import names
+from phi3flow import names, tracking
 from phi3flow.config import LogTransformersConfig
 from phi3flow.errors import StepError
 
@@ -86,7 +86,7 @@ def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[
 
 def log(
     cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: dict[str, Any], tags: dict
-) -> mlflow.models.model.ModelInfo:
+) -> str:
     source = fetch_manifest["sources"][names.CHECKPOINT_DIR]
     if not cfg.save_pretrained and source["kind"] != "hub":
         raise StepError(
@@ -101,24 +101,28 @@ def log(
     )
     logger.info("logging the chat model (%s)", "weights copied" if cfg.save_pretrained else
                 f"by reference to {source.get('repo_id')}@{source.get('revision')}")
+    options = dict(
+        transformers_model=pipeline,
+        task="llm/v1/chat",
+        model_config=cfg.generation_defaults(),
+        pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
+        input_example=CHAT_EXAMPLE,
+        save_pretrained=cfg.save_pretrained,
+    )
     with reference:
-        info = mlflow.transformers.log_model(
-            transformers_model=pipeline,
-            name=names.TRANSFORMERS_MODEL_NAME,
-            task="llm/v1/chat",
-            model_config=cfg.generation_defaults(),
-            pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
-            input_example=CHAT_EXAMPLE,
-            save_pretrained=cfg.save_pretrained,
-            tags=tags,
+        uri = tracking.log_model_or_fallback(
+            lambda: mlflow.transformers.log_model(
+                name=names.TRANSFORMERS_MODEL_NAME, tags=tags, **options),
+            lambda path: mlflow.transformers.save_model(path=path, **options),
+            names.TRANSFORMERS_MODEL_NAME,
         )
     if not cfg.save_pretrained:
-        _check_pinned(info, source["revision"])
-    return info
+        _check_pinned(uri, source["revision"])
+    return uri
 
 
-def _check_pinned(info: mlflow.models.model.ModelInfo, commit: str) -> None:
-    location = mlflow.get_logged_model(info.model_id).artifact_location
+def _check_pinned(model_uri: str, commit: str) -> None:
+    location = tracking.model_location(model_uri)
     mlmodel = yaml.safe_load(mlflow.artifacts.load_text(f"{location}/MLmodel"))
     recorded = mlmodel["flavors"]["transformers"].get("source_model_revision")
     if recorded != commit:

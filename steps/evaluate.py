@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
                    for name, uri in uris.items()}
         metrics = {}
         for name, uri in uris.items():
-            model = mlflow.get_logged_model(uri.split("/")[-1])
-            stored = Path(mlflow.artifacts.download_artifacts(model.artifact_location))
+            stored = Path(mlflow.artifacts.download_artifacts(tracking.model_location(uri)))
             metrics[name] = evaluation.model_metrics(rows, results[name],
                                                      evaluation.folder_size_mb(stored))
         grades = (evaluation.judge_answers(cfg.judge_model_uri, rows, results)
@@ -55,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
             metrics[name]["judge_correct"] = sum(graded) / len(graded)
         agree = evaluation.agreement(results["transformers"], results["onnx"])
         for name, uri in uris.items():  # on each logged model too, so they can be ranked
-            mlflow.log_metrics(metrics[name], model_id=uri.split("/")[-1])
+            if uri.startswith("models:/m-"):  # (a runs:/ fallback model has no such record)
+                mlflow.log_metrics(metrics[name], model_id=uri.split("/")[-1])
         mlflow.log_metrics({f"{name}_{key}": value for name, values in metrics.items()
                             for key, value in values.items()} | {"agreement": agree})
 

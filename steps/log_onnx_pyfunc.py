@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> str:
             names.TAG_INTERFACE: cfg.interface,
         }
         mlflow.set_tags(tags)
-        info = onnx_model.log(cfg, fetched.folder, fetched.manifest, tags)
-        return info.model_uri
+        return onnx_model.log(cfg, fetched.folder, fetched.manifest, tags)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> str:
             names.TAG_SAVE_PRETRAINED: str(cfg.save_pretrained).lower(),
         }
         mlflow.set_tags(tags)
-        info = transformers_model.log(cfg, fetched.folder, fetched.manifest, tags)
-        return info.model_uri
+        return transformers_model.log(cfg, fetched.folder, fetched.manifest, tags)
 
 
 if __name__ == "__main__":
