@@ -116,7 +116,7 @@ def test_unreachable_hub_fails_fast_naming_the_model_and_the_offline_fix(trackin
     done = run_project("-e", "fetch_model", cwd=tmp_path, env=env)
     elapsed = time.monotonic() - started
     assert done.returncode != 0
-    assert f"cannot reach the Hugging Face hub at http://127.0.0.1" in done.stderr
+    assert "cannot reach the Hugging Face hub at http://127.0.0.1" in done.stderr
     assert names.DEFAULT_MODEL_ID in done.stderr and "-P model_id=/path/to/checkpoint" in done.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s to give up"
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")

@@ -93,11 +93,6 @@ def test_every_row_of_a_batch_is_answered_as_if_alone(onnx_model):
     assert mixed[0]["usage"]["completion_tokens"] == 2 and content(mixed[1]) == singles[1]
 
 
-def loaded_module(model):
-    """The module MLflow loaded the model's code into (models from code: not phi3flow's)."""
-    return sys.modules[type(model.unwrap_python_model()).__module__]
-
-
 def test_chunked_prompt_feeding_gives_the_same_answers(onnx_model, monkeypatch):
     """The prompt goes in PREFILL_CHUNK-token calls (GIL released between them), same output."""
     import onnxruntime_genai as og
