@@ -44,7 +44,9 @@ def test_fetch_model_logs_files_and_a_manifest_of_them(fetch_run_id):
 
 def test_log_transformers_model_answers_openai_chat_in_a_fresh_process(
         fetch_run_id, transformers_model_uri):
-    answer = predict_in_fresh_process(transformers_model_uri, QUESTION)
+    # No pickles either: it loads with pickle deserialization refused.
+    answer = predict_in_fresh_process(transformers_model_uri, QUESTION,
+                                      env={"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"]["role"] == "assistant"
     assert "Madrid" in answer["choices"][0]["message"]["content"]
