@@ -72,9 +72,9 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}.")
 
 
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name}={value!r} must be greater than 0.")
+def _at_least_one(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}={value} must be at least 1.")
 
 
 @dataclass
@@ -152,14 +152,12 @@ class GenerationConfig:
     top_k: int = _param(50, "Default top-k cut-off (used when sampling).")
 
     def validate_generation(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
+        _at_least_one("max_new_tokens", self.max_new_tokens)
         if self.temperature < 0:
             raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1].")
-        if self.top_k < 1:
-            raise ConfigError(f"top_k={self.top_k} must be at least 1.")
+        _at_least_one("top_k", self.top_k)
 
 
 @dataclass
@@ -240,8 +238,7 @@ class EvaluateConfig:
         self.validate_evaluation()
 
     def validate_evaluation(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
+        _at_least_one("max_new_tokens", self.max_new_tokens)
         for name in ("min_quality", "max_quality_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be between 0 and 1.")

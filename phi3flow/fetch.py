@@ -201,7 +201,7 @@ def fetched_folder(run: Run, data: dict[str, Any], prefix: str) -> Path:
     """A verified local folder holding the fetch run's `prefix` files."""
     source = data["sources"][prefix]
     if source["logged"]:
-        # For a local artifact store this returns the stored folder itself (no copy).
+        # A local copy of the stored files; whatever the store holds is verified below.
         path = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=prefix))
     elif source["kind"] == "hub":
         snapshot, _ = hub.download(
