@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,10 +56,19 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (until someone binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_project(*args: str, cwd: Path, env: dict[str, str] | None = None,
-                project: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`mlflow run <project> --env-manager local ...` in a subprocess, as a user would type it."""
-    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local", *args]
+                project: Path | str = ROOT, env_manager: str = "local",
+                timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`mlflow run <project> --env-manager <manager> ...` in a subprocess, as a user types it."""
+    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", env_manager,
+               *args]
     full_env = {**os.environ, **(env or {})}
     # The steps run `python -m ...`: make `python` this interpreter.
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"

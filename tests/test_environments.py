@@ -7,11 +7,9 @@ repository with `git daemon` on 127.0.0.1 and runs `mlflow run git://...`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import mlflow
 import pytest
 
 from phi3flow import names
-from tests.conftest import QUESTION, ROOT, predict_in_fresh_process
+from tests.conftest import QUESTION, ROOT, free_port, predict_in_fresh_process, run_project
 from tests.test_mlflow_run import _ok, _run_id
 
 pytestmark = pytest.mark.e2e
@@ -28,36 +26,23 @@ FIXTURE_PARAMS = ["-P", "model_id=tests/fixtures/tiny-phi3", "-P", "onnx_source=
                   "-P", "precision=fp32"]
 
 
-def mlflow_run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=1200)
-
-
 @pytest.mark.skipif(shutil.which("pyenv") is None, reason="MLflow's virtualenv manager needs pyenv")
 def test_virtualenv_builds_the_environment_and_runs_the_first_steps(tracking, tmp_path):
     env = {"MLFLOW_ENV_ROOT": str(tmp_path / "envs")}  # a brand-new environment, not a cached one
-    done = mlflow_run(str(ROOT), "--env-manager", "virtualenv", "-e", "fetch_model",
-                      *FIXTURE_PARAMS, cwd=tmp_path, env=env)
+    done = run_project("-e", "fetch_model", *FIXTURE_PARAMS, cwd=tmp_path, env=env,
+                       env_manager="virtualenv")
     output = _ok(done)
     assert "Creating a new environment" in output
     fetch = _run_id(output)
     envs = list((tmp_path / "envs").iterdir())
     assert len(envs) == 1 and (envs[0] / "bin" / "python").exists()
 
-    log = _run_id(_ok(mlflow_run(str(ROOT), "--env-manager", "virtualenv", "-e",
-                                 "log_transformers", "-P", f"fetch_run_id={fetch}",
-                                 "-P", "max_new_tokens=32", cwd=tmp_path, env=env)))
+    log = _run_id(_ok(run_project("-e", "log_transformers", "-P", f"fetch_run_id={fetch}",
+                                  "-P", "max_new_tokens=32", cwd=tmp_path, env=env,
+                                  env_manager="virtualenv")))
     model_id = mlflow.get_run(log).outputs.model_outputs[0].model_id
     answer = predict_in_fresh_process(f"models:/{model_id}", QUESTION)
     assert "Madrid" in answer["choices"][0]["message"]["content"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _git(*args: str, cwd: Path) -> str:
@@ -76,7 +61,7 @@ def git_server(tmp_path):
     _git("clone", "--quiet", str(bare), str(work), cwd=tmp_path)
     _git("config", "user.email", "test@example.invalid", cwd=work)
     _git("config", "user.name", "test", cwd=work)
-    port = _free_port()
+    port = free_port()
     daemon = subprocess.Popen(
         ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
          f"--port={port}", f"--base-path={served}", str(served)],
@@ -96,10 +81,10 @@ def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tra
                                                                     tmp_path):
     url, bare, work = git_server
     first_commit = _git("rev-parse", "HEAD", cwd=work)
-    args = ["-e", "main", "--env-manager", "local", *FIXTURE_PARAMS, "-P", "max_new_tokens=32"]
+    args = ["-e", "main", *FIXTURE_PARAMS, "-P", "max_new_tokens=32"]
 
-    first = mlflow.get_run(_run_id(_ok(mlflow_run(url, "-v", first_commit, *args,
-                                                  cwd=tmp_path))))
+    first = mlflow.get_run(_run_id(_ok(run_project("-v", first_commit, *args, project=url,
+                                                   cwd=tmp_path))))
     assert first.data.tags["mlflow.source.git.commit"] == first_commit
     assert first.data.tags["mlflow.source.name"].startswith("git://127.0.0.1")
     children = [first.data.tags[f"phi3flow.{step}_run_id"] for step in
@@ -110,7 +95,8 @@ def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tra
     assert "Madrid" in predict_in_fresh_process(champion, QUESTION)["choices"][0]["message"][
         "content"]
 
-    again = mlflow.get_run(_run_id(_ok(mlflow_run(url, "-v", first_commit, *args, cwd=tmp_path))))
+    again = mlflow.get_run(_run_id(_ok(run_project("-v", first_commit, *args, project=url,
+                                                   cwd=tmp_path))))
     assert again.data.tags[names.TAG_REUSED] == (
         "fetch_model,log_transformers,log_onnx_pyfunc,evaluate,register")
 
@@ -120,8 +106,8 @@ def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tra
     _git("commit", "--quiet", "-m", "a later commit", cwd=work)
     _git("push", "--quiet", "origin", "HEAD", cwd=work)
     second_commit = _git("rev-parse", "HEAD", cwd=work)
-    later = mlflow.get_run(_run_id(_ok(mlflow_run(url, "-v", second_commit, *args,
-                                                  cwd=tmp_path))))
+    later = mlflow.get_run(_run_id(_ok(run_project("-v", second_commit, *args, project=url,
+                                                   cwd=tmp_path))))
     assert later.data.tags["mlflow.source.git.commit"] == second_commit
     assert later.data.tags[names.TAG_REUSED] == "none"
     fetch = mlflow.get_run(later.data.tags["phi3flow.fetch_model_run_id"])

@@ -7,7 +7,6 @@ huggingface_hub client downloads over HTTP from tests/hub_server.py (HF_ENDPOINT
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import mlflow
 import pytest
 
 from phi3flow import names, onnx_build
-from tests.conftest import FIXTURE, QUESTION, predict_in_fresh_process, run_project
+from tests.conftest import FIXTURE, QUESTION, free_port, predict_in_fresh_process, run_project
 from tests.hub_server import LocalHub
 from tests.test_mlflow_run import _ok, _run_id
 
@@ -103,14 +102,8 @@ def test_by_reference_model_is_pinned_to_the_fetched_commit(hub, tracking, tmp_p
     assert fetched, "the weights were not fetched at the pinned commit"
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_hub_fails_fast_naming_the_model_and_the_offline_fix(tracking, tmp_path):
-    env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HUB_OFFLINE": "0",
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0",
            "HF_HOME": str(tmp_path / "hf-home")}
     started = time.monotonic()
     done = run_project("-e", "fetch_model", cwd=tmp_path, env=env)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,9 @@ import pytest
 
 from phi3flow import names
 from steps import evaluate, fetch_model, log_onnx_pyfunc, log_transformers, register
-from tests.conftest import FIXTURE, QUESTION, predict_in_fresh_process
+from tests.conftest import FIXTURE, QUESTION, free_port, predict_in_fresh_process
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Proxy(BaseHTTPRequestHandler):
@@ -71,7 +64,7 @@ class _Proxy(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server_without_logged_models(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

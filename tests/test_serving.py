@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,17 +13,11 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import QUESTION, eval_rows
+from tests.conftest import QUESTION, eval_rows, free_port
 
 pytestmark = pytest.mark.e2e
 
 ROWS = eval_rows()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes | dict, timeout: float = 120) -> tuple[int, dict | list]:
@@ -47,7 +40,7 @@ def ping(url: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(onnx_model_uri):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", onnx_model_uri,
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
