@@ -49,17 +49,22 @@ def model_config(cfg: LogOnnxPyfuncConfig, model_name: str) -> dict[str, Any]:
     }
 
 
-def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: dict[str, Any],
-        tags: dict[str, str]) -> str:
-    logger.info("logging the ONNX %s model from %s", cfg.interface, MODEL_CODE.name)
-    options = dict(
+def model_options(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, model_name: str) -> dict[str, Any]:
+    """Arguments of mlflow.pyfunc.log_model/save_model (shared with benchmarks/)."""
+    return dict(
         python_model=str(MODEL_CODE),
         artifacts={ONNX_ARTIFACT: str(onnx_folder)},
-        model_config=model_config(cfg, fetch_manifest["model_id"]),
+        model_config=model_config(cfg, model_name),
         signature=ModelSignature(params=PARAMS),
         input_example=CHAT_EXAMPLE if cfg.interface == "chat" else PROMPT_EXAMPLE,
         pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
     )
+
+
+def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: dict[str, Any],
+        tags: dict[str, str]) -> str:
+    logger.info("logging the ONNX %s model from %s", cfg.interface, MODEL_CODE.name)
+    options = model_options(cfg, onnx_folder, fetch_manifest["model_id"])
     uri = tracking.log_model_or_fallback(
         lambda: mlflow.pyfunc.log_model(name=names.ONNX_MODEL_NAME, tags=tags, **options),
         lambda path: mlflow.pyfunc.save_model(path=path, **options),

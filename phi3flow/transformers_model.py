@@ -66,6 +66,18 @@ def load_pipeline(checkpoint: Path, torch_dtype: str, trust_remote_code: bool) -
     return transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
 
 
+def model_options(cfg: LogTransformersConfig, pipeline: Any) -> dict[str, Any]:
+    """Arguments of mlflow.transformers.log_model/save_model (shared with benchmarks/)."""
+    return dict(
+        transformers_model=pipeline,
+        task="llm/v1/chat",
+        model_config=cfg.generation_defaults(),
+        pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
+        input_example=CHAT_EXAMPLE,
+        save_pretrained=cfg.save_pretrained,
+    )
+
+
 @contextlib.contextmanager
 def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[None]:
     """Make MLflow's by-reference logging record `commit`, not the hub's current HEAD.
@@ -101,14 +113,7 @@ def log(
     )
     logger.info("logging the chat model (%s)", "weights copied" if cfg.save_pretrained else
                 f"by reference to {source.get('repo_id')}@{source.get('revision')}")
-    options = dict(
-        transformers_model=pipeline,
-        task="llm/v1/chat",
-        model_config=cfg.generation_defaults(),
-        pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
-        input_example=CHAT_EXAMPLE,
-        save_pretrained=cfg.save_pretrained,
-    )
+    options = model_options(cfg, pipeline)
     with reference:
         uri = tracking.log_model_or_fallback(
             lambda: mlflow.transformers.log_model(
