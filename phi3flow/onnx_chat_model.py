@@ -14,25 +14,31 @@ Contract, `interface=chat` (the default): the OpenAI chat format that MLflow's t
 `interface=prompt`: the Phi-3 cookbook's contract, {"prompt": "..."} -> "answer".
 
 Design, for serving (`mlflow models serve` calls predict from several threads at once):
-- One `og.Model` and `og.Tokenizer`, loaded once in load_context and only read afterwards. Each
-  request gets its own GeneratorParams, Generator and TokenizerStream: no shared mutable
-  generation state, so concurrent requests cannot mix.
-- The KV cache is sized per request: max_length = prompt tokens + max_tokens (onnxruntime-genai
+- One `og.Model` and `og.Tokenizer`, loaded once in load_context and only read afterwards.
+- One scheduler thread runs all generation. predict/predict_stream hand it their rows and read
+  the tokens back from a queue per row (decoding text and stop strings in the caller's thread).
+  Each turn it starts a batch for the rows that arrived meanwhile (rows sharing generation
+  options share one Generator) and advances every active batch by one Generator call. So
+  concurrent requests share decode steps, which are memory-bound: on the full-size model a
+  batch of 4 costs about one row's step (NOTES: 2.0x). onnxruntime-genai cannot add rows to a
+  running Generator, so batches that started apart are stepped in turn, not merged.
+- The KV cache is sized per batch: max_length = longest prompt + max_tokens (onnxruntime-genai
   allocates it up front; the 4096 default would cost about 3 GiB per request on Phi-3-mini).
 - Responsiveness: a Generator call holds the GIL for its whole duration, so a 2,000-token prompt
-  fed in one call froze every other thread (the server's /ping included) for seconds. A single
-  request's prompt is fed in chunks of PREFILL_CHUNK tokens (same output, checked in the tests),
-  so the GIL is released between chunks and between generated tokens. The Engine API releases
-  the GIL but must be driven from the thread that created it, which would need a scheduler
-  thread between the server's threads and the engine; the chunked Generator gets the same
-  responsiveness with less machinery.
-- Rows of one call that share generation options run as one batch (onnxruntime-genai batches
-  take a single prompt feed, so a batch's prefill is not chunked).
+  fed in one call froze every other thread (the server's /ping included) for seconds, and in a
+  scheduler it would stall every other request too. A row alone is fed PREFILL_CHUNK tokens per
+  turn; a batch's prompts must go in one call, so a batch's prefill is capped at
+  MAX_BATCH_PREFILL tokens. The Engine API releases the GIL but, on the CPU build, runs fixed
+  batches that queued requests wait for (NOTES); this scheduler does not make a request wait for
+  an unrelated one to finish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -48,12 +54,17 @@ from mlflow.pyfunc import PythonModel
 
 ONNX_ARTIFACT = "onnx"
 PREFILL_CHUNK = 64
+MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
+MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
 ROLES = ("system", "user", "assistant")
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "stop")
 CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS)
 PROMPT_FIELDS = ("prompt", *OPTIONS)
 DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 50, "stop": None}
 MAX_STOP_SEQUENCES = 4
+# A prompt longer than this many characters per token of the context window cannot fit (no
+# tokenizer packs more into one token): refused before tokenizing, so a 10 MB body costs nothing.
+MAX_CHARS_PER_TOKEN = 16
 
 
 class BadRequest(MlflowException):
@@ -61,6 +72,24 @@ class BadRequest(MlflowException):
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    # MLflow's scoring server rewrites an MlflowException's message to "Failed to predict data
+    # '<the whole parsed request>'. \nError: <message>" (mlflow/pyfunc/scoring_server/__init__.py,
+    # `invocations`): a 10 MB body would come back as a 10 MB error. Keep our message only.
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message") or not value.endswith(self._message):
+            self._message = value
+
+
+def _shown(value: Any, limit: int = 60, text: str | None = None) -> str:
+    """A value (as JSON) for an error message, cut short: errors never echo a huge input."""
+    text = json.dumps(value, default=str) if text is None else text
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _plain(value: Any) -> Any:
@@ -104,7 +133,7 @@ def _is_nan(value: Any) -> bool:
 def _number(name: str, value: Any, kind: type, low: float, high: float | None = None,
             low_inclusive: bool = True) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{name} must be a number, got {json.dumps(value)}.")
+        raise BadRequest(f"{name} must be a number, got {_shown(value)}.")
     if kind is int:
         if float(value) != int(value):
             raise BadRequest(f"{name} must be an integer, got {value}.")
@@ -138,13 +167,14 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise BadRequest(f"messages[{i}] must be an object with role and content.")
         extra = set(message) - {"role", "content"}
         if extra:
-            raise BadRequest(f"messages[{i}] has unknown field(s) {sorted(extra)}.")
+            raise BadRequest(f"messages[{i}] has unknown field(s) "
+                             f"{_shown(None, 200, str(sorted(extra)))}.")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
-                             f"{json.dumps(role)}.")
+                             f"{_shown(role)}.")
         if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string, got {json.dumps(content)}.")
+            raise BadRequest(f"messages[{i}].content must be a string, got {_shown(content)}.")
         if not content.strip():
             raise BadRequest(f"messages[{i}].content is empty.")
     if value[-1]["role"] == "assistant":
@@ -167,6 +197,10 @@ class OnnxChatModel(PythonModel):
         self.og = og
         self.model = og.Model(str(folder))
         self.tokenizer = og.Tokenizer(self.model)
+        self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        self._inbox: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._scheduler: threading.Thread | None = None
 
     # --- requests --------------------------------------------------------------------------
 
@@ -174,7 +208,8 @@ class OnnxChatModel(PythonModel):
         fields = CHAT_FIELDS if self.interface == "chat" else PROMPT_FIELDS
         unknown = sorted(set(row) - set(fields))
         if unknown:
-            raise BadRequest(f"unknown field(s) {unknown}; this model accepts {list(fields)}.")
+            raise BadRequest(f"unknown field(s) {_shown(None, 200, str(unknown))}; this model "
+                             f"accepts {list(fields)}.")
         merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}, **row}
         if self.interface == "chat":
             if "messages" not in row:
@@ -185,14 +220,17 @@ class OnnxChatModel(PythonModel):
             if merged.get("stream") not in (None, False):
                 raise BadRequest("stream=true is not available over predict: use predict_stream "
                                  "in Python (MLflow serving has no streaming over REST).")
+            messages = _messages(row["messages"])
+            self._check_size(sum(len(m["content"]) for m in messages))
             prompt = self.tokenizer.apply_chat_template(
-                json.dumps(_messages(row["messages"])), add_generation_prompt=True
+                json.dumps(messages), add_generation_prompt=True
             )
         else:
             prompt = row.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise BadRequest("the request needs a non-empty string field prompt: "
                                  "{\"prompt\": \"...\"}.")
+            self._check_size(len(prompt))
             # The cookbook's callers send plain text: wrap it as one user turn with the
             # checkpoint's own template rather than hand-written special tokens.
             prompt = self.tokenizer.apply_chat_template(
@@ -218,6 +256,15 @@ class OnnxChatModel(PythonModel):
             )
         return {"ids": ids, "options": options}
 
+    def _check_size(self, characters: int) -> None:
+        limit = self.context_length * MAX_CHARS_PER_TOKEN
+        if characters > limit:
+            raise BadRequest(
+                f"the prompt has {characters} characters, more than the context window of "
+                f"{self.context_length} tokens can hold (at most {limit} characters are "
+                "tokenized): shorten the conversation."
+            )
+
     def _search_options(self, options: dict[str, Any], max_length: int, batch_size: int):
         params = self.og.GeneratorParams(self.model)
         search = {"max_length": max_length, "batch_size": batch_size}
@@ -229,72 +276,117 @@ class OnnxChatModel(PythonModel):
         params.set_search_options(**search)
         return params
 
-    # --- generation ------------------------------------------------------------------------
+    # --- generation: one scheduler thread batches whatever requests are in flight ------------
 
-    def _stream_one(self, request: dict[str, Any]) -> Iterator[tuple[str, str | None, int]]:
-        """Yield (text delta, finish reason or None, generated token count) for one request."""
-        ids, options = request["ids"], request["options"]
-        params = self._search_options(options, len(ids) + options["max_tokens"], 1)
+    def _submit(self, requests: list[dict[str, Any]]) -> list[_Job]:
+        jobs = [_Job(r["ids"], r["options"]) for r in requests]
+        with self._lock:  # start the scheduler on first use (and again after a fork)
+            if self._scheduler is None or not self._scheduler.is_alive():
+                self._scheduler = threading.Thread(target=self._schedule, daemon=True,
+                                                   name="onnx-chat-scheduler")
+                self._scheduler.start()
+        self._inbox.put(jobs)  # one call's rows arrive together, so they can share a batch
+        return jobs
+
+    def _schedule(self) -> None:
+        """Run every active batch one step at a time, starting new batches as requests come.
+
+        Each step is one Generator call: a prompt chunk or one new token per row. Requests that
+        arrive while a step runs are batched together at the next turn, so concurrent clients
+        share decode steps (decode is memory-bound: a batch of 4 costs about one row's step),
+        and no request waits for an unrelated one to finish before it starts.
+        """
+        active: list[_Batch] = []
+        step_seconds = 0.0  # the last decode step's duration
+        while True:
+            arrived = _drain(self._inbox, block=not active)
+            if not active and step_seconds:
+                # Idle until now: clients whose answers ended together send their next requests
+                # a few milliseconds apart. Wait a fraction of one step for them, so they share
+                # a batch instead of each starting its own (which would share no steps).
+                time.sleep(min(step_seconds / 4, MAX_BATCH_WAIT_S))
+                arrived += _drain(self._inbox, block=False)
+            waiting = [job for jobs in arrived for job in jobs]
+            for group in _batches(waiting):
+                try:
+                    active.append(self._start(group))
+                except Exception as exc:  # noqa: BLE001 (handed to the waiting callers)
+                    for job in group:
+                        job.put(exc)
+            for batch in list(active):
+                try:
+                    decoding, started = not batch.chunks, time.perf_counter()
+                    finished = self._step(batch)
+                    if decoding:
+                        step_seconds = time.perf_counter() - started
+                except Exception as exc:  # noqa: BLE001
+                    for job in batch.jobs:
+                        job.put(exc)
+                    finished = True
+                if finished:
+                    active.remove(batch)
+
+    def _start(self, jobs: list[_Job]) -> _Batch:
+        options = jobs[0].options
+        longest = max(len(job.ids) for job in jobs)
+        params = self._search_options(options, longest + options["max_tokens"], len(jobs))
         generator = self.og.Generator(self.model, params)
-        for start in range(0, len(ids), PREFILL_CHUNK):  # chunked: frees the GIL in between
-            generator.append_tokens(ids[start:start + PREFILL_CHUNK])
+        if len(jobs) == 1:  # fed in chunks, one per scheduler turn: other batches go on meanwhile
+            ids = jobs[0].ids
+            chunks = [ids[i:i + PREFILL_CHUNK] for i in range(0, len(ids), PREFILL_CHUNK)]
+        else:  # onnxruntime-genai takes a batch's prompts in one call (right-padded)
+            padded = np.full((len(jobs), longest), self.pad_token_id, dtype=np.int32)
+            for row, job in enumerate(jobs):
+                padded[row, : len(job.ids)] = job.ids
+            chunks = [padded]
+        return _Batch(jobs, generator, chunks)
+
+    def _step(self, batch: _Batch) -> bool:
+        """One Generator call for the batch; True when the batch is done."""
+        if batch.chunks:
+            batch.generator.append_tokens(batch.chunks.pop(0))
+            return False
+        batch.generator.generate_next_token()
+        for job, token in zip(batch.jobs, batch.generator.get_next_tokens()):
+            if not job.done:
+                job.put(int(token))
+                job.done = int(token) in self.eos
+        if batch.generator.is_done() or all(job.done or job.cancelled for job in batch.jobs):
+            for job in batch.jobs:
+                job.put(None)  # end of tokens (after an eos, or at max_tokens)
+            return True
+        return False
+
+    def _stream_one(self, job: _Job) -> Iterator[tuple[str, str | None, int]]:
+        """Yield (text delta, finish reason or None, generated token count) for one request."""
         stream = self.tokenizer.create_stream()
-        eos = set(self.tokenizer.eos_token_ids)
-        stops = options["stop"] or []
+        stops = job.options["stop"] or []
         hold = max((len(s) for s in stops), default=1) - 1  # text that may start a stop string
         text, sent, count, ended = "", 0, 0, False
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            count += 1
-            if token in eos:
-                ended = True
-                break
-            text += stream.decode(token)
-            if not sent:
-                text = text.lstrip()  # like the transformers model: no leading space
-            cut = _find_stop(text, stops)
-            if cut is not None:
-                yield text[sent:cut], "stop", count
-                return
-            safe = len(text) - hold
-            if safe > sent:
-                yield text[sent:safe], None, count
-                sent = safe
-        yield text[sent:], "stop" if ended else "length", count
+        try:
+            for token in job.tokens():
+                count += 1
+                if token in self.eos:
+                    ended = True
+                    break
+                text += stream.decode(token)
+                if not sent:
+                    text = text.lstrip()  # like the transformers model: no leading space
+                cut = _find_stop(text, stops)
+                if cut is not None:
+                    yield text[sent:cut], "stop", count
+                    return
+                safe = len(text) - hold
+                if safe > sent:
+                    yield text[sent:safe], None, count
+                    sent = safe
+            yield text[sent:], "stop" if ended else "length", count
+        finally:
+            job.cancelled = True  # a stop string, a closed stream: the scheduler drops the row
 
-    def _generate_batch(self, requests: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
-        """Rows sharing options, as one onnxruntime-genai batch (right-padded prompts)."""
-        options = requests[0]["options"]
-        longest = max(len(r["ids"]) for r in requests)
-        params = self._search_options(options, longest + options["max_tokens"], len(requests))
-        generator = self.og.Generator(self.model, params)
-        padded = np.full((len(requests), longest), self.pad_token_id, dtype=np.int32)
-        for row, request in enumerate(requests):
-            padded[row, : len(request["ids"])] = request["ids"]
-        generator.append_tokens(padded)
-        eos = set(self.tokenizer.eos_token_ids)
-        generated: list[list[int]] = [[] for _ in requests]
-        finished = [False] * len(requests)
-        while not generator.is_done():
-            generator.generate_next_token()
-            for row, token in enumerate(generator.get_next_tokens()):
-                if not finished[row]:
-                    generated[row].append(int(token))
-                    finished[row] = int(token) in eos
-        results = []
-        for tokens in generated:
-            ended = bool(tokens) and tokens[-1] in eos
-            text = self.tokenizer.decode(np.array(tokens[:-1] if ended else tokens, np.int32))
-            cut = _find_stop(text, options["stop"] or [])
-            if cut is not None:
-                text, ended = text[:cut], True
-            results.append((text, "stop" if ended else "length", len(tokens)))
-        return results
-
-    def _complete(self, request: dict[str, Any]) -> tuple[str, str, int]:
+    def _complete(self, job: _Job) -> tuple[str, str, int]:
         text, finish, count = "", "length", 0
-        for delta, reason, count in self._stream_one(request):
+        for delta, reason, count in self._stream_one(job):
             text += delta
             finish = reason or finish
         return text, finish, count
@@ -303,17 +395,7 @@ class OnnxChatModel(PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         requests = [self._parse(row, params or {}) for row in _rows(model_input)]
-        groups: dict[str, list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(json.dumps(request["options"], sort_keys=True), []).append(i)
-        results: list[tuple[str, str, int] | None] = [None] * len(requests)
-        for indices in groups.values():
-            if len(indices) == 1:
-                outputs = [self._complete(requests[indices[0]])]
-            else:
-                outputs = self._generate_batch([requests[i] for i in indices])
-            for i, output in zip(indices, outputs):
-                results[i] = output
+        results = [self._complete(job) for job in self._submit(requests)]
         if self.interface == "prompt":
             texts = [text.strip() for text, _, _ in results]
             return texts[0] if isinstance(model_input, dict) else texts
@@ -326,7 +408,8 @@ class OnnxChatModel(PythonModel):
         request = self._parse(rows[0], params or {})
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = True
-        for delta, finish, _ in self._stream_one(request):
+        (job,) = self._submit([request])
+        for delta, finish, _ in self._stream_one(job):
             if not delta and finish is None:
                 continue
             if self.interface == "prompt":
@@ -359,6 +442,62 @@ class OnnxChatModel(PythonModel):
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+
+class _Job:
+    """One request row on its way through the scheduler: its tokens arrive on a queue."""
+
+    def __init__(self, ids: list[int], options: dict[str, Any]):
+        self.ids, self.options = ids, options
+        self.done = False  # the scheduler saw its eos
+        self.cancelled = False  # the caller stopped reading
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, item: int | None | Exception) -> None:
+        self._queue.put(item)
+
+    def tokens(self) -> Iterator[int]:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+class _Batch:
+    def __init__(self, jobs: list[_Job], generator: Any, chunks: list[Any]):
+        self.jobs, self.generator, self.chunks = jobs, generator, chunks
+
+
+def _drain(inbox: queue.SimpleQueue, block: bool) -> list[Any]:
+    items = [inbox.get()] if block else []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            items.append(inbox.get_nowait())
+    return items
+
+
+def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+    """Jobs that share generation options, in batches whose one-call prefill stays small.
+
+    A batch's prompts go in with one call that holds the GIL (and every other batch) for its
+    whole length, so rows x longest prompt is capped at MAX_BATCH_PREFILL tokens; a longer
+    prompt runs alone, fed in chunks. Stop strings are applied per row, so they do not split.
+    """
+    groups: dict[str, list[_Job]] = {}
+    for job in jobs:
+        key = {k: v for k, v in job.options.items() if k != "stop"}
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(job)
+    batches = []
+    for group in groups.values():
+        batch: list[_Job] = []
+        for job in sorted(group, key=lambda j: len(j.ids)):
+            longest = max([len(job.ids)] + [len(j.ids) for j in batch])
+            if batch and longest * (len(batch) + 1) > MAX_BATCH_PREFILL:
+                batches.append(batch)
+                batch = []
+            batch.append(job)
+        batches.append(batch)
+    return batches
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
