@@ -343,9 +343,17 @@ def _to_param(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is a ConfigError naming it (one line, exit code 2)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"bad command line: {message}. Pass each parameter as -P name=value "
+                          "with a value of its type (see MLproject, or --help for the flags).")
+
+
 def build_parser(cls: type) -> argparse.ArgumentParser:
     """An argparse parser whose flags are exactly the dataclass fields (`--model_id`, ...)."""
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None)
+    parser = _Parser(description=(cls.__doc__ or "").strip() or None)
     for f in cli_fields(cls):
         kind = {int: int, float: float}.get(_field_type(f), str)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
@@ -361,11 +369,5 @@ def _field_type(f: dataclasses.Field) -> type:
 
 
 def parse_config(cls: type[C], argv: list[str] | None) -> C:
-    parser = build_parser(cls)
-    try:
-        namespace = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on errors; make it a step error with its message
-        if exc.code == 0:  # --help
-            raise
-        raise ConfigError(f"bad command line {argv!r}; see the usage above.") from None
+    namespace = build_parser(cls).parse_args(argv)
     return cls(**vars(namespace))

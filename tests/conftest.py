@@ -13,6 +13,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +43,10 @@ os.chdir(_SESSION_DIR)
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from tests import bad_input_table
+
+    if bad_input_table.write_if_complete():
+        print(f"\nwrote {bad_input_table.DOC} from this session's bad-input results")
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
@@ -120,3 +128,76 @@ def onnx_model_uri(fetch_run_id):
     from steps import log_onnx_pyfunc
 
     return log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--max_new_tokens", "32"])
+
+
+def post(url: str, body: bytes | dict | list, timeout: float = 120) -> tuple[int, bytes]:
+    """POST to a served model's /invocations; (HTTP status, raw response body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def ping(url: str, timeout: float = 30) -> int:
+    with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:
+        return response.status
+
+
+@contextmanager
+def serve(model_uri: str, *args: str):
+    """`mlflow models serve -m <uri> --env-manager local` on 127.0.0.1; yields (url, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ,
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                ping(url)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None:
+                    pytest.fail(f"the model server exited: {proc.stdout.read()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail("the model server did not come up in 180 s")
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+CHAMPIONS = {"transformers": "phi3-transformers-chat", "onnx": "phi3-onnx-chat"}
+
+
+@pytest.fixture(scope="session")
+def champions(transformers_model_uri, onnx_model_uri) -> dict[str, str]:
+    """Both logged models registered, each with alias champion: {kind: models:/NAME@champion}."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for kind, uri in (("transformers", transformers_model_uri), ("onnx", onnx_model_uri)):
+        version = mlflow.register_model(uri, CHAMPIONS[kind])
+        client.set_registered_model_alias(CHAMPIONS[kind], "champion", version.version)
+    return {kind: f"models:/{name}@champion" for kind, name in CHAMPIONS.items()}
+
+
+@pytest.fixture(scope="session")
+def served(champions):
+    """Both champions served at once (one worker each) for the session: {kind: (url, process)}."""
+    with serve(champions["transformers"]) as transformers, serve(champions["onnx"]) as onnx:
+        yield {"transformers": transformers, "onnx": onnx}

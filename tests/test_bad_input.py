@@ -1,0 +1,266 @@
+"""Bad input as a matrix: every entry point x every class of bad parameter, and both served
+models x malformed payloads. Each case records what it got (tests/bad_input_table.py), and a full
+run of this file writes docs/bad-input.md from those records.
+
+Steps run in-process through `tracking.run_cli`, exactly what `python -m steps.<step>` (the
+MLproject command) runs: the same exit code 2, the same one logged line, the same FAILED run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+
+import mlflow
+import pytest
+
+from phi3flow import tracking
+from tests import bad_input_table
+from tests.conftest import FIXTURE, QUESTION, ping, post, serve
+
+STEPS_MATRIX = "Entry points (exit code and the one line the step logs; the run ends FAILED)"
+HTTP_MATRIX = ("Served models (`mlflow models serve -m models:/<name>@champion`; HTTP status "
+               "and the response's message)")
+
+F, T, ONNX = "{fetch}", "{transformers}", "{onnx}"  # run IDs filled in by the test
+FX = str(FIXTURE)
+MISSING_RUN = "f" * 32
+
+# (entry point, class of bad input, argv, a fragment the one-line message must contain)
+STEP_CASES = [
+    ("fetch_model", "missing", ["--model_id", ""], "model_id is empty: pass a hub id"),
+    ("fetch_model", "wrong type", ["--model_id", FX, "--log_weights", "maybe"],
+     "log_weights='maybe' is not a boolean: pass true or false"),
+    ("fetch_model", "out of range", ["--model_id", FX, "--onnx_source", "build",
+                                     "--precision", "int3"], "precision='int3' is not one of"),
+    ("fetch_model", "nonexistent path", ["--model_id", "/nonexistent/checkpoint"],
+     "is neither an existing local directory nor a Hugging Face hub id"),
+    ("fetch_model", "nonexistent path", ["--model_id", FX, "--onnx_source", "/nonexistent/onnx"],
+     "is not `hub`, `build` or an existing directory"),
+    ("fetch_model", "unknown parameter", ["--modelid", FX],
+     "unrecognized arguments: --modelid"),
+    ("log_transformers", "missing", [], "fetch_run_id is required: pass -P fetch_run_id="),
+    ("log_transformers", "wrong type", ["--fetch_run_id", F, "--max_new_tokens", "many"],
+     "argument --max_new_tokens: invalid int value: 'many'"),
+    ("log_transformers", "wrong type", ["--fetch_run_id", F, "--trust_remote_code", "perhaps"],
+     "trust_remote_code='perhaps' is not a boolean"),
+    ("log_transformers", "out of range", ["--fetch_run_id", F, "--temperature", "-1"],
+     "temperature=-1.0 must be >= 0"),
+    ("log_transformers", "out of range", ["--fetch_run_id", F, "--torch_dtype", "int8"],
+     "torch_dtype='int8' is not one of"),
+    ("log_transformers", "malformed run ID", ["--fetch_run_id", "run-42"],
+     "fetch_run_id='run-42' is not an MLflow run ID"),
+    ("log_transformers", "nonexistent run ID", ["--fetch_run_id", MISSING_RUN],
+     "no such run in the tracking store"),
+    ("log_transformers", "wrong run ID kind", ["--fetch_run_id", T],
+     "is a log_transformers run, not a fetch_model run"),
+    ("log_onnx_pyfunc", "missing", [], "fetch_run_id is required"),
+    ("log_onnx_pyfunc", "wrong type", ["--fetch_run_id", F, "--top_k", "ten"],
+     "argument --top_k: invalid int value: 'ten'"),
+    ("log_onnx_pyfunc", "out of range", ["--fetch_run_id", F, "--max_new_tokens", "0"],
+     "max_new_tokens=0 must be at least 1"),
+    ("log_onnx_pyfunc", "out of range", ["--fetch_run_id", F, "--interface", "rest"],
+     "interface='rest' is not one of chat, prompt"),
+    ("log_onnx_pyfunc", "nonexistent run ID", ["--fetch_run_id", MISSING_RUN],
+     "no such run in the tracking store"),
+    ("log_onnx_pyfunc", "wrong run ID kind", ["--fetch_run_id", ONNX],
+     "is a log_onnx_pyfunc run, not a fetch_model run"),
+    ("evaluate", "missing", ["--onnx_run_id", ONNX], "transformers_run_id is required"),
+    ("evaluate", "wrong type", ["--transformers_run_id", T, "--onnx_run_id", ONNX,
+                                "--min_quality", "high"],
+     "argument --min_quality: invalid float value: 'high'"),
+    ("evaluate", "out of range", ["--transformers_run_id", T, "--onnx_run_id", ONNX,
+                                  "--min_quality", "2"], "min_quality=2.0 must be between 0 and 1"),
+    ("evaluate", "nonexistent path", ["--transformers_run_id", T, "--onnx_run_id", ONNX,
+                                      "--eval_data", "/nonexistent/eval.jsonl"],
+     "eval_data='/nonexistent/eval.jsonl' does not exist"),
+    ("evaluate", "nonexistent run ID",
+     ["--transformers_run_id", MISSING_RUN, "--onnx_run_id", ONNX],
+     "no such run in the tracking store"),
+    ("evaluate", "wrong run ID kind", ["--transformers_run_id", ONNX, "--onnx_run_id", T],
+     "is a log_onnx_pyfunc run, not a log_transformers run"),
+    ("evaluate", "wrong run ID kind", ["--transformers_run_id", T, "--onnx_run_id", F],
+     "is a fetch_model run, not a log_onnx_pyfunc run"),
+    ("register", "missing", [], "evaluate_run_id is required"),
+    ("register", "wrong type", ["--evaluate_run_id", F, "--allow_unvalidated", "sometimes"],
+     "allow_unvalidated='sometimes' is not a boolean"),
+    ("register", "out of range", ["--evaluate_run_id", F, "--alias", "v1"],
+     "alias='v1' is reserved"),
+    ("register", "out of range", ["--evaluate_run_id", F, "--model_name", "my model"],
+     "model_name='my model' must be letters, digits"),
+    ("register", "nonexistent run ID", ["--evaluate_run_id", MISSING_RUN],
+     "no such run in the tracking store"),
+    ("register", "wrong run ID kind", ["--evaluate_run_id", F],
+     "is a fetch_model run, not a evaluate run"),
+    ("main", "missing", ["--model_id", ""], "model_id is empty"),
+    ("main", "wrong type", ["--model_id", FX, "--onnx_source", "build",
+                            "--max_new_tokens", "lots"],
+     "argument --max_new_tokens: invalid int value: 'lots'"),
+    ("main", "wrong type", ["--model_id", FX, "--onnx_source", "build", "--force", "always"],
+     "force='always' is not a boolean"),
+    ("main", "out of range", ["--model_id", FX, "--onnx_source", "build", "--top_p", "0"],
+     "top_p=0.0 must be in (0, 1]"),
+    ("main", "out of range", ["--model_id", FX, "--onnx_source", "build",
+                              "--max_p95_latency_s", "-5"], "max_p95_latency_s=-5.0 must be > 0"),
+    ("main", "nonexistent path", ["--model_id", "/nonexistent/checkpoint"],
+     "is neither an existing local directory nor a Hugging Face hub id"),
+    ("main", "nonexistent path", ["--model_id", FX, "--onnx_source", "build",
+                                  "--eval_data", "/nonexistent/eval.jsonl"], "does not exist"),
+    ("main", "run ID it does not take", ["--model_id", FX, "--fetch_run_id", F],
+     "unrecognized arguments: --fetch_run_id"),
+]
+bad_input_table.EXPECTED[STEPS_MATRIX] = len(STEP_CASES)
+
+
+@pytest.fixture(scope="module")
+def run_ids(fetch_run_id, transformers_model_uri, onnx_model_uri) -> dict[str, str]:
+    def source_run(uri: str) -> str:
+        return mlflow.get_logged_model(uri.split("/")[-1]).source_run_id
+
+    return {"fetch": fetch_run_id, "transformers": source_run(transformers_model_uri),
+            "onnx": source_run(onnx_model_uri)}
+
+
+def _stable(text: str, run_ids: dict[str, str]) -> str:
+    """This session's run IDs and paths as names: the doc changes only with behaviour."""
+    steps = {"fetch": "fetch_model", "transformers": "log_transformers", "onnx": "log_onnx_pyfunc"}
+    for name, run_id in run_ids.items():
+        text = text.replace(run_id, f"<{steps[name]} run ID>")
+    return text.replace(FX, "tests/fixtures/tiny-phi3")
+
+
+@pytest.mark.parametrize(("order", "case"), list(enumerate(STEP_CASES)),
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(STEP_CASES)])
+def test_bad_step_parameter_exits_2_with_one_line_naming_it_and_the_run_fails(
+        order, case, run_ids, monkeypatch, caplog):
+    step, kind, argv, fragment = case
+    argv = [a.format(**run_ids) for a in argv]
+    module = importlib.import_module(f"steps.{step}")
+    monkeypatch.setattr(sys, "argv", [f"steps/{step}.py", *argv])
+    caplog.set_level(logging.ERROR, logger="phi3flow.tracking")
+    with pytest.raises(SystemExit) as exited:
+        tracking.run_cli(step, module.main)
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "phi3flow.tracking" and r.levelno == logging.ERROR]
+    run = mlflow.last_active_run()
+    message = lines[-1] if lines else ""
+    ok = (exited.value.code == 2 and len(lines) == 1 and "\n" not in message
+          and fragment in message and run.info.status == "FAILED"
+          and run.data.tags.get(tracking.TAG_STEP) == step)
+    bad_input_table.record(
+        STEPS_MATRIX, order, step, kind,
+        _stable(" ".join(a or "''" for a in argv) or "(no parameters)", run_ids),
+        "exit 2, run FAILED", f"exit {exited.value.code}, run {run.info.status}",
+        _stable(message, run_ids), ok)
+    assert exited.value.code == 2
+    assert len(lines) == 1 and "\n" not in message, lines
+    assert fragment in message
+    assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_STEP] == step
+    assert fragment in run.data.tags[tracking.TAG_ERROR]
+
+
+# --- Served models ------------------------------------------------------------------------------
+
+CONTEXT = 4096  # the fixture's context window, like Phi-3-mini-4k
+TEN_MB = 10 * 1024 * 1024
+
+
+def _user(content) -> dict:
+    return {"messages": [{"role": "user", "content": content}]}
+
+
+# MLflow's own llm/v1/chat transformers model does not validate these (it answers, fails inside
+# the chat template, or computes until the timeout); only the ONNX model checks them. They are
+# recorded as they are, as known gaps (README, "Serving"), and the server must keep serving.
+GAP = "known gap (MLflow's llm/v1/chat does not validate)"
+
+# (class of bad input, request body, {model: (expected HTTP status, fragment of the message)})
+PAYLOAD_CASES = [
+    ("invalid JSON", b'{"messages": [', {"any": (400, "Ensure that input is a valid JSON")}),
+    ("invalid JSON", b"", {"any": (400, "Invalid input")}),
+    ("wrong type", {"messages": "What is the capital of Spain?"},
+     {"onnx": (400, "messages must be a non-empty list"), "transformers": (400, "messages")}),
+    ("wrong type", _user(42), {"onnx": (400, "messages[0].content must be a string"),
+                               "transformers": (400, "content")}),
+    ("wrong type", {**QUESTION, "max_tokens": "ten"},
+     {"onnx": (400, "Failed to validate type and shape for 'max_tokens'"),
+      "transformers": (400, "Incompatible input types for column max_tokens")}),
+    ("missing field", {"max_tokens": 8},  # MLflow's protocol check, before any model code
+     {"any": (400, "must be a JSON dictionary with exactly one of the input fields")}),
+    ("missing field", {"messages": [{"role": "user"}]},
+     {"onnx": (400, "messages[0].content must be a string"),
+      "transformers": (500, "has no attribute 'content'")}),
+    ("unknown role", {"messages": [{"role": "bot", "content": "hi"}]},
+     {"onnx": (400, "messages[0].role must be one of system, user, assistant"),
+      "transformers": (200, "")}),
+    ("empty content", _user(""), {"onnx": (400, "messages[0].content is empty"),
+                                  "transformers": (200, "")}),
+    ("huge max_tokens", {**QUESTION, "max_tokens": 10**9},
+     {"onnx": (400, "max_tokens=1000000000 does not fit"), "transformers": (200, "")}),
+    ("prompt beyond the context window", _user("Spain " * (CONTEXT + 500)),
+     {"onnx": (400, "more than the context window"), "transformers": (200, "")}),
+    ("10 MB body", _user("x" * TEN_MB),  # transformers: a server of its own, -t 10 (see below)
+     {"onnx": (400, "more than the context window"),
+      "transformers": (504, "Request processing time exceeded limit")}),
+    # MLflow's JSON parsing, before any model code, echoes the body it could not parse
+    # (mlflow/pyfunc/scoring_server/__init__.py, `_decode_json_input`): a known gap.
+    ("10 MB body, invalid JSON", b'{"messages": "' + b"x" * TEN_MB,
+     {"any": (400, "Ensure that input is a valid JSON")}),
+]
+ECHOED = {"10 MB body, invalid JSON"}  # cases whose error answer is as big as the body
+MODELS = ("onnx", "transformers")
+bad_input_table.EXPECTED[HTTP_MATRIX] = len(PAYLOAD_CASES) * len(MODELS)
+MAX_ERROR_BYTES = 16 * 1024  # an error answer stays small whatever was sent
+
+
+def _shown(body) -> str:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if len(raw) > 120:
+        return f"{raw[:80].decode(errors='replace')}… ({len(raw):,} bytes)"
+    return raw.decode(errors="replace") or "(empty body)"
+
+
+@pytest.fixture(scope="module")
+def short_timeout_transformers(champions):
+    """The transformers champion with -t 10, for the one request it cannot refuse: a 10 MB
+    prompt it would tokenize and compute on for minutes. Stopped after that test."""
+    with serve(champions["transformers"], "-t", "10") as server:
+        yield server
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("order", "case"), list(enumerate(PAYLOAD_CASES)),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(PAYLOAD_CASES)])
+def test_bad_payload_gets_its_answer_and_the_server_keeps_serving(
+        request, served, model, order, case):
+    kind, body, outcomes = case
+    status_expected, fragment = outcomes.get(model, outcomes.get("any"))
+    if model == "transformers" and kind == "10 MB body":
+        url, _ = request.getfixturevalue("short_timeout_transformers")
+    else:
+        url, _ = served[model]
+    status, raw = post(url, body)
+    try:
+        answer = json.loads(raw)
+        message = answer.get("message", "") if isinstance(answer, dict) else "(answered)"
+    except ValueError:
+        message = raw.decode(errors="replace")
+    after_ping = ping(url)
+    after_status, after = post(url, {**QUESTION, "max_tokens": 16})
+    small = status == 200 or len(raw) <= MAX_ERROR_BYTES or kind in ECHOED
+    ok = (status == status_expected and fragment in message and small and after_ping == 200
+          and after_status == 200)
+    expected = f"{status_expected}" + (f", {GAP}" if status_expected >= 500 or
+                                       status_expected == 200 else "")
+    if kind in ECHOED:
+        expected += ", known gap (MLflow echoes the unparsable body)"
+    bad_input_table.record(
+        HTTP_MATRIX, order * len(MODELS) + MODELS.index(model), model, kind, _shown(body),
+        expected, f"{status} ({len(raw):,} bytes)", message, ok)
+    assert status == status_expected, (status, raw[:2000])
+    assert fragment in message, message[:2000]
+    assert small, f"a {len(raw):,}-byte error answer"
+    assert after_ping == 200 and after_status == 200, after[:2000]
+    assert "Madrid" in json.loads(after)[0]["choices"][0]["message"]["content"]
