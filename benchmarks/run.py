@@ -119,14 +119,15 @@ def save_models(checkpoint: Path, onnx: Path, cache: Path, plan: Plan) -> dict[s
 # --- in-process runtimes (each in a fresh process) ------------------------------------------
 
 
-def probe(name: str, runtime: str, model: Path, prompts: dict, plan: Plan, repeats: int) -> dict:
+def probe(name: str, runtime: str, model: Path, prompts: dict, plan: Plan, repeats: int,
+          stream: bool = False) -> dict:
     print(f"{name}: loading {model}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="phi3flow-bench-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({
             "name": name, "runtime": runtime, "model": str(model), "prompts": prompts,
             "warmup": prompts[min(prompts, key=int)], "new_tokens": plan.new_tokens,
-            "repeats": repeats,
+            "repeats": repeats, "stream": stream,
         }))
         subprocess.run([sys.executable, "-m", "benchmarks.probe", str(spec), str(out)],
                        check=True, cwd=ROOT)
@@ -378,9 +379,12 @@ def markdown(results: dict, command: str) -> str:
         f"{results['plan']['new_tokens']} new tokens per request, greedy.",
         "- Versions: Python " + m["python"] + ", "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-        "- TTFT = latency of a 1-token request; decode = (N - 1) / (latency of N tokens - TTFT); "
-        "best of the repeats (prompts over 256 tokens: one run); each in-process runtime in a fresh process (its own load time and "
-        "peak RSS).",
+        "- Timing (benchmarks/probe.py): raw onnxruntime-genai and the ONNX pyfunc stream, so "
+        "TTFT is the time to the first token and decode = (N - 1) / (last - first token) in one "
+        "request; the transformers pyfunc and the REST server cannot stream, so TTFT is the "
+        "latency of a 1-token request and decode = (N - 1) / (latency of N tokens - TTFT). Best "
+        "of the repeats (prompts over 256 tokens: one run); each in-process runtime in a fresh "
+        "process (its own load time and peak RSS).",
         "",
         "## Single request",
         "",
@@ -492,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["runtimes"] = {
         "raw": probe("raw onnxruntime-genai", "raw", onnx, prompts, plan, plan.repeats),
-        "onnx_pyfunc": probe("ONNX pyfunc", "pyfunc", models["onnx"], prompts, plan, plan.repeats),
+        "onnx_pyfunc": probe("ONNX pyfunc", "pyfunc", models["onnx"], prompts, plan, plan.repeats,
+                             stream=True),
         "served": served(models["onnx"], prompts, plan, free_port()),
         "transformers_pyfunc": probe("transformers pyfunc", "pyfunc", models["transformers"],
                                      prompts, plan, plan.transformers_repeats),
