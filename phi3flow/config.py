@@ -105,9 +105,14 @@ class FetchModelConfig:
         "Copy the fetched files into the run's artifacts (true) or record only the manifest and "
         "re-resolve the files from the hub cache or local path later (false).",
     )
+    trust_remote_code: bool = _param(
+        False, "Fetch the checkpoint's own Python code (*.py) and let the ONNX builder run it. "
+        "Off by default; tagged on the run either way.",
+    )
 
     def __post_init__(self) -> None:
         self.log_weights = parse_bool("log_weights", self.log_weights)
+        self.trust_remote_code = parse_bool("trust_remote_code", self.trust_remote_code)
         if not self.model_id:
             raise ConfigError("model_id is empty: pass a hub id (owner/name) or a local directory.")
         if not self.is_local_model and not HUB_ID_PATTERN.match(self.model_id):

@@ -82,7 +82,8 @@ def fetch(cfg: FetchModelConfig, workdir: Path) -> Fetched:
 
 
 def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, dict[str, Any]]:
-    patterns = hub.CHECKPOINT_PATTERNS
+    # Remote code (*.py) is fetched only when the user trusts it.
+    patterns = hub.CHECKPOINT_PATTERNS + (("*.py",) if cfg.trust_remote_code else ())
     if cfg.is_local_model:
         path = Path(cfg.model_id).resolve()
         check_checkpoint(path)
@@ -106,7 +107,8 @@ def _fetch_onnx(
 ) -> tuple[Path, dict[str, Any]]:
     target = workdir / names.ONNX_DIR
     if cfg.onnx_source == "build":
-        onnx_build.build(checkpoint, workdir / "onnx-build", cfg.precision, cfg.execution_provider)
+        onnx_build.build(checkpoint, workdir / "onnx-build", cfg.precision, cfg.execution_provider,
+                         cfg.trust_remote_code)
         source = {
             "kind": "build",
             "precision": cfg.precision,

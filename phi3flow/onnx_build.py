@@ -25,7 +25,8 @@ class BuildError(StepError):
     """The model builder failed or produced no onnxruntime-genai model."""
 
 
-def build(checkpoint: Path, output: Path, precision: str, execution_provider: str) -> Path:
+def build(checkpoint: Path, output: Path, precision: str, execution_provider: str,
+          trust_remote_code: bool = False) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onnx-builder-cache-") as cache:
         command = [
@@ -36,6 +37,8 @@ def build(checkpoint: Path, output: Path, precision: str, execution_provider: st
             "-e", execution_provider,
             "-c", cache,
         ]
+        if trust_remote_code:  # the builder's own switch; off unless asked
+            command += ["--extra_options", "hf_remote=true"]
         logger.info("building the ONNX model: %s", " ".join(command))
         with subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

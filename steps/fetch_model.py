@@ -4,7 +4,7 @@ Inputs: `model_id` (hub id or local checkpoint folder) and `revision`; `onnx_sou
 `build` with `precision`/`execution_provider`, or a local onnxruntime-genai folder).
 Outputs (artifacts of this run): `manifest.json` (every file with size and sha256, source ids,
 resolved commits); `checkpoint/` and `onnx/` (unless `log_weights=false`); `config.json`.
-Tags: model id, resolved revision, manifest sha256, ONNX source.
+Tags: model id, resolved revision, manifest sha256, ONNX source, trust_remote_code.
 Side effects: hub downloads go to the Hugging Face cache (`HF_HOME`); `HF_TOKEN` is read from the
 environment and never logged.
 """
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> str:
             names.TAG_REVISION: fetched.manifest["revision"],
             names.TAG_MANIFEST_SHA256: manifest_sha256,
             names.TAG_ONNX_SOURCE: onnx["kind"],
+            names.TAG_TRUST_REMOTE_CODE: str(cfg.trust_remote_code).lower(),
         })
         return run.info.run_id
 

@@ -140,3 +140,33 @@ def test_tampered_manifest_is_refused():
     path.write_text(manifest.dumps(data))
     with pytest.raises(StepError, match="manifest was changed after the run"):
         log_transformers.main(["--fetch_run_id", run_id])
+
+
+def _fetch_with_code(tmp_path: Path, fetch_run_id: str, trust: str) -> tuple[dict, dict]:
+    """Fetch a checkpoint that ships Python code; the ONNX side comes from the session fetch."""
+    import shutil
+
+    checkpoint = tmp_path / f"with-code-{trust}"
+    shutil.copytree(FIXTURE, checkpoint)
+    (checkpoint / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    onnx = mlflow.artifacts.download_artifacts(run_id=fetch_run_id, artifact_path="onnx")
+    run_id = fetch_model.main(["--model_id", str(checkpoint), "--onnx_source", onnx,
+                               *(["--trust_remote_code", trust] if trust else [])])
+    run = mlflow.get_run(run_id)
+    data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
+    return run.data.tags, data["files"]
+
+
+def test_trust_remote_code_is_off_by_default_and_tagged(tmp_path, fetch_run_id):
+    tags, files = _fetch_with_code(tmp_path, fetch_run_id, "")
+    assert tags[names.TAG_TRUST_REMOTE_CODE] == "false"
+    assert "checkpoint/modeling_custom.py" not in files  # code is not even fetched
+    assert mlflow.get_run(fetch_run_id).data.tags[names.TAG_TRUST_REMOTE_CODE] == "false"
+    # log_transformers: off by default too (its tag is checked in
+    # test_log_transformers_tags_lineage_and_pins_requirements).
+
+
+def test_trust_remote_code_on_is_tagged_and_fetches_the_code(tmp_path, fetch_run_id):
+    tags, files = _fetch_with_code(tmp_path, fetch_run_id, "true")
+    assert tags[names.TAG_TRUST_REMOTE_CODE] == "true"
+    assert "checkpoint/modeling_custom.py" in files  # and verified like every fetched file
