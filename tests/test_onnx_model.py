@@ -246,3 +246,13 @@ def test_tampered_onnx_file_is_refused_by_name():
     (store / "onnx" / "genai_config.json").write_text("{}")  # in the run's artifact store
     with pytest.raises(Exception, match="onnx/genai_config.json has"):
         log_onnx_pyfunc.main(["--fetch_run_id", fetch])
+
+
+def test_onnx_threads_come_from_the_environment_and_a_bad_value_is_named(onnx_model_uri,
+                                                                          monkeypatch):
+    """PHI3FLOW_ONNX_THREADS sets onnxruntime's threads (e.g. cores / serving workers)."""
+    monkeypatch.setenv("PHI3FLOW_ONNX_THREADS", "1")
+    assert content(ask(mlflow.pyfunc.load_model(onnx_model_uri), ROWS[0])) == ROWS[0]["answer"]
+    monkeypatch.setenv("PHI3FLOW_ONNX_THREADS", "two")
+    with pytest.raises(MlflowException, match="PHI3FLOW_ONNX_THREADS='two' must be a whole number"):
+        mlflow.pyfunc.load_model(onnx_model_uri)
