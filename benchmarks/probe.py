@@ -12,6 +12,7 @@ for prompts over LONG_PROMPT tokens, timed once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -27,7 +28,11 @@ def raw_runtime(onnx_folder: str):
     """onnxruntime-genai used directly, the way its own examples do: the baseline."""
     import onnxruntime_genai as og
 
-    model = og.Model(onnx_folder)
+    # The same onnxruntime threads as the pyfunc (every core): the comparison is the wrapper's.
+    config = og.Config(onnx_folder)
+    threads = {"intra_op_num_threads": len(os.sched_getaffinity(0))}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
+    model = og.Model(config)
     tokenizer = og.Tokenizer(model)
 
     def stream(messages: list[dict], new_tokens: int) -> Iterator[int]:
