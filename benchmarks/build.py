@@ -95,8 +95,11 @@ def build(cache: Path = DEFAULT_CACHE, smoke: bool = False) -> tuple[Path, Path]
         checkpoint = FIXTURE
     else:
         checkpoint = full_size_checkpoint(cache / "phi3-mini-random")
-    onnx = int4_onnx(checkpoint, cache / ("tiny-int4" if smoke else "phi3-mini-random-int4"))
-    return checkpoint, onnx
+    return checkpoint, int4_onnx(checkpoint, onnx_folder(cache, smoke))
+
+
+def onnx_folder(cache: Path, smoke: bool) -> Path:
+    return cache / ("tiny-int4" if smoke else "phi3-mini-random-int4")
 
 
 def main(argv: list[str] | None = None) -> None:

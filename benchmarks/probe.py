@@ -5,14 +5,14 @@ A fresh process per runtime makes load time and peak RSS (VmHWM) its own. Timing
   N new tokens; TTFT = time to the first token, decode tokens/s = (N - 1) / (last - first token);
 - runtimes that cannot (the transformers pyfunc, MLflow's REST server): TTFT = latency of a
   1-token request, decode tokens/s = (N - 1) / (latency of N tokens - TTFT);
-each the best of `repeats` runs (the machine is noisy; the best is the least disturbed), except
-for prompts over LONG_PROMPT tokens, timed once.
+each the median of `repeats` runs, except for prompts over LONG_PROMPT tokens, timed once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from typing import Any
 
 from phi3flow.evaluation import peak_rss_mb
 
-LONG_PROMPT = 256  # tokens; longer prompts are timed once, not best of `repeats`
+LONG_PROMPT = 256  # tokens; longer prompts are timed once, not `repeats` times
 
 
 def raw_runtime(onnx_folder: str):
@@ -74,59 +74,70 @@ def pyfunc_runtime(model_uri: str):
     return generate
 
 
-def streamed(stream, messages: list[dict], new_tokens: int, repeats: int) -> dict:
-    best: dict[str, float] = {}
-    for _ in range(repeats):
+def once(generate, messages: list[dict], new_tokens: int, stream: bool) -> dict[str, float]:
+    """One measurement of one prompt (see the module docstring for the two methods)."""
+    if stream:
         started = time.perf_counter()
-        stamps = [time.perf_counter() - started for _ in stream(messages, new_tokens)]
-        run = {"ttft_s": stamps[0], "latency_s": stamps[-1], "new_tokens": len(stamps),
-               "decode_tokens_per_s": (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)}
-        if not best or run["latency_s"] < best["latency_s"]:
-            best = run
-    return best
-
-
-def timed(generate, messages: list[dict], new_tokens: int, repeats: int) -> tuple[float, int]:
-    best, count = float("inf"), 0
-    for _ in range(repeats):
+        stamps = [time.perf_counter() - started for _ in generate(messages, new_tokens)]
+        ttft, latency, count = stamps[0], stamps[-1], len(stamps)
+    else:
+        started = time.perf_counter()
+        generate(messages, 1)
+        ttft = time.perf_counter() - started
         started = time.perf_counter()
         count = generate(messages, new_tokens)
-        best = min(best, time.perf_counter() - started)
-    return best, count
+        latency = time.perf_counter() - started
+    return {"ttft_s": ttft, "latency_s": latency, "new_tokens": count,
+            "decode_tokens_per_s": (count - 1) / max(latency - ttft, 1e-9)}
+
+
+def summary(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians over the runs (the machine is noisy: a median ignores one disturbed run)."""
+    row: dict[str, Any] = {key: statistics.median(run[key] for run in runs)
+                           for key in ("ttft_s", "latency_s", "decode_tokens_per_s")}
+    row["new_tokens"] = min(run["new_tokens"] for run in runs)
+    row["runs"] = runs
+    return row
+
+
+def runs_for(length: str, repeats: int) -> int:
+    return repeats if int(length) <= LONG_PROMPT else 1  # a 2048-token prefill takes a minute
 
 
 def measure(generate, prompts: dict[str, list[dict]], new_tokens: int, repeats: int,
-            stream: bool = False) -> dict:
+            stream: bool, name: str) -> dict:
     rows = {}
     for length, messages in prompts.items():
-        times = repeats if int(length) <= LONG_PROMPT else 1  # a 2048-token prefill is minutes
-        if stream:
-            rows[length] = streamed(generate, messages, new_tokens, times)
-        else:
-            ttft, _ = timed(generate, messages, 1, times)
-            total, count = timed(generate, messages, new_tokens, times)
-            rows[length] = {
-                "ttft_s": ttft,
-                "latency_s": total,
-                "new_tokens": count,
-                "decode_tokens_per_s": (count - 1) / max(total - ttft, 1e-9),
-            }
-        row = rows[length]
-        print(f"  {spec['name']} prompt {length}: TTFT {row['ttft_s']:.3f} s, {row['new_tokens']} "
-              f"tokens in {row['latency_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} "
-              "tokens/s", file=sys.stderr, flush=True)
+        runs = [once(generate, messages, new_tokens, stream) for _ in range(runs_for(length, repeats))]
+        rows[length] = summary(runs)
+        log(name, length, rows[length])
     return rows
 
 
+def log(name: str, length: str, row: dict) -> None:
+    print(f"  {name} prompt {length}: TTFT {row['ttft_s']:.3f} s, {row['new_tokens']} tokens in "
+          f"{row['latency_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} tokens/s",
+          file=sys.stderr, flush=True)
+
+
 if __name__ == "__main__":
+    # argv: SPEC.json OUT.json. With "paired" in the spec the probe measures one prompt per line
+    # of stdin (its length), answering a JSON line each, so the harness can alternate runtimes.
     spec: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
     started = time.perf_counter()
     runtime = raw_runtime if spec["runtime"] == "raw" else pyfunc_runtime
     generate = runtime(spec["model"])
     load_s = time.perf_counter() - started
     stream = spec["runtime"] == "raw" or spec.get("stream", False)
-    for _ in generate(spec["warmup"], 2) if stream else [generate(spec["warmup"], 2)]:
-        pass  # first-call costs (lazy allocations) are not the steady state
-    rows = measure(generate, spec["prompts"], spec["new_tokens"], spec["repeats"], stream)
-    Path(sys.argv[2]).write_text(json.dumps(
-        {"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "prompts": rows}, indent=1))
+    once(generate, spec["warmup"], 2, stream)  # first-call costs are not the steady state
+    result: dict[str, Any] = {"load_s": load_s}
+    if spec.get("paired"):
+        print("ready", flush=True)
+        for line in sys.stdin:
+            print(json.dumps(once(generate, spec["prompts"][line.strip()], spec["new_tokens"],
+                                  stream)), flush=True)
+    else:
+        result["prompts"] = measure(generate, spec["prompts"], spec["new_tokens"],
+                                    spec["repeats"], stream, spec["name"])
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(sys.argv[2]).write_text(json.dumps(result, indent=1))
