@@ -153,6 +153,11 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
                 [sys.executable, "-m", "benchmarks.probe", str(spec), str(outs[key])],
                 cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             _read_line(procs[key], lambda line: line == "ready")  # loaded: the next one may load
+        short = min(prompts, key=int)
+        for proc in procs.values():  # settle: one untimed run each once both are loaded
+            proc.stdin.write(short + "\n")
+            proc.stdin.flush()
+            _read_line(proc, _is_json)
         runs: dict[str, dict[str, list]] = {key: {n: [] for n in prompts} for key in runtimes}
         for length in prompts:
             for _ in range(runs_for(length, plan.repeats)):
@@ -583,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoint, onnx = build_mod.build(args.cache, args.smoke)
     models = save_models(checkpoint, onnx, args.cache, plan)
+    os.sync()  # a freshly saved model's pages would otherwise be written back while we measure
     prompts = chat_prompts(checkpoint, plan.prompt_lengths)
     results: dict[str, Any] = {
         "model": "tiny fixture (tests/fixtures/tiny-phi3)" if args.smoke
