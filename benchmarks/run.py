@@ -526,7 +526,7 @@ def plot(results: dict, path: Path) -> None:
 
     runtimes = results["runtimes"]
     lengths = list(runtimes["raw"]["prompts"])
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 5))
     width = 0.8 / len(RUNTIMES)
     for i, (key, label) in enumerate(RUNTIMES.items()):
         xs = np.arange(len(lengths)) + i * width
@@ -542,7 +542,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set_ylabel(unit)
         axis.set_xlabel("prompt length")
     middle.set_yscale("log")
-    left.legend(fontsize=8)
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=9)
     concurrency = runtimes["served"]["concurrency"]
     clients = [int(n) for n in concurrency]
     right.plot(clients, [concurrency[str(n)]["tokens_per_s"] for n in clients], "o-",
@@ -559,7 +559,7 @@ def plot(results: dict, path: Path) -> None:
     twin.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{results['model']} on {results['machine']['cores']} CPU cores "
                  f"({results['machine']['cpu']})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
