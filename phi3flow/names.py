@@ -61,5 +61,11 @@ TAG_CACHE_KEY = TAG_PREFIX + "cache_key"  # main's run-reuse key, see phi3flow/r
 TAG_CODE_SHA256 = TAG_PREFIX + "code_sha256"
 TAG_REUSED = TAG_PREFIX + "reused"
 TAG_SAVE_PRETRAINED = TAG_PREFIX + "save_pretrained"
+# The process running a step's run, so a later `main` can tell a run whose process was killed
+# (SIGKILL, OOM, power loss) from one still working: see tracking.mark_stale_runs.
+TAG_HOST = TAG_PREFIX + "host"
+TAG_PID = TAG_PREFIX + "pid"
+TAG_PROCESS_START = TAG_PREFIX + "process_start"
+TAG_STALE = TAG_PREFIX + "stale"
 # Set by `mlflow run` on every project run; we check it to refuse run IDs of the wrong step.
 MLFLOW_ENTRY_POINT_TAG = "mlflow.project.entryPoint"

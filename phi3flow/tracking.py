@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -43,14 +46,15 @@ def step_run(step: str) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, join) the step's run; end it FAILED if anything escapes.
 
     SIGTERM is turned into an exception so a terminated step also ends its run FAILED instead of
-    leaving it RUNNING. (SIGKILL cannot be caught; see README, Troubleshooting.)
+    leaving it RUNNING. SIGKILL cannot be caught: the run is tagged with this host and process, so
+    the next `main` can mark it FAILED once that process is gone (mark_stale_runs).
     """
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     run = mlflow.start_run()
     try:
-        mlflow.set_tag(TAG_STEP, step)
+        mlflow.set_tags({TAG_STEP: step, **_this_process()})
         yield run
     except BaseException as exc:
         with contextlib.suppress(Exception):  # the store may be the thing that failed
@@ -62,6 +66,64 @@ def step_run(step: str) -> Iterator[mlflow.ActiveRun]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _this_process() -> dict[str, str]:
+    return {names.TAG_HOST: socket.gethostname(), names.TAG_PID: str(os.getpid()),
+            names.TAG_PROCESS_START: _process_start(os.getpid()) or "unknown"}
+
+
+def _process_start(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, Linux /proc), or None if it is gone.
+
+    A pid alone can be reused by a later process; the pair (pid, start time) cannot.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:  # no /proc (macOS): existence only
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "unknown"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime
+
+
+def mark_stale_runs(experiment_id: str) -> list[str]:
+    """End FAILED the RUNNING step runs of this host whose process no longer exists.
+
+    A step killed with SIGKILL (or by the OOM killer, or a crash) cannot end its own run; without
+    this it would show RUNNING forever. Runs of other hosts, of live processes and runs without
+    our process tags are left alone. Returns the run IDs it marked.
+    """
+    host = socket.gethostname()
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{names.TAG_HOST}` = '{host}'",
+        max_results=1000,
+    )
+    marked = []
+    for run in runs:
+        tags = run.data.tags
+        pid, started = tags.get(names.TAG_PID, ""), tags.get(names.TAG_PROCESS_START)
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        now = _process_start(int(pid))
+        if now is not None and (now == started or "unknown" in (now, started)):
+            continue  # still running (or cannot tell): leave it
+        reason = (f"process {pid} on {host} that ran this step ended without ending the run "
+                  "(killed with SIGKILL, out of memory or a crash); marked FAILED by a later main")
+        client.set_tag(run.info.run_id, names.TAG_STALE, reason)
+        client.set_tag(run.info.run_id, TAG_ERROR, reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        logger.warning("run %s (%s): %s", run.info.run_id, tags.get(TAG_STEP), reason)
+        marked.append(run.info.run_id)
+    return marked
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     with tracking.step_run(names.MAIN) as run:
         cfg = parse_config(MainConfig, argv)
         tracking.log_config(cfg)
+        tracking.mark_stale_runs(run.info.experiment_id)  # runs of killed earlier attempts
         commit = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.source.git.commit")
         steps = StepRunner(experiment_id=run.info.experiment_id, force=cfg.force,
                            git_commit=commit)
