@@ -40,6 +40,7 @@ import numpy as np
 
 from benchmarks import build as build_mod
 from phi3flow.evaluation import percentile
+from tests.ports import free_port
 
 ROOT = build_mod.ROOT
 WORDS = ("the quick brown fox jumps over the lazy dog while a small model answers questions "
@@ -596,8 +597,6 @@ def main(argv: list[str] | None = None) -> dict:
         "plan": plan.__dict__, "machine": machine(), "weight_bytes": weight_bytes(onnx),
     }
     results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs()
-    from tests.conftest import free_port  # noqa: PLC0415 (one free-port helper for the repo)
-
     results["runtimes"] = paired_probes({
         "raw": ("raw onnxruntime-genai", "raw", onnx),
         "onnx_pyfunc": ("ONNX pyfunc", "pyfunc", models["onnx"]),
