@@ -90,7 +90,10 @@ def _process_start(pid: int) -> str | None:
         except PermissionError:
             pass
         return "unknown"
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # a zombie (killed, not yet reaped: no init in containers)
+        return None
+    return fields[19]  # field 22, starttime
 
 
 def mark_stale_runs(experiment_id: str) -> list[str]:

@@ -1,9 +1,19 @@
-"""Faults: damaged fetch outputs; runs left RUNNING by killed processes."""
+"""Faults: damaged fetch outputs, `main` killed mid-step, the tracking server restarted mid-run.
+
+Nothing is mocked: real `mlflow run` processes are killed with real signals, and a real
+`mlflow server` (sqlite backend, artifacts proxied) is stopped and started again on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -13,7 +23,7 @@ from phi3flow import names
 from phi3flow import tracking as step_tracking
 from phi3flow.errors import StepError
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
-from tests.conftest import FIXTURE
+from tests.conftest import FIXTURE, ROOT, free_port, run_project
 
 FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
 MAIN = ["-e", "main", "-P", f"model_id={FIXTURE}", "-P", "onnx_source=build",
@@ -97,7 +107,63 @@ def test_damaged_fetch_run_is_refused_by_name_by_every_consumer(pristine_fetch, 
     assert message in run.data.tags[step_tracking.TAG_ERROR]
 
 
-# --- Runs left RUNNING by a killed process (SIGKILL, OOM) -------------------------------------
+# --- main killed with SIGTERM and with SIGKILL in the middle of a step -------------------------
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(c) for c in children]
+        todo += [int(c) for c in children]
+    return found
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal a process and all its descendants at once, as `kill -<sig>` of a job or the OOM
+    killer of a container would: stop them all first, so none spawns or reaps unseen."""
+    frozen: set[int] = set()
+    while new := {pid, *_descendants(pid)} - frozen:
+        for p in new:
+            _kill(p, signal.SIGSTOP)
+        frozen |= new
+    for p in frozen:
+        _kill(p, sig)
+    for p in frozen:
+        _kill(p, signal.SIGCONT)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _project(tmp_path: Path) -> Path:
+    """A copy of the project outside git: reuse keys on its files, so a commit made in the
+    repository while the test runs cannot change what is reused."""
+    project = tmp_path / "project"
+    if not project.exists():
+        shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "mlruns", "mlflow.db", ".pytest_cache", "benchmarks",
+            "docs"))
+    return project
+
+
+def _start_main(tmp_path: Path, log: str, env: dict | None = None) -> subprocess.Popen:
+    """`mlflow run <project> -e main ...` in the background, output to a file (as run_project)."""
+    command = [sys.executable, "-m", "mlflow", "run", str(_project(tmp_path)), "--env-manager",
+               "local", *MAIN]
+    full_env = {**os.environ, **(env or {}),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with open(tmp_path / log, "w") as out:
+        return subprocess.Popen(command, cwd=tmp_path, env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
 
 def _runs(client=None, **filters) -> list:
     client = client or mlflow.MlflowClient()
@@ -107,12 +173,36 @@ def _runs(client=None, **filters) -> list:
     return client.search_runs(experiments, " and ".join(clauses))
 
 
+def _wait_for_step(step: str, proc: subprocess.Popen, tmp_path: Path, log: str,
+                   client=None) -> None:
+    """Until `step`'s process has started its run (it tags it as it starts), then a little more,
+    so the kill lands in the middle of the step's work."""
+    deadline = time.monotonic() + 600
+    while not _runs(client, step=step, status="RUNNING"):
+        if proc.poll() is not None:
+            pytest.fail(f"main ended before {step} started: {(tmp_path / log).read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"{step} did not start in 600 s"
+        time.sleep(0.5)
+    time.sleep(1.0)
+
+
+def _wait_until_no_run_is_running(seconds: float = 60) -> list:
+    deadline = time.monotonic() + seconds
+    while (running := _runs(status="RUNNING")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return running
+
+
 def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(tracking):
     import socket
 
     dead = subprocess.Popen(["true"])
     dead.wait()
     alive = subprocess.Popen(["sleep", "60"])
+    zombie = subprocess.Popen(["sleep", "60"])  # killed but not reaped: /proc still lists it
+    zombie_start = step_tracking._process_start(zombie.pid)
+    zombie.kill()
+    time.sleep(0.2)
     try:
         experiment = mlflow.create_experiment("stale")
         client = mlflow.MlflowClient()
@@ -130,9 +220,11 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
         killed = running(here, dead.pid, "12345")
         reused_pid = running(here, alive.pid, "1")  # same pid, another process start: stale
         live = running(here, alive.pid, None)
+        unreaped = running(here, zombie.pid, zombie_start)
         foreign = running("another-host", dead.pid, "12345")
-        assert sorted(step_tracking.mark_stale_runs(experiment)) == sorted([killed, reused_pid])
-        for run_id in (killed, reused_pid):
+        stale = [killed, reused_pid, unreaped]
+        assert sorted(step_tracking.mark_stale_runs(experiment)) == sorted(stale)
+        for run_id in stale:
             run = client.get_run(run_id)
             assert run.info.status == "FAILED"
             assert f"process {run.data.tags[names.TAG_PID]} on {here}" in run.data.tags[
@@ -140,5 +232,106 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
         assert client.get_run(live).info.status == "RUNNING"
         assert client.get_run(foreign).info.status == "RUNNING"
     finally:
-        alive.kill()
-        alive.wait()
+        for proc in (alive, zombie):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.e2e
+def test_main_killed_mid_step_leaves_no_run_running_and_a_rerun_completes(tracking, tmp_path):
+    # 1. SIGTERM while log_transformers works: every run it touched ends FAILED at once.
+    proc = _start_main(tmp_path, "sigterm.log")
+    _wait_for_step(names.LOG_TRANSFORMERS, proc, tmp_path, "sigterm.log")
+    _signal_tree(proc.pid, signal.SIGTERM)
+    proc.wait(120)
+    assert not _wait_until_no_run_is_running(), (tmp_path / "sigterm.log").read_text()[-3000:]
+    (terminated,) = _runs(step=names.LOG_TRANSFORMERS)
+    assert terminated.info.status == "FAILED"
+    assert _runs(step=names.MAIN)[0].info.status == "FAILED"
+
+    # 2. SIGKILL while evaluate works: nothing can end those runs now...
+    proc = _start_main(tmp_path, "sigkill.log")
+    _wait_for_step(names.EVALUATE, proc, tmp_path, "sigkill.log")
+    _signal_tree(proc.pid, signal.SIGKILL)
+    proc.wait(120)
+    killed = {r.info.run_id: r for r in _runs(status="RUNNING")}
+    assert {r.data.tags.get(step_tracking.TAG_STEP) for r in killed.values()} >= {
+        names.MAIN, names.EVALUATE}
+    pids = {int(r.data.tags[names.TAG_PID]) for r in killed.values()}
+    assert all(step_tracking._process_start(pid) is None for pid in pids)  # gone (or zombies)
+
+    # 3. ...until the next main marks them FAILED (their processes are gone) and completes,
+    # reusing the three steps that finished.
+    done = run_project(*MAIN, cwd=tmp_path, project=_project(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not _runs(status="RUNNING")
+    for run_id in killed:
+        run = mlflow.get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert "SIGKILL" in run.data.tags[names.TAG_STALE]
+    (final,) = [r for r in _runs(step=names.MAIN, status="FINISHED")]
+    assert final.data.tags[names.TAG_REUSED] == "fetch_model,log_transformers,log_onnx_pyfunc"
+    # The registered result is what an uninterrupted run gives: one version, champion.
+    client = mlflow.MlflowClient()
+    model_name = names.DEFAULT_REGISTERED_MODEL
+    (version,) = client.search_model_versions(f"name = '{model_name}'")
+    assert client.get_model_version_by_alias(model_name, "champion").version == version.version
+    assert final.data.tags[names.TAG_PREFIX + "registered_alias"] == "champion"
+
+
+# --- The tracking server restarted while main runs ---------------------------------------------
+
+@contextmanager
+def tracking_server(root: Path, port: int):
+    """`mlflow server` with a sqlite backend and proxied artifacts, on 127.0.0.1:port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=open(root / f"server-{time.monotonic_ns()}.log", "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.e2e
+def test_tracking_server_restarted_mid_run_then_main_completes(tmp_path, monkeypatch):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    with tracking_server(tmp_path, port):
+        proc = _start_main(tmp_path, "first.log")
+        _wait_for_step(names.LOG_TRANSFORMERS, proc, tmp_path, "first.log", client)
+    # The server is down for a while, in the middle of log_transformers...
+    time.sleep(5)
+    with tracking_server(tmp_path, port):
+        # ...and back: main either goes on (the client retries) or fails saying so.
+        first = proc.wait(900)
+        output = (tmp_path / "first.log").read_text()
+        print(f"main across the restart: exit code {first}\n{output[-1500:]}")
+        if first != 0:
+            assert uri in output or "tracking" in output.lower(), output[-3000:]
+        done = run_project(*MAIN, cwd=tmp_path, project=_project(tmp_path))
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert not _runs(client, status="RUNNING")
+        (final, *_) = _runs(client, step=names.MAIN, status="FINISHED")
+        assert final.data.tags[names.TAG_PREFIX + "registered_alias"] == "champion"
+        versions = client.search_model_versions(f"name = '{names.DEFAULT_REGISTERED_MODEL}'")
+        assert len(versions) == 1
+        for step in (names.FETCH_MODEL, names.LOG_TRANSFORMERS, names.LOG_ONNX_PYFUNC,
+                     names.EVALUATE, names.REGISTER):
+            run_id = final.data.tags[f"{names.TAG_PREFIX}{step}_run_id"]
+            assert client.get_run(run_id).info.status == "FINISHED"
