@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import names, onnx_build
+from phi3flow import manifest, names, onnx_build
 from tests.conftest import FIXTURE, QUESTION, free_port, predict_in_fresh_process, run_project
 from tests.hub_server import LocalHub
 from tests.test_mlflow_run import _ok, _run_id
@@ -121,3 +121,39 @@ def test_offline_mode_with_an_empty_cache_says_what_to_do(tracking, tmp_path):
                        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty")})
     assert done.returncode != 0
     assert "HF_HUB_OFFLINE is set" in done.stderr and "not in the local hub cache" in done.stderr
+
+
+def test_download_cut_mid_file_fails_cleanly_and_a_rerun_completes_verified(
+        onnx_repo, tracking, tmp_path):
+    """The hub delivers model.safetensors only partly once (a well-formed but short answer, as a
+    dropped proxy would): fetch_model fails naming the download, logs nothing, leaves no partial
+    file where a later step could pick it up; the re-run downloads it whole and verifies."""
+    repos = {
+        names.DEFAULT_MODEL_ID: {"dir": FIXTURE, "commit": names.DEFAULT_MODEL_REVISION},
+        names.ONNX_HUB_REPO: {"dir": onnx_repo, "commit": ONNX_COMMIT},
+    }
+    weights = FIXTURE / "model.safetensors"
+    snapshot = (tmp_path / "hf-home" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"
+                / "snapshots" / names.DEFAULT_MODEL_REVISION)
+    with LocalHub(repos, require_token=TOKEN, fault="short",
+                  fail_after_bytes={"model.safetensors": weights.stat().st_size // 2}) as hub:
+        env = _hub_env(hub, tmp_path)
+        first = run_project("-e", "fetch_model", cwd=tmp_path, env=env)
+        assert first.returncode != 0
+        assert f"downloading {names.DEFAULT_MODEL_ID}@" in first.stderr
+        assert "re-run to resume" in first.stderr
+        (failed,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert failed.info.status == "FAILED"
+        artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(failed.info.run_id)}
+        assert artifacts == {"config.json"}  # its parameters only: no manifest, no files
+        assert not (snapshot / "model.safetensors").exists()  # the half file is not in the snapshot
+
+        second = _run_id(_ok(run_project("-e", "fetch_model", cwd=tmp_path, env=env)))
+    assert hub.downloaded(names.DEFAULT_MODEL_ID).count("model.safetensors") == 2
+    run = mlflow.get_run(second)
+    data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
+    assert data["files"]["checkpoint/model.safetensors"] == {
+        "sha256": manifest.sha256_file(weights), "size": weights.stat().st_size}
+    stored = Path(mlflow.artifacts.download_artifacts(run_id=second, artifact_path="checkpoint"))
+    manifest.verify(data, "checkpoint", stored)  # every logged file matches the manifest
+    assert (snapshot / "model.safetensors").read_bytes() == weights.read_bytes()
