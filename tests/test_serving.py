@@ -135,3 +135,21 @@ def test_ping_stays_prompt_while_a_long_request_is_in_flight(server):
     assert len(latencies) >= 5
     # Generous bound for a loaded 2-core machine; a frozen server stalls for the whole request.
     assert max(latencies) < max(1.0, result["seconds"] / 4), (max(latencies), result)
+
+
+def test_both_registered_champions_answer_the_same_chat_request(served):
+    """The README's serving commands: each model registered with alias champion, served with
+    `mlflow models serve -m models:/<name>@champion --env-manager local`, asked the same thing."""
+    from tests import conftest
+
+    answers = {}
+    for kind, (url, _) in served.items():
+        status, raw = conftest.post(url, {**QUESTION, "max_tokens": 32})
+        assert status == 200, raw[:2000]
+        (body,) = json.loads(raw)
+        assert body["object"] == "chat.completion"
+        answers[kind] = body["choices"][0]["message"]["content"]
+    assert answers["onnx"] == answers["transformers"] == "The capital of Spain is Madrid."
+    readme = (conftest.ROOT / "README.md").read_text()
+    for name in conftest.CHAMPIONS.values():
+        assert f"mlflow models serve -m models:/{name}@champion --env-manager local" in readme
