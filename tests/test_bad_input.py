@@ -128,6 +128,7 @@ def _stable(text: str, run_ids: dict[str, str]) -> str:
     steps = {"fetch": "fetch_model", "transformers": "log_transformers", "onnx": "log_onnx_pyfunc"}
     for name, run_id in run_ids.items():
         text = text.replace(run_id, f"<{steps[name]} run ID>")
+    text = text.replace(mlflow.get_tracking_uri(), "sqlite:///<session store>/mlflow.db")
     return text.replace(FX, "tests/fixtures/tiny-phi3")
 
 

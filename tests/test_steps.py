@@ -56,7 +56,9 @@ def test_log_transformers_model_answers_openai_chat_in_a_fresh_process(
 
 
 def test_log_transformers_tags_lineage_and_pins_requirements(fetch_run_id, transformers_model_uri):
-    run = last_run(names.LOG_TRANSFORMERS)
+    # The run that logged the fixture's model (other tests leave FAILED log_transformers runs).
+    run = mlflow.get_run(
+        mlflow.get_logged_model(transformers_model_uri.split("/")[-1]).source_run_id)
     fetch = mlflow.get_run(fetch_run_id)
     expected = {
         names.TAG_FETCH_RUN_ID: fetch_run_id,
