@@ -66,6 +66,31 @@ def tracking(tmp_path, monkeypatch):
 
 
 
+@contextmanager
+def tracking_server(root: Path, port: int):
+    """`mlflow server` with a sqlite backend and proxied artifacts on 127.0.0.1:port, until exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=open(root / f"server-{time.monotonic_ns()}.log", "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def run_project(*args: str, cwd: Path, env: dict[str, str] | None = None,
                 project: Path | str = ROOT, env_manager: str = "local",
                 timeout: int = 1200) -> subprocess.CompletedProcess:

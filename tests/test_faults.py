@@ -12,8 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -23,7 +21,7 @@ from phi3flow import names
 from phi3flow import tracking as step_tracking
 from phi3flow.errors import StepError
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
-from tests.conftest import FIXTURE, ROOT, free_port, run_project
+from tests.conftest import FIXTURE, ROOT, free_port, run_project, tracking_server
 
 FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
 MAIN = ["-e", "main", "-P", f"model_id={FIXTURE}", "-P", "onnx_source=build",
@@ -280,31 +278,6 @@ def test_main_killed_mid_step_leaves_no_run_running_and_a_rerun_completes(tracki
 
 
 # --- The tracking server restarted while main runs ---------------------------------------------
-
-@contextmanager
-def tracking_server(root: Path, port: int):
-    """`mlflow server` with a sqlite backend and proxied artifacts, on 127.0.0.1:port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=open(root / f"server-{time.monotonic_ns()}.log", "w"),
-        stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-                time.sleep(0.5)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
 
 @pytest.mark.e2e
 def test_tracking_server_restarted_mid_run_then_main_completes(tmp_path, monkeypatch):

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
@@ -22,7 +18,8 @@ import pytest
 
 from phi3flow import names
 from steps import evaluate, fetch_model, log_onnx_pyfunc, log_transformers, register
-from tests.conftest import FIXTURE, QUESTION, free_port, predict_in_fresh_process
+from tests.conftest import (FIXTURE, QUESTION, free_port, predict_in_fresh_process,
+                            tracking_server)
 
 pytestmark = pytest.mark.e2e
 
@@ -65,28 +62,13 @@ class _Proxy(BaseHTTPRequestHandler):
 @pytest.fixture
 def server_without_logged_models(tmp_path, monkeypatch):
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, "mlflow server down"
-            time.sleep(0.5)
-    handler = type("Proxy", (_Proxy,), {"upstream_port": port, "refused": []})
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{proxy.server_address[1]}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    yield handler
-    proxy.shutdown()
-    server.terminate()
-    server.wait(30)
+    with tracking_server(tmp_path, port):
+        handler = type("Proxy", (_Proxy,), {"upstream_port": port, "refused": []})
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{proxy.server_address[1]}")
+        yield handler
+        proxy.shutdown()
 
 
 def test_pipeline_completes_where_the_logged_model_api_answers_404(server_without_logged_models):
