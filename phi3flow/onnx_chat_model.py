@@ -358,7 +358,7 @@ class OnnxChatModel(PythonModel):
             return False
         batch.generator.generate_next_token()
         for job, token in zip(batch.jobs, batch.generator.get_next_tokens()):
-            if not job.done:
+            if not (job.done or job.cancelled):  # nobody reads a cancelled row's tokens
                 job.put(int(token))
                 job.done = int(token) in self.eos
         if batch.generator.is_done() or all(job.done or job.cancelled for job in batch.jobs):
