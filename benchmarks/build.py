@@ -70,7 +70,7 @@ def full_size_checkpoint(folder: Path) -> Path:
     model.save_pretrained(folder)
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    _done(folder, parameters=n_params, seconds=round(time.perf_counter() - started, 1))
+    mark_done(folder, parameters=n_params, seconds=round(time.perf_counter() - started, 1))
     logger.info("full-size checkpoint (%.2f B parameters) in %s", n_params / 1e9, folder)
     return folder
 
@@ -81,11 +81,11 @@ def int4_onnx(checkpoint: Path, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     onnx_build.build(checkpoint, folder, "int4", "cpu")
-    _done(folder, seconds=round(time.perf_counter() - started, 1))
+    mark_done(folder, seconds=round(time.perf_counter() - started, 1))
     return folder
 
 
-def _done(folder: Path, **facts) -> None:
+def mark_done(folder: Path, **facts) -> None:
     (folder / DONE).write_text(json.dumps(facts, indent=1))
 
 

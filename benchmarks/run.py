@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import build as build_mod
-from phi3flow.evaluation import percentile
+from phi3flow.evaluation import peak_rss_mb, percentile
 from tests.ports import free_port
 
 ROOT = build_mod.ROOT
@@ -111,7 +111,7 @@ def save_models(checkpoint: Path, onnx: Path, cache: Path, plan: Plan) -> dict[s
         shutil.rmtree(paths["onnx"], ignore_errors=True)
         cfg = LogOnnxPyfuncConfig(fetch_run_id=no_fetch_run, **generation)
         mlflow.pyfunc.save_model(path=paths["onnx"], **onnx_model.model_options(cfg, onnx, "bench"))
-        build_mod._done(paths["onnx"], code_sha256=code)
+        build_mod.mark_done(paths["onnx"], code_sha256=code)
     if not (paths["transformers"] / build_mod.DONE).is_file():
         shutil.rmtree(paths["transformers"], ignore_errors=True)
         cfg = LogTransformersConfig(fetch_run_id=no_fetch_run, **generation)
@@ -119,7 +119,7 @@ def save_models(checkpoint: Path, onnx: Path, cache: Path, plan: Plan) -> dict[s
         mlflow.transformers.save_model(path=paths["transformers"],
                                        **transformers_model.model_options(cfg, pipeline))
         del pipeline
-        build_mod._done(paths["transformers"])
+        build_mod.mark_done(paths["transformers"])
     return paths
 
 
@@ -240,14 +240,7 @@ class Server:
 
     def peak_rss_mb(self) -> float:
         """The largest VmHWM in the server's process tree (the worker holds the model)."""
-        peaks = []
-        for pid in _tree(self.proc.pid):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            peaks += [int(l.split()[1]) / 1024 for l in status.splitlines() if l.startswith("VmHWM:")]
-        return max(peaks, default=0.0)
+        return max((peak_rss_mb(pid) for pid in _tree(self.proc.pid)), default=0.0)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, 15)

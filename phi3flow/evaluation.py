@@ -98,18 +98,22 @@ def run_worker(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict[st
     return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory.
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory (this one by default; 0 for a process that is gone).
 
     VmHWM belongs to the process's own address space, so it starts afresh at exec; getrusage's
     ru_maxrss does not: a child forked from a big parent reports the parent's peak.
     """
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    if pid == "self":  # not Linux: best effort
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
 
 
 def evaluate_in_fresh_process(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict:
