@@ -125,8 +125,10 @@ def evaluate_in_fresh_process(model_uri: str, rows: list[dict], max_new_tokens: 
         logger.info("evaluating %s on %d rows in a fresh process", model_uri, len(rows))
         import mlflow
 
+        from phi3flow import tracking
+
         env = {
-            **os.environ,
+            **tracking.child_environment(),
             # The same store as ours, even when ours is MLflow's relative default.
             "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
             "PYTHONPATH": os.pathsep.join(

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import mlflow.projects
 
-from phi3flow import names, reuse
+from phi3flow import names, reuse, tracking
 from phi3flow.errors import StepError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class StepRunner:
             self.reused.append(entry_point)
             return previous.info.run_id
         logger.info("%s: starting a child run", entry_point)
+        tracking.child_environment()  # the step inherits os.environ, token included
         submitted = mlflow.projects.run(
             uri=str(self.project_root),
             entry_point=entry_point,

@@ -130,6 +130,26 @@ def lineage_tags(cfg: RegisterConfig, decision: dict, evaluate_run) -> dict[str,
     return lineage
 
 
+def _register_model(client, model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
+    """A new version of `name` from a models:/m-... or runs:/<run>/<path> URI.
+
+    A runs:/ URI (the log steps' fallback where the store has no logged-model API) is registered
+    from the run's artifact URI, still linked to the run: `mlflow.register_model` would list the
+    run's artifacts and then ask the logged-model API, which azureml-mlflow's listing sends to
+    the run's root and the Azure ML workspace answers with 404 (docs/decisions.md).
+    """
+    if not model_uri.startswith("runs:/"):
+        return mlflow.register_model(model_uri, name, tags=tags)
+    run_id, _, path = model_uri[len("runs:/"):].partition("/")
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{path}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, source, run_id=run_id, tags=tags)
+
+
 def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
     client = mlflow.MlflowClient()
     check_registry(client)
@@ -148,8 +168,8 @@ def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
     if alias == cfg.alias and cfg.allow_unvalidated:
         tags[names.TAG_UNVALIDATED] = "true"
     chosen = decision["chosen"]
-    version = mlflow.register_model(decision["models"][chosen]["model_uri"], cfg.model_name,
-                                    tags=tags)
+    version = _register_model(client, decision["models"][chosen]["model_uri"], cfg.model_name,
+                              tags)
     description = (
         f"{chosen} model of {tags[names.TAG_MODEL_ID]}@{tags[names.TAG_REVISION]} "
         f"(manifest sha256 {tags[names.TAG_MANIFEST_SHA256][:12]}), logged by run "

@@ -129,6 +129,29 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     return marked
 
 
+def child_environment() -> dict[str, str]:
+    """The environment for a process this one starts, able to reach the tracking store.
+
+    Only matters inside an Azure ML job, where MLFLOW_TRACKING_TOKEN is a run token that
+    expires. azureml-mlflow refreshes it within each process, but a child starts from its
+    environment's copy, stale once the job has outlived it: children get the store's current
+    token (also put in os.environ, for children that MLflow starts from it). And azureml-mlflow
+    recognises a job's process by MLFLOW_RUN_ID, which MLflow removes once a run has started: a
+    child that does not start a run of its own gets the active run's.
+    """
+    env = dict(os.environ)
+    if not env.get("MLFLOW_TRACKING_TOKEN"):
+        return env
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    creds = getattr(_get_store(), "get_host_creds", None)
+    if callable(creds) and (token := creds().token):
+        os.environ["MLFLOW_TRACKING_TOKEN"] = env["MLFLOW_TRACKING_TOKEN"] = token
+    if not env.get("MLFLOW_RUN_ID") and (run := mlflow.active_run()):
+        env["MLFLOW_RUN_ID"] = run.info.run_id
+    return env
+
+
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -177,7 +200,7 @@ def log_model_or_fallback(log: Callable[[], Any], save: Callable[[str], None], n
     """Log a model; where the server lacks MLflow 3's logged-model API, log it as run artifacts.
 
     Azure ML's MLflow endpoint answers 404 on /api/2.0/mlflow/logged-models with MLflow 3
-    (NOTES); the known workaround is save_model + log_artifacts, after which the model is
+    (docs/decisions.md); the workaround is save_model + log_artifacts, after which the model is
     `runs:/<run>/<name>` and registers from there. Returns the model URI, also tagged on the run.
     """
     try:

@@ -1,7 +1,7 @@
 """The pipeline against a tracking server without MLflow 3's logged-model API (as Azure ML's).
 
 A real `mlflow server` (sqlite) runs on 127.0.0.1 behind a small proxy that answers 404 on
-/api/2.0/mlflow/logged-models, as Azure ML workspaces do with MLflow 3 (NOTES). The log steps
+/api/2.0/mlflow/logged-models, as Azure ML workspaces do with MLflow 3 (docs/decisions.md). The log steps
 must fall back to save_model + log_artifacts, and evaluate and register must finish from the
 resulting runs:/ URIs.
 """
