@@ -1,8 +1,8 @@
-"""The Azure ML v2 project backend: config checks, the job it builds, and its submitted run.
+"""The Azure ML v2 project backend: config checks, the tracking URI, and the job it builds.
 
 No Azure subscription is reachable from here. The job document is checked with azure-ai-ml's
-own loader, and submission runs against an offline fake of the Azure ML client, a true outside
-boundary: the tests that use it say so in their names.
+own loader; submission, status and the job itself run against local stand-ins for the
+workspace and the job service in tests/test_azureml_workspace.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -21,7 +20,7 @@ from azure.ai.ml import load_job
 from azure.ai.ml.entities import Command
 
 from phi3flow import azureml_backend
-from phi3flow.azureml_backend import AzureMLBackend, AzureMLConfig, AzureMLConfigError
+from phi3flow.azureml_backend import AzureMLConfig, AzureMLConfigError
 from tests.conftest import ROOT
 
 WORKSPACE = {"subscription_id": "00000000-0000-0000-0000-000000000000",
@@ -39,12 +38,22 @@ PARAMS = {"model_id": "tests/fixtures/tiny-phi3", "onnx_source": "build"}
         ({**WORKSPACE, "compute": "c", "dry_run": "yes"}, "'dry_run' must be bool"),
         (WORKSPACE, "needs 'compute'"),
         ({**WORKSPACE, "compute": "c", "extra_env": {"HF_TOKEN": "x"}}, "look like secrets"),
+        ({**WORKSPACE, "compute": "c", "poll_seconds": -1}, "'poll_seconds' must be >= 0"),
+        ({**WORKSPACE, "compute": "c", "experiment_name": "x"}, "mlflow run --experiment-name"),
+        ([WORKSPACE], "must be a JSON object"),
     ],
 )
 def test_bad_backend_config_names_the_key(config, message):
     with pytest.raises(AzureMLConfigError) as error:
         AzureMLConfig.from_backend_config(config)
     assert message in str(error.value)
+
+
+def test_backend_config_file_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "azureml.cfg"  # MLflow itself parses only files ending in .json
+    path.write_text("subscription_id = 1\n")
+    with pytest.raises(AzureMLConfigError, match=f"--backend-config {path}: cannot read it"):
+        AzureMLConfig.from_backend_config(str(path))
 
 
 def test_mlflows_own_backend_config_keys_are_left_alone():
@@ -66,28 +75,90 @@ def _load(spec: dict, tmp_path: Path) -> Command:
 
 def test_job_for_a_local_project(tmp_path):
     cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "compute": "cpu-cluster",
-                                             "experiment_name": "phi3", "display_name": "try"})
-    spec = azureml_backend.job_spec(str(ROOT), ROOT, "main", PARAMS, None, cfg, "phi3")
+                                             "display_name": "try"})
+    spec = azureml_backend.job_spec(str(ROOT), ROOT, "main", PARAMS, None, cfg, "phi3",
+                                    tmp_path / "job.yml")
     job = _load(spec, tmp_path)
-    assert job.command == ("mlflow run . --env-manager local -e main "
+    assert job.command == ("python -m phi3flow.azureml_job -e main "
                            "-P model_id=tests/fixtures/tiny-phi3 -P onnx_source=build")
     assert Path(job.code) == ROOT
     assert job.compute == "cpu-cluster"  # the loader strips the azureml: prefix
     assert job.environment.image == azureml_backend.DEFAULT_IMAGE
-    # The environment is the project's own conda.yaml, read by azure-ai-ml.
-    assert job.environment.conda_file == yaml.safe_load((ROOT / "conda.yaml").read_text())
+    # The environment is the project's conda.yaml with torch from PyTorch's CPU index.
+    assert job.environment.conda_file == azureml_backend.job_conda_env(ROOT / "conda.yaml")
     assert job.experiment_name == "phi3" and job.display_name == "try"
     assert job.environment_variables == {"HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def test_job_for_a_git_url_runs_the_pinned_commit_with_no_upload(tmp_path):
+def test_job_environment_is_conda_yaml_with_the_cpu_build_of_the_same_torch():
+    project = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    job = azureml_backend.job_conda_env(ROOT / "conda.yaml")
+    pins = next(d["pip"] for d in project["dependencies"] if isinstance(d, dict))
+    job_pins = next(d["pip"] for d in job["dependencies"] if isinstance(d, dict))
+    torch = next(p for p in pins if p.startswith("torch=="))
+    assert job_pins[0] == f"--extra-index-url {azureml_backend.TORCH_CPU_INDEX}"
+    assert job_pins[1:] == [f"{p}+cpu" if p == torch else p for p in pins]
+    assert "azureml-mlflow==1.62.0.post6" in job_pins  # the job tracks through Microsoft's client
+    assert [d for d in job["dependencies"] if not isinstance(d, dict)] == [
+        d for d in project["dependencies"] if not isinstance(d, dict)]
+
+
+def test_job_for_a_git_url_uploads_only_the_job_module(tmp_path):
     cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "instance_type": "Standard_E4s_v3"})
     url = "https://github.com/example/phi3-mlflow"
-    spec = azureml_backend.job_spec(url, ROOT, "fetch_model", {}, "a" * 40, cfg, "phi3")
+    spec = azureml_backend.job_spec(url, ROOT, "fetch_model", {}, "a" * 40, cfg, "phi3",
+                                    tmp_path / "job.yml")
     job = _load(spec, tmp_path)
-    assert job.command == f"mlflow run {url} -v {'a' * 40} --env-manager local -e fetch_model"
-    assert job.code is None
+    assert job.command == (f"python -m phi3flow.azureml_job -e fetch_model --uri {url} "
+                           f"--version {'a' * 40}")
+    code = Path(job.code)
+    assert sorted(p.relative_to(code).as_posix() for p in code.rglob("*.py")) == [
+        "phi3flow/__init__.py", "phi3flow/azureml_job.py"]
     assert job.resources.instance_type == "Standard_E4s_v3"
+
+
+def test_job_module_needs_nothing_of_the_project_but_itself():
+    """A git-URL job uploads only phi3flow/azureml_job.py: it may import no other module of ours."""
+    source = (ROOT / "phi3flow" / "azureml_job.py").read_text()
+    assert "from phi3flow" not in source and "import phi3flow" not in source
+
+
+TRACKING = ("azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/"
+            f"{WORKSPACE['subscription_id']}/resourceGroups/RG-PHI3/providers/"
+            "Microsoft.MachineLearningServices/workspaces/ws-phi3")
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("sqlite:///mlflow.db", "not an Azure ML workspace"),
+    ("http://127.0.0.1:5000", "not an Azure ML workspace"),
+    (TRACKING.replace("ws-phi3", "other"), "names workspace"),
+])
+def test_tracking_uri_must_be_the_configured_workspace(uri, message):
+    cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "compute": "c"})
+    with pytest.raises(AzureMLConfigError, match=message) as error:
+        azureml_backend.check_tracking_uri(uri, cfg)
+    assert "az ml workspace show -g rg-phi3 -n ws-phi3 --query mlflow_tracking_uri" in str(
+        error.value)
+
+
+def test_tracking_uri_of_the_workspace_is_accepted_whatever_the_case():
+    cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "compute": "c"})
+    azureml_backend.check_tracking_uri(TRACKING, cfg)
+
+
+def test_job_entry_refuses_to_run_outside_a_job(monkeypatch, capsys):
+    from phi3flow import azureml_job
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    assert azureml_job.main(["-e", "main"]) == 2
+
+
+def test_job_entry_keeps_one_experiment_variable():
+    from phi3flow import azureml_job
+
+    env = {"MLFLOW_EXPERIMENT_ID": "7", "MLFLOW_EXPERIMENT_NAME": "phi3"}
+    azureml_job.normalise_environment(env, "7")
+    assert env == {"MLFLOW_EXPERIMENT_ID": "7"}
 
 
 def test_snapshot_over_azures_limit_is_refused(tmp_path, monkeypatch):
@@ -97,63 +168,6 @@ def test_snapshot_over_azures_limit_is_refused(tmp_path, monkeypatch):
         azureml_backend.check_snapshot(tmp_path)
     (tmp_path / ".amlignore").write_text("*.bin\n")  # Azure's own ignore file is honoured
     assert azureml_backend.check_snapshot(tmp_path)[0] == 1
-
-
-class FakeJobs:
-    """Offline fake of MLClient.jobs: records submissions, plays back job statuses."""
-
-    def __init__(self, statuses):
-        self.submitted, self.statuses, self.cancelled = [], list(statuses), []
-
-    def create_or_update(self, job):
-        self.submitted.append(job)
-        return SimpleNamespace(name="brave_job_42", studio_url="https://ml.azure.com/runs/42")
-
-    def get(self, name):
-        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        return SimpleNamespace(name=name, status=status)
-
-    def begin_cancel(self, name):
-        self.cancelled.append(name)
-        return SimpleNamespace(wait=lambda: None)
-
-
-def _backend_with_fake_client(monkeypatch, jobs):
-    monkeypatch.setattr(AzureMLBackend, "client_factory",
-                        staticmethod(lambda cfg: SimpleNamespace(jobs=jobs)))
-    return AzureMLBackend()
-
-
-def test_submit_with_fake_azure_client_mirrors_the_job_status(tracking, monkeypatch):
-    jobs = FakeJobs(["Queued", "Running", "Completed"])
-    backend = _backend_with_fake_client(monkeypatch, jobs)
-    experiment = mlflow.create_experiment("azure-fake")
-    submitted = backend.run(str(ROOT), "main", PARAMS, None,
-                            {**WORKSPACE, "compute": "cpu", "poll_seconds": 0}, tracking,
-                            experiment)
-    (job,) = jobs.submitted
-    assert isinstance(job, Command) and job.compute == "cpu"
-    assert job.experiment_name == "azure-fake"
-    run = mlflow.get_run(submitted.run_id)
-    assert run.data.tags["phi3flow.azureml.job_name"] == "brave_job_42"
-    assert run.data.params == PARAMS
-    assert submitted.get_status() == mlflow.entities.RunStatus.RUNNING
-    assert submitted.wait() is True
-    assert mlflow.get_run(submitted.run_id).info.status == "FINISHED"
-
-
-def test_failed_and_cancelled_jobs_with_fake_azure_client(tracking, monkeypatch):
-    experiment = mlflow.create_experiment("azure-fake-2")
-    config = {**WORKSPACE, "compute": "cpu", "poll_seconds": 0}
-    failed = _backend_with_fake_client(monkeypatch, FakeJobs(["Failed"])).run(
-        str(ROOT), "main", PARAMS, None, config, tracking, experiment)
-    assert failed.wait() is False and mlflow.get_run(failed.run_id).info.status == "FAILED"
-    jobs = FakeJobs(["Running"])
-    running = _backend_with_fake_client(monkeypatch, jobs).run(
-        str(ROOT), "main", PARAMS, None, config, tracking, experiment)
-    running.cancel()
-    assert jobs.cancelled == ["brave_job_42"]
-    assert mlflow.get_run(running.run_id).info.status == "KILLED"
 
 
 def test_mlflow_run_finds_the_plugin_and_dry_run_writes_a_loadable_job(tracking, tmp_path):
@@ -171,9 +185,11 @@ def test_mlflow_run_finds_the_plugin_and_dry_run_writes_a_loadable_job(tracking,
     assert done.returncode == 0, done.stderr[-4000:]
     assert "nothing was submitted" in done.stderr
     job = load_job(str(job_yaml))
-    assert "mlflow run . --env-manager local -e main" in job.command
+    assert job.command.startswith("python -m phi3flow.azureml_job -e main")
     assert "must-not-appear-anywhere" not in job_yaml.read_text() + done.stderr + done.stdout
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.tags["phi3flow.azureml.dry_run"] == "true"
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "azureml")] == [
+        "azureml/job.yml"]
     assert run.data.tags["mlflow.project.backend"] == "azureml-v2"
     assert run.info.status == "FINISHED"
