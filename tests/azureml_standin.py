@@ -1,0 +1,578 @@
+"""Local stand-ins for an Azure ML workspace and its job service (no Azure is reachable here).
+
+**Workspace stand-in** (`Workspace`): what `azureml-mlflow`, Microsoft's MLflow client for Azure
+ML, talks to, speaking the protocol it speaks (read from its source, azureml-mlflow 1.62.0.post6):
+
+- a real `mlflow server` (sqlite) serves MLflow's REST API, but only under Azure ML's path
+  `/mlflow/v2.0/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.MachineLearningServices/
+  workspaces/<w>/api/2.0/mlflow/...`, over TLS (azureml-mlflow builds `https://` URLs and
+  nothing overrides it), with a bearer token required (401 without one, or with an expired one);
+- `/api/2.0/mlflow/logged-models...` answers 404 with an empty body, as Azure ML does for MLflow 3;
+- runs' artifact URIs are rewritten to Azure's form, `azureml://experiments/<name>/runs/<id>/
+  artifacts`, and the run-history artifact endpoints that azureml-mlflow calls for them
+  (`/history/v1.0/<scope>/experiments/<e>/runs/<r>/artifacts[/batch/metadata|/contentinfo]`)
+  hand out SAS URLs into **Azurite**, Microsoft's Azure Storage emulator, so every artifact byte
+  goes through the real azure-storage-blob client into real (emulated) blob storage;
+- the run-token refresh endpoint (`/history/v1.0/<scope>/experimentids/<e>/runs/<r>/token`)
+  that azureml-mlflow calls inside a job, and a managed-identity endpoint (`/msi`, the protocol
+  azure-identity's ManagedIdentityCredential speaks) that gives the user's side its token.
+
+What it cannot prove: Azure's real responses beyond these shapes, RBAC, quotas, the image build,
+and real blob hostnames. azureml-mlflow downloads only from URLs that look like
+`https://<account>.blob.core.windows.net/...` (and silently writes nothing otherwise), so the SAS
+URLs it gets carry one extra query parameter that makes an Azurite URL match that pattern; the
+blob client drops it before the request goes out.
+
+**Job-service stand-in** (`JobService`): an offline stand-in for `MLClient.jobs` / `.compute`.
+It takes the exact job the backend submits (azure-ai-ml's `Command`, from `load_job`), lays out
+the code snapshot with Azure's ignore rules, creates the job's MLflow run in the workspace (run
+ID = job name, as Azure ML does), sets the environment an Azure ML job gets (JOB_ENVIRONMENT
+below), runs the job's command in this interpreter's environment (standing in for the image
+built from the job's conda file), and reports Azure job states.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qs, quote, urlparse
+
+from tests.ports import free_port
+
+AZURITE_VERSION = "3.37.0"
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's documented, well-known development key (not a secret).
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+CONTAINER = "azureml"
+# azureml-mlflow's download check wants *.blob.core.windows.net (see the module docstring).
+BLOB_HOST_DECOY = "&_=.blob.core.windows.net/x/y?z"
+SUBSCRIPTION, RESOURCE_GROUP, WORKSPACE = ("00000000-0000-0000-0000-000000000000", "rg-phi3",
+                                           "ws-phi3")
+SCOPE = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+         f"Microsoft.MachineLearningServices/workspaces/{WORKSPACE}")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3flow"
+
+
+def azurite_bin() -> Path:
+    """Azurite's blob server, installed from the npm registry on first use (about 20 s)."""
+    prefix = CACHE / f"azurite-{AZURITE_VERSION}"
+    binary = prefix / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent",
+                        f"azurite@{AZURITE_VERSION}"], cwd=prefix, check=True, timeout=600)
+    return binary
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """A self-signed certificate for 127.0.0.1, and a CA bundle of the system's CAs plus it."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path, key_path, bundle = (directory / "cert.pem", directory / "key.pem",
+                                   directory / "ca-bundle.pem")
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    system = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
+    bundle.write_bytes((system.read_bytes() if system.exists() else b"") + b"\n" + cert_pem)
+    return cert_path, key_path, bundle
+
+
+@dataclass
+class Counters:
+    """What the stand-in saw: the tests assert on these."""
+    status: dict[int, int] = field(default_factory=dict)
+    unauthorized: list[str] = field(default_factory=list)
+    logged_models_404: int = 0
+    token_refreshes: int = 0
+    blob_uploads: int = 0
+    blob_downloads: int = 0
+    msi_tokens: int = 0
+
+
+class Workspace:
+    """The workspace stand-in (see the module docstring). Use `with workspace(tmp) as ws:`."""
+
+    def __init__(self, root: Path, run_token_seconds: int = 3600):
+        import jwt  # PyJWT, a dependency of azureml-mlflow
+
+        self.jwt, self.root = jwt, root
+        self.secret = uuid.uuid4().hex
+        self.run_token_seconds = run_token_seconds
+        self.counters = Counters()
+        self.mode = "ok"  # "ok" | "401" (every token refused) | "403" (no role on the workspace)
+        self.lock = threading.Lock()
+
+    # -- tokens ------------------------------------------------------------------------------
+    def token(self, kind: str, seconds: int, **claims) -> str:
+        return self.jwt.encode({"exp": int(time.time()) + seconds, "kind": kind, **claims},
+                               self.secret, algorithm="HS256")
+
+    def run_token(self, run_id: str, experiment_id: str) -> str:
+        return self.token("run", self.run_token_seconds, run_id=run_id,
+                          experiment_id=experiment_id)
+
+    def check_token(self, header: str | None) -> dict | None:
+        if not header or not header.startswith("Bearer "):
+            return None
+        try:
+            return self.jwt.decode(header[7:], self.secret, algorithms=["HS256"])
+        except self.jwt.PyJWTError:  # expired or not ours
+            return None
+
+    # -- URIs --------------------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        """What `az ml workspace show --query mlflow_tracking_uri` prints, for this host."""
+        return f"azureml://{self.host}/mlflow/v1.0{SCOPE}"
+
+    def client_env(self) -> dict[str, str]:
+        """The user's side: tracking into the workspace, signed in through managed identity."""
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri,
+                "IDENTITY_ENDPOINT": f"https://{self.host}/msi", "IDENTITY_HEADER": "stand-in",
+                **self.tls_env()}
+
+    def tls_env(self) -> dict[str, str]:
+        # Trust the stand-in's certificate (requests, azure-core and the blob client read it);
+        # AZUREML_CURRENT_CLOUD spares azureml-mlflow a lookup of Azure's cloud metadata.
+        return {"REQUESTS_CA_BUNDLE": str(self.bundle), "SSL_CERT_FILE": str(self.bundle),
+                "AZUREML_CURRENT_CLOUD": "AzureCloud", "NO_PROXY": "127.0.0.1,localhost",
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+    def artifact_uri(self, experiment_name: str, run_id: str) -> str:
+        return f"azureml://experiments/{quote(experiment_name)}/runs/{run_id}/artifacts"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Workspace:
+        from azure.storage.blob import BlobServiceClient
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.cert, self.key, self.bundle = make_certificate(self.root)
+        self.backend_port, self.blob_port, self.port = free_port(), free_port(), free_port()
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                 f"sqlite:///{self.root / 'workspace.db'}", "--default-artifact-root",
+                 str(self.root / "unused-artifacts"), "--host", "127.0.0.1", "--port",
+                 str(self.backend_port), "--workers", "1"],
+                cwd=self.root, stdout=open(self.root / "mlflow-server.log", "w"),
+                stderr=subprocess.STDOUT),
+            subprocess.Popen(
+                [str(azurite_bin()), "--blobHost", "127.0.0.1", "--blobPort", str(self.blob_port),
+                 "--location", str(self.root / "azurite"), "--cert", str(self.cert), "--key",
+                 str(self.key), "--skipApiVersionCheck", "--loose", "--silent"],
+                cwd=self.root, stdout=open(self.root / "azurite.log", "w"),
+                stderr=subprocess.STDOUT),
+        ]
+        handler = type("Handler", (_Handler,), {"ws": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.backend_port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert all(p.poll() is None for p in self.procs), "a stand-in process exited"
+            assert time.monotonic() < deadline, "the workspace stand-in did not start in 120 s"
+            time.sleep(0.5)
+        self.blobs = BlobServiceClient(
+            f"https://127.0.0.1:{self.blob_port}/{AZURITE_ACCOUNT}",
+            credential={"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY},
+            connection_verify=str(self.bundle))
+        for _ in range(60):
+            try:
+                self.blobs.create_container(CONTAINER)
+                break
+            except Exception as exc:
+                if "ContainerAlreadyExists" in str(exc):
+                    break
+                time.sleep(0.5)
+        else:
+            raise AssertionError("Azurite did not come up")
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        for proc in self.procs:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # -- the backing server, as the service itself uses it (no token: Azure's own side) -------
+    def backend(self, method: str, path: str, body: dict | None = None) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.backend_port, timeout=120)
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: {response.status} {payload[:300]!r}")
+        return json.loads(payload or b"{}")
+
+    def experiment(self, id_or_name: str) -> dict:
+        try:
+            return self.backend("GET", f"/api/2.0/mlflow/experiments/get?experiment_id="
+                                       f"{quote(id_or_name)}")["experiment"]
+        except RuntimeError:
+            return self.backend("GET", f"/api/2.0/mlflow/experiments/get-by-name?"
+                                       f"experiment_name={quote(id_or_name)}")["experiment"]
+
+    def descends_from(self, run_id: str, ancestor: str) -> bool:
+        """A job's token may be refreshed for the job's run and the runs nested under it."""
+        for _ in range(10):
+            if run_id == ancestor:
+                return True
+            tags = self.backend("GET", f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"][
+                "data"].get("tags", [])
+            run_id = next((t["value"] for t in tags if t["key"] == "mlflow.parentRunId"), None)
+            if run_id is None:
+                return False
+        return False
+
+    def blob_name(self, run_id: str, path: str) -> str:
+        return f"ExperimentRun/dcid.{run_id}/{path}"
+
+    def sas_url(self, blob: str) -> str:
+        from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+        sas = generate_blob_sas(AZURITE_ACCOUNT, CONTAINER, blob, account_key=AZURITE_KEY,
+                                permission=BlobSasPermissions(read=True, write=True, create=True),
+                                expiry=datetime.datetime.now(datetime.timezone.utc)
+                                + datetime.timedelta(hours=1))
+        return (f"https://127.0.0.1:{self.blob_port}/{AZURITE_ACCOUNT}/{CONTAINER}/"
+                f"{quote(blob)}?{sas}{BLOB_HOST_DECOY}")
+
+    def artifact_paths(self, run_id: str) -> list[str]:
+        prefix = self.blob_name(run_id, "")
+        container = self.blobs.get_container_client(CONTAINER)
+        return sorted(b.name[len(prefix):] for b in container.list_blobs(name_starts_with=prefix))
+
+
+_WORKSPACE_PREFIX = re.compile(r"^/mlflow/v2\.0(?P<scope>/subscriptions/[^/]+/resourceGroups/"
+                               r"[^/]+/providers/Microsoft\.MachineLearningServices/workspaces/"
+                               r"[^/]+)(?P<rest>/api/.*)$", re.IGNORECASE)
+_HISTORY = re.compile(r"^/history/v1\.0(?P<scope>/subscriptions/.+?/workspaces/[^/]+)/"
+                      r"(?P<kind>experiments|experimentids)/(?P<exp>[^/]+)/runs/(?P<run>[^/]+)"
+                      r"/(?P<what>artifacts(?:/batch/metadata|/contentinfo)?|token)$",
+                      re.IGNORECASE)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    ws: Workspace
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: dict | bytes | None = None,
+               content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else (
+            json.dumps(body).encode() if body is not None else b"")
+        with self.ws.lock:
+            self.ws.counters.status[status] = self.ws.counters.status.get(status, 0) + 1
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        url = urlparse(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/msi":
+            return self._msi(query)
+        claims = self.ws.check_token(self.headers.get("Authorization"))
+        if claims is None or self.ws.mode == "401":
+            self.ws.counters.unauthorized.append(f"{self.command} {url.path}")
+            return self._reply(401, {"error": {"code": "AuthenticationFailed",
+                                               "message": "missing, invalid or expired token"}})
+        if self.ws.mode == "403":
+            return self._reply(403, {"error": {"code": "AuthorizationFailed", "message":
+                                               "the client does not have authorization"}})
+        if match := _WORKSPACE_PREFIX.match(url.path):
+            if match["scope"].lower() != SCOPE.lower():
+                return self._reply(404, {"error": {"code": "WorkspaceNotFound",
+                                                   "message": match["scope"]}})
+            return self._mlflow(match["rest"], url.query, body)
+        if (match := _HISTORY.match(url.path)) and match["scope"].lower() == SCOPE.lower():
+            if match["what"] == "token":
+                return self._refresh(claims, match["exp"], match["run"])
+            return self._artifacts(match["run"], match["what"], query, body)
+        return self._reply(404, {"error": {"code": "NotFound", "message": url.path}})
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+    def _msi(self, query: dict) -> None:
+        if not self.headers.get("X-IDENTITY-HEADER"):
+            return self._reply(400, {"error": "X-IDENTITY-HEADER missing"})
+        self.ws.counters.msi_tokens += 1
+        expires = int(time.time()) + 3600
+        self._reply(200, {"access_token": self.ws.token("user", 3600), "expires_on": str(expires),
+                          "resource": query.get("resource", ""), "token_type": "Bearer"})
+
+    def _refresh(self, claims: dict, experiment_id: str, run_id: str) -> None:
+        if claims.get("kind") != "run" or not self.ws.descends_from(run_id, claims["run_id"]):
+            return self._reply(403, {"error": {"code": "Forbidden", "message": "not this run"}})
+        self.ws.counters.token_refreshes += 1
+        token = self.ws.run_token(run_id, experiment_id)
+        expiry = datetime.datetime.fromtimestamp(self.ws.jwt.decode(
+            token, options={"verify_signature": False})["exp"], datetime.timezone.utc)
+        self._reply(200, {"token": token, "expiryTimeUtc": expiry.isoformat()})
+
+    def _mlflow(self, rest: str, query: str, body: bytes) -> None:
+        if "/mlflow/logged-models" in rest:
+            self.ws.counters.logged_models_404 += 1
+            return self._reply(404, b"", "text/plain")  # Azure ML with MLflow 3: empty 404
+        conn = http.client.HTTPConnection("127.0.0.1", self.ws.backend_port, timeout=300)
+        conn.request(self.command, rest + (f"?{query}" if query else ""), body=body or None,
+                     headers={"Content-Type": self.headers.get("Content-Type",
+                                                               "application/json")})
+        response = conn.getresponse()
+        payload = response.read()
+        if response.status == 200 and payload:
+            payload = json.dumps(self._azure_artifact_uris(json.loads(payload))).encode()
+        self._reply(response.status, payload,
+                    response.getheader("Content-Type") or "application/json")
+
+    def _azure_artifact_uris(self, value):
+        """Run infos carry Azure's artifact URI form, as the workspace returns them."""
+        if isinstance(value, dict):
+            if "artifact_uri" in value and "run_id" in value and "experiment_id" in value:
+                name = self.ws.experiment(value["experiment_id"])["name"]
+                value = {**value, "artifact_uri": self.ws.artifact_uri(name, value["run_id"])}
+            return {k: self._azure_artifact_uris(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._azure_artifact_uris(v) for v in value]
+        return value
+
+    def _artifacts(self, run_id: str, what: str, query: dict, body: bytes) -> None:
+        ws = self.ws
+        container = f"dcid.{run_id}"
+        if what == "artifacts/batch/metadata" and self.command == "POST":
+            paths = [item["path"] for item in json.loads(body)["paths"]]
+            ws.counters.blob_uploads += len(paths)
+            info = {p: {"origin": "ExperimentRun", "container": container, "path": p,
+                        "contentUri": ws.sas_url(ws.blob_name(run_id, p))} for p in paths}
+            artifacts = {p: {"artifactId": f"ExperimentRun/{container}/{p}",
+                             "origin": "ExperimentRun", "container": container, "path": p}
+                         for p in paths}
+            return self._reply(200, {"artifacts": artifacts, "artifactContentInformation": info,
+                                     "errors": {}})
+        if what == "artifacts" and self.command == "GET":
+            value = [{"artifactId": f"ExperimentRun/{container}/{p}", "origin": "ExperimentRun",
+                      "container": container, "path": p} for p in ws.artifact_paths(run_id)]
+            return self._reply(200, {"value": value, "continuationToken": None,
+                                     "nextLink": None})
+        if what == "artifacts/contentinfo" and self.command == "GET":
+            path = query.get("path", "")
+            if path not in ws.artifact_paths(run_id):
+                return self._reply(404, {"error": {"code": "UserError",
+                                                   "message": f"{path} not found"}})
+            ws.counters.blob_downloads += 1
+            return self._reply(200, {"contentUri": ws.sas_url(ws.blob_name(run_id, path)),
+                                     "origin": "ExperimentRun", "container": container,
+                                     "path": path})
+        return self._reply(404, {"error": {"code": "NotFound", "message": what}})
+
+
+@contextmanager
+def workspace(root: Path, **options):
+    ws = Workspace(root, **options).start()
+    try:
+        yield ws
+    finally:
+        ws.stop()
+
+
+# Environment variables Azure ML sets in a command job, and which of them this stand-in sets.
+# Sources: azureml-mlflow 1.62 (`_internal/service_context_loader.py`: a job is recognised by
+# MLFLOW_TRACKING_URI + MLFLOW_TRACKING_TOKEN + MLFLOW_RUN_ID + MLFLOW_EXPERIMENT_ID/_NAME;
+# `_internal/utils.py` reads them; `_store/tracking/store.py` reads AZUREML_RUN_ID), and
+# docs/decisions.md ("What Azure ML sets inside a job"). Azure overwrites any MLFLOW_* variable
+# the job's own definition sets.
+JOB_ENVIRONMENT = (
+    "MLFLOW_TRACKING_URI",      # azureml://<region>.api.azureml.ms/mlflow/v1.0/<workspace scope>
+    "MLFLOW_TRACKING_TOKEN",    # a run-scoped JWT that expires; refreshed through /token
+    "MLFLOW_RUN_ID",            # the job's run (= the job's name)
+    "MLFLOW_EXPERIMENT_ID",     # and/or MLFLOW_EXPERIMENT_NAME (both variants are tested)
+    "MLFLOW_EXPERIMENT_NAME",
+    "AZUREML_RUN_ID",           # = MLFLOW_RUN_ID; azureml-mlflow leaves that run's status to Azure
+    "AZUREML_ARM_SUBSCRIPTION", "AZUREML_ARM_RESOURCEGROUP", "AZUREML_ARM_WORKSPACE_NAME",
+    "AZUREML_ARM_PROJECT_NAME",  # the experiment name
+)
+
+
+class JobService:
+    """Stand-in for MLClient.jobs and MLClient.compute (see the module docstring)."""
+
+    def __init__(self, ws: Workspace, root: Path, computes=("cpu-cluster",),
+                 experiment_variables=("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"),
+                 statuses: list[str] | None = None):
+        self.ws, self.root = ws, root
+        self.computes = set(computes)
+        self.experiment_variables = experiment_variables
+        self.scripted = list(statuses or [])  # fixed states to report instead of running
+        self.submitted: list = []
+        self.jobs: dict[str, dict] = {}
+        self.cancelled: list[str] = []
+        self.compute = SimpleNamespace(get=self._get_compute)
+
+    @property
+    def client(self):
+        return SimpleNamespace(jobs=self, compute=self.compute)
+
+    def _get_compute(self, name: str):
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if name not in self.computes:
+            raise ResourceNotFoundError(
+                f"(ResourceNotFound) The Resource 'Microsoft.MachineLearningServices/workspaces/"
+                f"{WORKSPACE}/computes/{name}' under resource group '{RESOURCE_GROUP}' was not "
+                "found.")
+        return SimpleNamespace(name=name, type="amlcompute")
+
+    def create_or_update(self, job):
+        from azure.ai.ml._utils._asset_utils import get_ignore_file
+        from azure.ai.ml.entities import Command
+
+        assert isinstance(job, Command), f"the job service takes Command jobs, got {type(job)}"
+        self.submitted.append(job)
+        if job.compute:
+            self._get_compute(job.compute)
+        experiment = self._experiment(job.experiment_name)
+        run = self.ws.backend("POST", "/api/2.0/mlflow/runs/create", {
+            "experiment_id": experiment["experiment_id"], "run_name": job.display_name,
+            "start_time": int(time.time() * 1000),
+            "tags": [{"key": "mlflow.runName", "value": job.display_name or ""},
+                     {"key": "azureml.runsource", "value": "azureml.scriptrun"}]})["run"]
+        name = run["info"]["run_id"]  # Azure ML: the job's name is its MLflow run ID
+        workdir = self.root / name
+        code = Path(job.code)
+        ignore = get_ignore_file(code)
+        for path in code.rglob("*"):
+            relative = path.relative_to(code)
+            if (path.is_file() and ".git" not in relative.parts
+                    and not ignore.is_file_excluded(str(path))):
+                (workdir / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, workdir / relative)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MLFLOW_", "AZUREML_", "IDENTITY_", "AZURE_"))}
+        env.update(job.environment_variables or {})
+        env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}  # Azure overwrites
+        env.update({
+            "MLFLOW_TRACKING_URI": self.ws.tracking_uri,
+            "MLFLOW_TRACKING_TOKEN": self.ws.run_token(name, experiment["experiment_id"]),
+            "MLFLOW_RUN_ID": name, "AZUREML_RUN_ID": name,
+            "AZUREML_ARM_SUBSCRIPTION": SUBSCRIPTION, "AZUREML_ARM_RESOURCEGROUP": RESOURCE_GROUP,
+            "AZUREML_ARM_WORKSPACE_NAME": WORKSPACE,
+            "AZUREML_ARM_PROJECT_NAME": experiment["name"],
+            **self.ws.tls_env(),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        })
+        if "MLFLOW_EXPERIMENT_ID" in self.experiment_variables:
+            env["MLFLOW_EXPERIMENT_ID"] = experiment["experiment_id"]
+        if "MLFLOW_EXPERIMENT_NAME" in self.experiment_variables:
+            env["MLFLOW_EXPERIMENT_NAME"] = experiment["name"]
+        record = {"status": "Queued", "env": env, "workdir": workdir, "proc": None,
+                  "log": self.root / f"{name}.std_log.txt", "experiment": experiment}
+        self.jobs[name] = record
+        if not self.scripted:
+            threading.Thread(target=self._execute, args=(name, job.command), daemon=True).start()
+        return SimpleNamespace(name=name, status="Queued",
+                               studio_url=f"https://ml.azure.com/runs/{name}?wsid={SCOPE}")
+
+    def _experiment(self, name: str) -> dict:
+        try:
+            return self.ws.experiment(name)
+        except RuntimeError:  # Azure ML creates a job's experiment when it does not exist
+            self.ws.backend("POST", "/api/2.0/mlflow/experiments/create", {"name": name})
+            return self.ws.experiment(name)
+
+    def _execute(self, name: str, command: str) -> None:
+        record = self.jobs[name]
+        with open(record["log"], "w") as log:
+            record["status"] = "Running"
+            record["proc"] = subprocess.Popen(["bash", "-c", command], cwd=record["workdir"],
+                                              env=record["env"], stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True)
+            code = record["proc"].wait()
+        if record["status"] == "Running":
+            record["status"] = "Completed" if code == 0 else "Failed"
+        # Azure ML ends the job's run itself (azureml-mlflow leaves AZUREML_RUN_ID's to it).
+        final = {"Completed": "FINISHED", "Failed": "FAILED", "Canceled": "KILLED"}[
+            record["status"]]
+        self.ws.backend("POST", "/api/2.0/mlflow/runs/update", {
+            "run_id": name, "status": final, "end_time": int(time.time() * 1000)})
+
+    def get(self, name: str):
+        if self.scripted:
+            status = self.scripted.pop(0) if len(self.scripted) > 1 else self.scripted[0]
+        else:
+            status = self.jobs[name]["status"]
+        return SimpleNamespace(name=name, status=status)
+
+    def begin_cancel(self, name: str):
+        self.cancelled.append(name)
+        record = self.jobs[name]
+        record["status"] = "Canceled"
+        if record["proc"] is not None and record["proc"].poll() is None:
+            os.killpg(record["proc"].pid, signal.SIGTERM)
+        return SimpleNamespace(wait=lambda: None)
+
+    def wait_until_done(self, name: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while self.jobs[name]["status"] in ("Queued", "Running"):
+            assert time.monotonic() < deadline, f"job {name} still running after {timeout} s"
+            time.sleep(1)
+        return self.jobs[name]["status"]
