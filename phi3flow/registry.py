@@ -35,11 +35,12 @@ class Outcome:
     alias: str  # "" when a re-registered version holds no alias any more
     reason: str
     reused: bool
+    by_tag: bool = False  # the registry has no alias API: the alias is a tag (see set_alias)
 
     def as_dict(self, model_name: str) -> dict[str, Any]:
-        where = f"@{self.alias}" if self.alias else f"/{self.version}"
+        where = f"@{self.alias}" if self.alias and not self.by_tag else f"/{self.version}"
         return {"model_name": model_name, "version": str(self.version), "alias": self.alias,
-                "reason": self.reason, "reused": self.reused,
+                "reason": self.reason, "reused": self.reused, "alias_by_tag": self.by_tag,
                 "model_uri": f"models:/{model_name}/{self.version}",
                 "serve_uri": f"models:/{model_name}{where}"}
 
@@ -67,11 +68,49 @@ def _existing_version(client, name: str, evaluate_run_id: str) -> ModelVersion |
     return None
 
 
+# Where a registry has no alias API, the alias is kept as a tag of the registered model, whose
+# value is the version holding it (`phi3flow.alias.champion = 3`); serve it as models:/NAME/3.
+ALIAS_TAG = names.TAG_PREFIX + "alias."
+
+
+def _no_alias_api(exc: MlflowException) -> bool:
+    """The registry lacks the alias endpoints (an empty 404), as opposed to a missing alias."""
+    return exc.error_code in ("ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED", "FEATURE_DISABLED")
+
+
 def _holder(client, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if not _no_alias_api(exc):
+            return None
+    try:
+        version = client.get_registered_model(name).tags.get(ALIAS_TAG + alias)
     except MlflowException:
         return None
+    return client.get_model_version(name, version) if version else None
+
+
+def _aliases_of(client, name: str, version: ModelVersion) -> list[str]:
+    if version.aliases:
+        return list(version.aliases)
+    tags = client.get_registered_model(name).tags
+    return [k[len(ALIAS_TAG):] for k, v in tags.items()
+            if k.startswith(ALIAS_TAG) and v == str(version.version)]
+
+
+def set_alias(client, name: str, alias: str, version: str) -> bool:
+    """Give `alias` to `version`; True if by MLflow alias, False if by tag (no alias API)."""
+    try:
+        client.set_registered_model_alias(name, alias, version)
+        return True
+    except MlflowException as exc:
+        if not _no_alias_api(exc):
+            raise
+    logger.warning("the registry has no alias API: %s is recorded as the tag %s%s=%s of %s; "
+                   "use models:/%s/%s", alias, ALIAS_TAG, alias, version, name, name, version)
+    client.set_registered_model_tag(name, ALIAS_TAG + alias, str(version))
+    return False
 
 
 def _beats(candidate: dict[str, float], holder: ModelVersion) -> tuple[bool, str]:
@@ -156,11 +195,12 @@ def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
     existing = _existing_version(client, cfg.model_name, cfg.evaluate_run_id)
     if existing is not None:
         existing = client.get_model_version(cfg.model_name, existing.version)  # with aliases
-        alias = existing.aliases[0] if existing.aliases else ""
+        aliases = _aliases_of(client, cfg.model_name, existing)
+        alias = aliases[0] if aliases else ""
         logger.info("evaluate run %s is already registered as %s version %s (@%s): nothing to do",
                     cfg.evaluate_run_id, cfg.model_name, existing.version, alias or "none")
         return Outcome(existing.version, alias, "already registered by an earlier register run",
-                       reused=True)
+                       reused=True, by_tag=bool(alias) and not existing.aliases)
 
     holder = _holder(client, cfg.model_name, cfg.alias)
     alias, reason = decide_alias(cfg, decision, holder)
@@ -178,10 +218,10 @@ def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
         + f". Alias {alias}: {reason}."
     )
     client.update_model_version(cfg.model_name, version.version, description=description)
-    client.set_registered_model_alias(cfg.model_name, alias, version.version)
+    by_alias = set_alias(client, cfg.model_name, alias, version.version)
     logger.info("registered %s version %s as @%s: %s", cfg.model_name, version.version, alias,
                 reason)
-    return Outcome(version.version, alias, reason, reused=False)
+    return Outcome(version.version, alias, reason, reused=False, by_tag=not by_alias)
 
 
 def read_decision(evaluate_run) -> dict:

@@ -137,6 +137,7 @@ class Workspace:
         self.run_token_seconds = run_token_seconds
         self.counters = Counters()
         self.mode = "ok"  # "ok" | "401" (every token refused) | "403" (no role on the workspace)
+        self.alias_api = True  # False: the registry's alias endpoints answer an empty 404
         self.lock = threading.Lock()
 
     # -- tokens ------------------------------------------------------------------------------
@@ -374,6 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
         if "/mlflow/logged-models" in rest:
             self.ws.counters.logged_models_404 += 1
             return self._reply(404, b"", "text/plain")  # Azure ML with MLflow 3: empty 404
+        if not self.ws.alias_api and "/mlflow/registered-models/alias" in rest:
+            return self._reply(404, b"", "text/plain")
         conn = http.client.HTTPConnection("127.0.0.1", self.ws.backend_port, timeout=300)
         conn.request(self.command, rest + (f"?{query}" if query else ""), body=body or None,
                      headers={"Content-Type": self.headers.get("Content-Type",

@@ -20,7 +20,7 @@ import mlflow
 import mlflow.projects
 import pytest
 
-from phi3flow import names
+from phi3flow import names, registry
 from phi3flow.azureml_backend import AzureMLBackend, AzureMLConfigError
 from tests.azureml_standin import (
     JOB_ENVIRONMENT,
@@ -194,6 +194,32 @@ def test_cancel_with_the_job_service_stand_in_stops_the_job_and_kills_the_run(
     submitted.cancel()
     assert jobs.cancelled == [submitted.run_id]
     assert mlflow.MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("alias_api", [True, False], ids=["aliases", "no-alias-api"])
+def test_champion_is_recorded_with_or_without_an_alias_api_on_the_workspace_stand_in(
+        user_side, monkeypatch, alias_api):
+    """Whether a real workspace accepts aliases is not verified: register works either way."""
+    monkeypatch.setattr(user_side, "alias_api", alias_api)
+    client = mlflow.MlflowClient()
+    name = f"alias-probe-{alias_api}"
+    client.create_registered_model(name)
+    v1, v2 = (client.create_model_version(name, f"azureml://experiments/e/runs/r{i}/artifacts/m")
+              for i in (1, 2))
+    assert registry.set_alias(client, name, "champion", v1.version) is alias_api
+    assert registry._holder(client, name, "champion").version == v1.version
+    registry.set_alias(client, name, "champion", v2.version)
+    assert registry._holder(client, name, "champion").version == v2.version
+    assert registry._holder(client, name, "challenger") is None
+    assert registry._aliases_of(client, name, client.get_model_version(name, v1.version)) == []
+    assert registry._aliases_of(client, name, client.get_model_version(name, v2.version)) == [
+        "champion"]
+    outcome = registry.Outcome(v2.version, "champion", "test", reused=False,
+                               by_tag=not alias_api)
+    expected = f"models:/{name}@champion" if alias_api else f"models:/{name}/{v2.version}"
+    assert outcome.as_dict(name)["serve_uri"] == expected
+    # models:/NAME/VERSION resolves to that version's source.
+    assert client.get_model_version_download_uri(name, v2.version).endswith("/r2/artifacts/m")
 
 
 def _runs_in_workspace() -> int:
