@@ -43,12 +43,35 @@ os.environ.pop("HF_ENDPOINT", None)
 os.chdir(_SESSION_DIR)
 
 
+def _git_status() -> str | None:
+    """`git status --porcelain` of the checkout (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    session.config._phi3flow_git_status = _git_status()
+
+
 def pytest_sessionfinish(session, exitstatus):
     from tests import bad_input_table
 
     if bad_input_table.write_if_complete():
         print(f"\nwrote {bad_input_table.DOC} from this session's bad-input results")
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    # Running the tests leaves the checkout as it was (generated docs are rewritten only with
+    # PHI3FLOW_WRITE_DOCS=1): a change to it fails the session, naming what changed.
+    before, after = getattr(session.config, "_phi3flow_git_status", None), _git_status()
+    if (before is not None and after is not None and before != after
+            and os.environ.get(bad_input_table.WRITE_DOCS) != "1"):
+        changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
+        print("\nthe test run changed the checkout (git status):\n  " + "\n  ".join(changed))
+        if session.exitstatus == 0:
+            session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True)
