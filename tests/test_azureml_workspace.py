@@ -53,7 +53,9 @@ def user_side(ws, monkeypatch):
     for key, value in ws.client_env().items():
         monkeypatch.setenv(key, value)
     for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so whatever MLflow sets is undone afterwards
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     ws.mode = "ok"
     yield ws
     ws.mode = "ok"
@@ -250,7 +252,9 @@ def test_workspace_stand_in_refusing_the_user_stops_before_submission(
     MLflow's message instead; the README says so.)
     """
     jobs = _jobs(user_side, tmp_path, monkeypatch)
-    experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
+    client = mlflow.MlflowClient()  # not mlflow.set_experiment: that would outlive the test
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = found.experiment_id if found else client.create_experiment(EXPERIMENT)
     user_side.mode = mode
     with pytest.raises(AzureMLConfigError) as error:
         _submit(names.FETCH_MODEL, FIXTURE_PARAMS, experiment_id=experiment_id)
