@@ -52,6 +52,7 @@ from mlflow.projects.utils import (
 )
 
 from phi3flow.errors import StepError
+from phi3flow.tracking import TAG_ERROR
 
 # Under MLflow's logger, so `mlflow run` shows our messages with its own.
 logger = logging.getLogger("mlflow.projects.azureml_v2")
@@ -365,7 +366,7 @@ class AzureMLSubmittedRun(SubmittedRun):
             logger.error("Azure ML job %s is paused: nothing runs until it is resumed in the "
                          "studio%s", self.job_name, where)
         else:
-            error = run.data.tags.get("phi3flow.error") or "no error recorded by the job's steps"
+            error = run.data.tags.get(TAG_ERROR) or "no error recorded by the job's steps"
             logger.error("Azure ML job %s ended %s: %s%s", self.job_name, status, error, where)
         if run.info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(self._run_id, RunStatus.to_string(TERMINAL[status]))
