@@ -5,9 +5,9 @@ The MLproject parameter, the command-line flag and the dataclass field share one
 in step. Validation lives in `__post_init__`, so a bad value fails before any heavy work, with a
 message that names the parameter and the fix.
 
-MLflow passes every parameter as a string and validates none of them (NOTES), so every MLproject
-parameter has a default here and in MLproject: a missing required value is our error message and a
-FAILED run, not an MLflow exception that leaves the run RUNNING.
+MLflow passes every parameter as a string and validates none of them (docs/decisions.md), so every
+MLproject parameter has a default here and in MLproject: a missing required value is our error
+message and a FAILED run, not an MLflow exception that leaves the run RUNNING.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from phi3flow import names
 from phi3flow.errors import StepError
+from phi3flow.names import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHALLENGER = "challenger"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from phi3flow.errors import StepError
+from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("transformers", "onnx")
 
 

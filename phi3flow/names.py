@@ -4,6 +4,11 @@ A step writes an artifact or a tag under one of these names and the next step re
 same constant, so a rename cannot silently break the chain.
 """
 
+from pathlib import Path
+
+# The project directory (MLproject, conda.yaml, data/): relative inputs resolve against it.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 # --- The model this project packages, pinned. -------------------------------------------------
 DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
 # A commit of microsoft/Phi-3-mini-4k-instruct (not the moving `main` branch), so two users who

@@ -20,10 +20,10 @@ import mlflow
 from mlflow.entities import Run
 
 from phi3flow import names
+from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What decides a step's behaviour: its code, its entry points and its pinned environment.
 # Tests, docs and the README are left out, so editing them reuses finished runs.
 CODE_GLOBS = (
