@@ -38,6 +38,9 @@ os.environ.update({
 })
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_ENDPOINT", None)
+# huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE: a caller who exports it would
+# turn the hub stand-in tests offline. HF_HUB_OFFLINE above is the one switch the tests set.
+os.environ.pop("TRANSFORMERS_OFFLINE", None)
 # The sqlite store puts artifacts under ./mlruns of the directory it is first used from, which
 # can be before any per-test chdir (session fixtures): make that directory the session's.
 os.chdir(_SESSION_DIR)
