@@ -262,6 +262,20 @@ def test_workspace_stand_in_refusing_the_user_stops_before_submission(
     assert jobs.submitted == []
 
 
+def test_unreachable_workspace_stops_before_submission(user_side, tmp_path, monkeypatch):
+    """The tracking URI names the workspace, but nothing answers there (a closed local port)."""
+    from tests.ports import free_port
+
+    jobs = _jobs(user_side, tmp_path, monkeypatch)
+    unreachable = user_side.tracking_uri.replace(user_side.host, f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", unreachable)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(AzureMLConfigError) as error:
+        _submit(names.FETCH_MODEL, FIXTURE_PARAMS, experiment_id="1")
+    assert "is reachable from here" in str(error.value) and "\n" not in str(error.value)
+    assert jobs.submitted == []
+
+
 def test_local_tracking_store_is_refused_by_name(tracking, tmp_path, monkeypatch):
     """No workspace at all: the real `mlflow run --backend azureml-v2` CLI says what to set."""
     config = tmp_path / "azureml.json"
