@@ -67,13 +67,12 @@ MAX_SNAPSHOT_MB = 300
 MAX_SNAPSHOT_FILES = 2000
 TAG = "phi3flow.azureml."
 JOB_MODULE = "phi3flow.azureml_job"
-# Every job state azure-ai-ml knows (azure/ai/ml/operations/_run_history_constants.py). Its own
-# terminal set includes Paused: a paused job runs nothing until resumed in the studio.
+# The terminal job states of azure-ai-ml (azure/ai/ml/operations/_run_history_constants.py); any
+# other state is in progress. Its terminal set includes Paused: a paused job runs nothing until
+# resumed in the studio.
 TERMINAL = {"Completed": RunStatus.FINISHED, "Failed": RunStatus.FAILED,
             "Canceled": RunStatus.KILLED, "NotResponding": RunStatus.FAILED,
             "Paused": RunStatus.KILLED}
-IN_PROGRESS = {"NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running",
-               "CancelRequested", "Finalizing"}
 # Consecutive failed status polls tolerated before wait() gives up (a long job outlives blips).
 MAX_POLL_ERRORS = 5
 # MLflow's own keys in backend_config (it adds them for every backend); not ours to validate.
@@ -122,8 +121,9 @@ class AzureMLConfig:
             raise AzureMLConfigError(f"--backend-config must be a JSON object, got "
                                      f"{type(config).__name__}.")
         config = {k: v for k, v in config.items() if k not in MLFLOW_KEYS}
-        for key in sorted(set(config) & set(MOVED_KEYS)):
-            raise AzureMLConfigError(f"backend-config key {key!r} is gone: {MOVED_KEYS[key]}.")
+        if moved := sorted(set(config) & set(MOVED_KEYS)):
+            raise AzureMLConfigError(f"backend-config key {moved[0]!r} is gone: "
+                                     f"{MOVED_KEYS[moved[0]]}.")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(config) - set(known))
         if unknown:

@@ -20,8 +20,8 @@ Design, for serving (`mlflow models serve` calls predict from several threads at
   Each turn it starts a batch for the rows that arrived meanwhile (rows sharing generation
   options share one Generator) and advances every active batch by one Generator call. So
   concurrent requests share decode steps, which are memory-bound: on the full-size model a
-  batch of 4 costs about one row's step (2.0x, docs/decisions.md). onnxruntime-genai cannot add rows to a
-  running Generator, so batches that started apart are stepped in turn, not merged.
+  batch of 4 costs about one row's step (2.0x, docs/decisions.md). onnxruntime-genai cannot add
+  rows to a running Generator, so batches that started apart are stepped in turn, not merged.
 - The KV cache is sized per batch: max_length = longest prompt + max_tokens (onnxruntime-genai
   allocates it up front; the 4096 default would cost about 3 GiB per request on Phi-3-mini).
 - Responsiveness: a Generator call holds the GIL for its whole duration, so a 2,000-token prompt
@@ -32,8 +32,8 @@ Design, for serving (`mlflow models serve` calls predict from several threads at
   tokens. Between calls other threads get the GIL for a switch interval (5 ms) each, so a request
   arriving beside a long prefill is parsed in seconds, not after it.
 - Threads: onnxruntime gets every core this process may use (see _threads). The Engine API releases the GIL but, on the CPU build, runs fixed
-  batches that queued requests wait for (docs/decisions.md); this scheduler does not make a request wait for
-  an unrelated one to finish.
+  batches that queued requests wait for (docs/decisions.md); this scheduler does not make a
+  request wait for an unrelated one to finish.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ CHAT_EXAMPLE = {
 }
 
 # What the logged model needs at load time, pinned to the versions that logged it. torchvision is
-# not among them: MLflow's default inference would import it (docs/decisions.md), so we list them ourselves.
+# not among them: MLflow's default inference would import it (docs/decisions.md), so we list
+# them ourselves.
 RUNTIME_DISTRIBUTIONS = (
     "mlflow", "transformers", "tokenizers", "huggingface_hub", "safetensors", "torch",
     "numpy", "pandas",
@@ -83,9 +84,9 @@ def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[
     """Make MLflow's by-reference logging record `commit`, not the hub's current HEAD.
 
     With save_pretrained=False MLflow stores the model's name_or_path and asks the hub for the
-    repository's *latest* commit (docs/decisions.md), which is not the revision we fetched and verified. We
-    point name_or_path at the hub id and answer that lookup with the fetched commit; `log()`
-    then checks the written MLmodel to prove the pin took.
+    repository's *latest* commit (docs/decisions.md), which is not the revision we fetched and
+    verified. We point name_or_path at the hub id and answer that lookup with the fetched commit;
+    `log()` then checks the written MLmodel to prove the pin took.
     """
     pipeline.model.name_or_path = repo_id
     pipeline.model.config.name_or_path = repo_id
