@@ -117,13 +117,9 @@ def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
 @dataclass
 class Counters:
     """What the stand-in saw: the tests assert on these."""
-    status: dict[int, int] = field(default_factory=dict)
     unauthorized: list[str] = field(default_factory=list)
     logged_models_404: int = 0
     token_refreshes: int = 0
-    blob_uploads: int = 0
-    blob_downloads: int = 0
-    msi_tokens: int = 0
 
 
 class Workspace:
@@ -139,6 +135,7 @@ class Workspace:
         self.mode = "ok"  # "ok" | "401" (every token refused) | "403" (no role on the workspace)
         self.alias_api = True  # False: the registry's alias endpoints answer an empty 404
         self.lock = threading.Lock()
+        self.experiment_names: dict[str, str] = {}  # by ID; MLflow experiments keep their name
 
     # -- tokens ------------------------------------------------------------------------------
     def token(self, kind: str, seconds: int, **claims) -> str:
@@ -279,6 +276,13 @@ class Workspace:
                 return False
         return False
 
+    def experiment_name(self, experiment_id: str) -> str:
+        """An experiment's name, looked up once: a run-info rewrite needs it for every run."""
+        with self.lock:
+            if experiment_id not in self.experiment_names:
+                self.experiment_names[experiment_id] = self.experiment(experiment_id)["name"]
+            return self.experiment_names[experiment_id]
+
     def blob_name(self, run_id: str, path: str) -> str:
         return f"ExperimentRun/dcid.{run_id}/{path}"
 
@@ -318,8 +322,6 @@ class _Handler(BaseHTTPRequestHandler):
                content_type: str = "application/json") -> None:
         data = body if isinstance(body, bytes) else (
             json.dumps(body).encode() if body is not None else b"")
-        with self.ws.lock:
-            self.ws.counters.status[status] = self.ws.counters.status.get(status, 0) + 1
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -357,7 +359,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _msi(self, query: dict) -> None:
         if not self.headers.get("X-IDENTITY-HEADER"):
             return self._reply(400, {"error": "X-IDENTITY-HEADER missing"})
-        self.ws.counters.msi_tokens += 1
         expires = int(time.time()) + 3600
         self._reply(200, {"access_token": self.ws.token("user", 3600), "expires_on": str(expires),
                           "resource": query.get("resource", ""), "token_type": "Bearer"})
@@ -392,7 +393,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Run infos carry Azure's artifact URI form, as the workspace returns them."""
         if isinstance(value, dict):
             if "artifact_uri" in value and "run_id" in value and "experiment_id" in value:
-                name = self.ws.experiment(value["experiment_id"])["name"]
+                name = self.ws.experiment_name(value["experiment_id"])
                 value = {**value, "artifact_uri": self.ws.artifact_uri(name, value["run_id"])}
             return {k: self._azure_artifact_uris(v) for k, v in value.items()}
         if isinstance(value, list):
@@ -404,7 +405,6 @@ class _Handler(BaseHTTPRequestHandler):
         container = f"dcid.{run_id}"
         if what == "artifacts/batch/metadata" and self.command == "POST":
             paths = [item["path"] for item in json.loads(body)["paths"]]
-            ws.counters.blob_uploads += len(paths)
             info = {p: {"origin": "ExperimentRun", "container": container, "path": p,
                         "contentUri": ws.sas_url(ws.blob_name(run_id, p))} for p in paths}
             artifacts = {p: {"artifactId": f"ExperimentRun/{container}/{p}",
@@ -422,7 +422,6 @@ class _Handler(BaseHTTPRequestHandler):
             if path not in ws.artifact_paths(run_id):
                 return self._reply(404, {"error": {"code": "UserError",
                                                    "message": f"{path} not found"}})
-            ws.counters.blob_downloads += 1
             return self._reply(200, {"contentUri": ws.sas_url(ws.blob_name(run_id, path)),
                                      "origin": "ExperimentRun", "container": container,
                                      "path": path})
@@ -573,9 +572,3 @@ class JobService:
             os.killpg(record["proc"].pid, signal.SIGTERM)
         return SimpleNamespace(wait=lambda: None)
 
-    def wait_until_done(self, name: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while self.jobs[name]["status"] in ("Queued", "Running"):
-            assert time.monotonic() < deadline, f"job {name} still running after {timeout} s"
-            time.sleep(1)
-        return self.jobs[name]["status"]

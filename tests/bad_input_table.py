@@ -1,8 +1,9 @@
 """The bad-input matrix as the tests saw it: each case records what it got, and at the end of a
 session that ran every case and saw every one behave, docs/bad-input.md is written from the records.
 
-Nobody edits docs/bad-input.md by hand: `PHI3FLOW_WRITE_DOCS=1 python -m pytest tests/test_bad_input.py`
-rewrites it (a plain test run leaves the tree as it was).
+Nobody edits docs/bad-input.md by hand:
+`PHI3FLOW_WRITE_DOCS=1 python -m pytest tests/test_bad_input.py` rewrites it (a plain test run
+leaves the tree as it was).
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 # Generated docs are rewritten only when this is 1, never by a plain test run.
 WRITE_DOCS = "PHI3FLOW_WRITE_DOCS"
+
+
+def writing_docs() -> bool:
+    """Whether this session refreshes the generated docs (docs/bad-input.md, docs/load-test.*)."""
+    return os.environ.get(WRITE_DOCS) == "1"
+
+
 ROWS: list["Row"] = []
 EXPECTED: dict[str, int] = {}  # matrix title -> number of cases it defines
 
@@ -43,7 +51,7 @@ def _cell(text: str, limit: int = 220) -> str:
 
 def write_if_complete() -> bool:
     """Write the doc when asked to and every case of every matrix ran and behaved."""
-    if os.environ.get(WRITE_DOCS) != "1":
+    if not writing_docs():
         return False
     if not EXPECTED or len(ROWS) != sum(EXPECTED.values()) or not all(r.ok for r in ROWS):
         return False

@@ -70,7 +70,7 @@ def pytest_sessionfinish(session, exitstatus):
     # PHI3FLOW_WRITE_DOCS=1): a change to it fails the session, naming what changed.
     before, after = getattr(session.config, "_phi3flow_git_status", None), _git_status()
     if (before is not None and after is not None and before != after
-            and os.environ.get(bad_input_table.WRITE_DOCS) != "1"):
+            and not bad_input_table.writing_docs()):
         changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
         print("\nthe test run changed the checkout (git status):\n  " + "\n  ".join(changed))
         if session.exitstatus == 0:

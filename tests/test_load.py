@@ -10,7 +10,6 @@ written to docs/load-test.md (the last run's numbers) when PHI3FLOW_WRITE_DOCS=1
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_input_table import WRITE_DOCS
+from tests.bad_input_table import WRITE_DOCS, writing_docs
 from tests.conftest import eval_rows, ping, post
 
 pytestmark = pytest.mark.e2e
@@ -147,7 +146,7 @@ def run_load(url: str, pid: int, clients: int) -> dict:
 
 def _report(model: str, result: dict) -> None:
     print(f"\n{model}: {json.dumps(result, indent=1)}")
-    if os.environ.get(WRITE_DOCS) != "1":  # a plain test run leaves the tree as it was
+    if not writing_docs():  # a plain test run leaves the tree as it was
         return
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[model] = {**result, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
