@@ -1,1 +1,1 @@
-"""Performance harness: `python -m benchmarks.run` (see README, Performance)."""
+"""Performance harness: `python -m benchmarks.run` (see docs/speed.md and docs/performance.md)."""

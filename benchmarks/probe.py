@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from phi3flow.evaluation import peak_rss_mb
+from phi3flow.eval_worker import peak_rss_mb
 
 LONG_PROMPT = 256  # tokens; longer prompts are timed once, not `repeats` times
 

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import build as build_mod
-from phi3flow.evaluation import peak_rss_mb, percentile
+from phi3flow.eval_worker import peak_rss_mb
+from phi3flow.evaluation import percentile
 from tests.ports import free_port
 
 ROOT = build_mod.ROOT

@@ -51,8 +51,8 @@ from mlflow.projects.utils import (
     fetch_and_validate_project,
 )
 
+from phi3flow import names
 from phi3flow.errors import StepError
-from phi3flow.tracking import TAG_ERROR
 
 # Under MLflow's logger, so `mlflow run` shows our messages with its own.
 logger = logging.getLogger("mlflow.projects.azureml_v2")
@@ -65,7 +65,7 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # Azure ML's limits on a job's code snapshot.
 MAX_SNAPSHOT_MB = 300
 MAX_SNAPSHOT_FILES = 2000
-TAG = "phi3flow.azureml."
+TAG = names.TAG_AZUREML_PREFIX
 JOB_MODULE = "phi3flow.azureml_job"
 # The terminal job states of azure-ai-ml (azure/ai/ml/operations/_run_history_constants.py); any
 # other state is in progress. Its terminal set includes Paused: a paused job runs nothing until
@@ -116,7 +116,7 @@ class AzureMLConfig:
                 config = json.loads(Path(config).read_text())
             except (OSError, ValueError) as exc:
                 raise AzureMLConfigError(f"--backend-config {config}: cannot read it as JSON "
-                                         f"({exc}); pass a JSON file of the keys in the README.")
+                                         f"({exc}); pass a JSON file of the keys in docs/azureml.md.")
         if not isinstance(config, dict):
             raise AzureMLConfigError(f"--backend-config must be a JSON object, got "
                                      f"{type(config).__name__}.")
@@ -366,7 +366,7 @@ class AzureMLSubmittedRun(SubmittedRun):
             logger.error("Azure ML job %s is paused: nothing runs until it is resumed in the "
                          "studio%s", self.job_name, where)
         else:
-            error = run.data.tags.get(TAG_ERROR) or "no error recorded by the job's steps"
+            error = run.data.tags.get(names.TAG_ERROR) or "no error recorded by the job's steps"
             logger.error("Azure ML job %s ended %s: %s%s", self.job_name, status, error, where)
         if run.info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(self._run_id, RunStatus.to_string(TERMINAL[status]))

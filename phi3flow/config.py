@@ -1,7 +1,7 @@
 """Typed step configurations: one dataclass per entry point, one name per parameter.
 
 The MLproject parameter, the command-line flag and the dataclass field share one snake_case name;
-`tests/test_project_files.py` parses every MLproject command with its step's parser to keep them
+`tests/unit/test_project_files.py` parses every MLproject command with its step's parser to keep them
 in step. Validation lives in `__post_init__`, so a bad value fails before any heavy work, with a
 message that names the parameter and the fix.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,8 +78,26 @@ def _at_least_one(name: str, value: int) -> None:
         raise ConfigError(f"{name}={value} must be at least 1.")
 
 
+def _run_id_of(producer: str) -> Any:
+    """An input of a step: the run ID of a finished `producer` run (checked by Inputs)."""
+    return field(default="", metadata={
+        "help": f"Run ID of a finished {producer} run (required).", "upstream": producer})
+
+
+class Inputs:
+    """A step config's first base: its run-ID inputs are checked, then its options."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if producer := f.metadata.get("upstream"):
+                require_run_id(f.name, getattr(self, f.name), producer)
+        super().__post_init__()
+
+
 @dataclass
 class FetchModelConfig:
+    """fetch_model's options; it has no upstream run, so they are its whole config."""
+
     model_id: str = _param(
         names.DEFAULT_MODEL_ID,
         "Hugging Face hub id (owner/name) or a local checkpoint directory.",
@@ -144,9 +163,21 @@ class FetchModelConfig:
     def is_local_model(self) -> bool:
         return Path(self.model_id).is_dir()
 
+    @property
+    def pinned(self) -> bool:
+        """Hub inputs named by a branch can move under us: only pinned commits are reusable."""
+        model_pinned = self.is_local_model or bool(COMMIT_PATTERN.match(self.revision))
+        onnx_pinned = self.onnx_source != "hub" or bool(COMMIT_PATTERN.match(self.onnx_revision))
+        return model_pinned and onnx_pinned
+
+    @property
+    def local_inputs(self) -> list[Path]:
+        """The local folders this fetch reads: reuse keys on their contents."""
+        return [Path(p) for p in (self.model_id, self.onnx_source) if Path(p).is_dir()]
+
 
 @dataclass
-class GenerationConfig:
+class GenerationOptions:
     """Generation defaults shared by both logged models, so they are compared like for like."""
 
     max_new_tokens: int = _param(256, "Default cap on generated tokens (a request's max_tokens).")
@@ -166,13 +197,13 @@ class GenerationConfig:
 
 
 @dataclass
-class LogTransformersConfig(GenerationConfig):
-    fetch_run_id: str = _param("", "Run ID of a finished fetch_model run (required).")
+class LogTransformersOptions(GenerationOptions):
     torch_dtype: str = _param(
         "auto", "Weights dtype when loading: auto (the checkpoint's)|float32|bfloat16|float16."
     )
     trust_remote_code: bool = _param(
-        False, "Allow code shipped in the checkpoint to run. Off by default; tagged when on."
+        False, "Let transformers run the checkpoint's own Python code (fetched only with "
+        "fetch_model's trust_remote_code=true). Off by default; tagged on the run either way."
     )
     save_pretrained: bool = _param(
         True,
@@ -181,7 +212,6 @@ class LogTransformersConfig(GenerationConfig):
     )
 
     def __post_init__(self) -> None:
-        require_run_id("fetch_run_id", self.fetch_run_id, names.FETCH_MODEL)
         self.trust_remote_code = parse_bool("trust_remote_code", self.trust_remote_code)
         self.save_pretrained = parse_bool("save_pretrained", self.save_pretrained)
         self.validate_generation()
@@ -201,8 +231,12 @@ class LogTransformersConfig(GenerationConfig):
 
 
 @dataclass
-class LogOnnxPyfuncConfig(GenerationConfig):
-    fetch_run_id: str = _param("", "Run ID of a finished fetch_model run (required).")
+class LogTransformersConfig(Inputs, LogTransformersOptions):
+    fetch_run_id: str = _run_id_of(names.FETCH_MODEL)
+
+
+@dataclass
+class LogOnnxPyfuncOptions(GenerationOptions):
     interface: str = _param(
         "chat",
         "Request contract: chat (OpenAI messages in, chat.completion out) or prompt "
@@ -210,22 +244,24 @@ class LogOnnxPyfuncConfig(GenerationConfig):
     )
 
     def __post_init__(self) -> None:
-        require_run_id("fetch_run_id", self.fetch_run_id, names.FETCH_MODEL)
         self.validate_generation()
         _choice("interface", self.interface, INTERFACES)
 
 
 @dataclass
-class EvaluateConfig:
-    transformers_run_id: str = _param("", "Run ID of a finished log_transformers run (required).")
-    onnx_run_id: str = _param("", "Run ID of a finished log_onnx_pyfunc run (required).")
+class LogOnnxPyfuncConfig(Inputs, LogOnnxPyfuncOptions):
+    fetch_run_id: str = _run_id_of(names.FETCH_MODEL)
+
+
+@dataclass
+class EvaluateOptions:
     eval_data: str = _param(
         "data/eval.jsonl",
         "JSONL eval set, one {\"messages\": [...], \"expected\": \"...\"} per line; relative "
         "paths are relative to the project directory.",
     )
     max_new_tokens: int = _param(256, "Cap on generated tokens per answer, for both models.")
-    # The gate. Defaults suit Phi-3-mini on a CPU; see README, "The decision file".
+    # The gate. Defaults suit Phi-3-mini on a CPU; see docs/parameters.md, "The decision file".
     min_quality: float = _param(0.8, "Minimum share of answers containing the expected text.")
     max_quality_drop: float = _param(
         0.05, "Largest quality drop of the ONNX model against the transformers model."
@@ -238,11 +274,6 @@ class EvaluateConfig:
     )
 
     def __post_init__(self) -> None:
-        require_run_id("transformers_run_id", self.transformers_run_id, names.LOG_TRANSFORMERS)
-        require_run_id("onnx_run_id", self.onnx_run_id, names.LOG_ONNX_PYFUNC)
-        self.validate_evaluation()
-
-    def validate_evaluation(self) -> None:
         _at_least_one("max_new_tokens", self.max_new_tokens)
         for name in ("min_quality", "max_quality_drop"):
             if not 0 <= getattr(self, name) <= 1:
@@ -267,8 +298,13 @@ class EvaluateConfig:
 
 
 @dataclass
-class RegisterConfig:
-    evaluate_run_id: str = _param("", "Run ID of a finished evaluate run (required).")
+class EvaluateConfig(Inputs, EvaluateOptions):
+    transformers_run_id: str = _run_id_of(names.LOG_TRANSFORMERS)
+    onnx_run_id: str = _run_id_of(names.LOG_ONNX_PYFUNC)
+
+
+@dataclass
+class RegisterOptions:
     model_name: str = _param(names.DEFAULT_REGISTERED_MODEL, "Registered model name.")
     alias: str = _param(
         "champion", "Alias the chosen model competes for; a loser is aliased `challenger`."
@@ -278,10 +314,6 @@ class RegisterConfig:
     )
 
     def __post_init__(self) -> None:
-        require_run_id("evaluate_run_id", self.evaluate_run_id, names.EVALUATE)
-        self.validate_registration()
-
-    def validate_registration(self) -> None:
         self.allow_unvalidated = parse_bool("allow_unvalidated", self.allow_unvalidated)
         for name in ("model_name", "alias"):
             if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,99}", getattr(self, name)):
@@ -293,55 +325,91 @@ class RegisterConfig:
 
 
 @dataclass
-class MainConfig(FetchModelConfig, LogTransformersConfig, LogOnnxPyfuncConfig, EvaluateConfig,
-                 RegisterConfig):
-    """`main` takes every step's parameters (minus the run IDs it wires itself) plus `force`."""
+class RegisterConfig(Inputs, RegisterOptions):
+    evaluate_run_id: str = _run_id_of(names.EVALUATE)
 
-    # Not main parameters: main wires the run IDs itself.
-    fetch_run_id: str = field(default="", metadata={"help": "", "cli": False})
-    transformers_run_id: str = field(default="", metadata={"help": "", "cli": False})
-    onnx_run_id: str = field(default="", metadata={"help": "", "cli": False})
-    evaluate_run_id: str = field(default="", metadata={"help": "", "cli": False})
+
+# main's flags that feed options of several steps, with what they mean for main as a whole.
+# Each step's own help says what the option does there; here it says which steps it feeds.
+MAIN_SHARED_HELP = {
+    "max_new_tokens": "Cap on generated tokens: the logged models' default (a request's "
+                      "max_tokens may change it) and evaluate's cap per answer.",
+    "temperature": "Default sampling temperature of both logged models; 0 means greedy.",
+    "top_p": "Default nucleus-sampling probability mass of both logged models.",
+    "top_k": "Default top-k cut-off of both logged models.",
+    "trust_remote_code": "Trust the checkpoint's own Python code: fetch_model fetches its *.py "
+                         "files (and the ONNX builder may run them) and log_transformers lets "
+                         "transformers run them. Off by default; tagged on the runs either way.",
+}
+
+
+@dataclass
+class MainConfig:
+    """`main`: every step's options (not their run IDs, which main wires itself), plus `force`.
+
+    Its flags are the union of the steps' option fields; a flag that several steps take (see
+    MAIN_SHARED_HELP) sets it for each of them. Each part is validated as it is built, so a bad
+    value stops main before the first step spends minutes fetching.
+    """
+
+    # One part per step, named after its entry point, in pipeline order.
+    fetch_model: FetchModelConfig
+    log_transformers: LogTransformersOptions
+    log_onnx_pyfunc: LogOnnxPyfuncOptions
+    evaluate: EvaluateOptions
+    register: RegisterOptions
     force: bool = _param(False, "Re-run every step even when a finished run can be reused.")
 
     def __post_init__(self) -> None:
         self.force = parse_bool("force", self.force)
-        FetchModelConfig.__post_init__(self)
-        # Validate the log steps' options now, before the first step spends minutes fetching.
-        self.log_transformers_config()
-        self.log_onnx_pyfunc_config()
-        self.validate_evaluation()
-        self.validate_registration()
 
-    def fetch_model_config(self) -> FetchModelConfig:
-        return _subset(FetchModelConfig, self)
+    @classmethod
+    def from_flags(cls, values: dict[str, Any]) -> MainConfig:
+        parts = {name: part(**{f.name: values[f.name] for f in dataclasses.fields(part)})
+                 for name, part in main_parts().items()}
+        return cls(**parts, force=values["force"])
 
-    def log_transformers_config(self, fetch_run_id: str = "0" * 32) -> LogTransformersConfig:
-        return _subset(LogTransformersConfig, self, fetch_run_id=fetch_run_id)
+    def flag_values(self) -> dict[str, Any]:
+        """The value of each of main's flags (a shared flag has one value in every part)."""
+        values = {"force": self.force}
+        for name in main_parts():
+            part = getattr(self, name)
+            values = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)} | values
+        return values
 
-    def log_onnx_pyfunc_config(self, fetch_run_id: str = "0" * 32) -> LogOnnxPyfuncConfig:
-        return _subset(LogOnnxPyfuncConfig, self, fetch_run_id=fetch_run_id)
 
-    def evaluate_config(self, transformers_run_id: str, onnx_run_id: str) -> EvaluateConfig:
-        return _subset(EvaluateConfig, self, transformers_run_id=transformers_run_id,
-                       onnx_run_id=onnx_run_id)
+def main_parts() -> dict[str, type]:
+    """{"fetch_model": FetchModelConfig, ...}: main's parts and their options classes."""
+    hints = typing.get_type_hints(MainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(MainConfig) if f.name != "force"}
 
-    def register_config(self, evaluate_run_id: str) -> RegisterConfig:
-        return _subset(RegisterConfig, self, evaluate_run_id=evaluate_run_id)
+
+def main_fields() -> list[dataclasses.Field]:
+    """main's flags: each step option once (first in pipeline order), then `force`."""
+    flags: dict[str, dataclasses.Field] = {}
+    for part in main_parts().values():
+        for f in dataclasses.fields(part):
+            if f.name not in flags:
+                flags[f.name] = _with_help(f, MAIN_SHARED_HELP.get(f.name, f.metadata["help"]))
+    (force,) = [f for f in dataclasses.fields(MainConfig) if f.name == "force"]
+    return [*flags.values(), force]
+
+
+def _with_help(f: dataclasses.Field, help: str) -> dataclasses.Field:
+    copy = field(default=f.default, metadata={**f.metadata, "help": help})
+    copy.name, copy.type = f.name, f.type
+    return copy
 
 
 C = TypeVar("C")
 
 
-def _subset(cls: type[C], source: Any, **overrides: Any) -> C:
-    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)}
-    values.update(overrides)
-    return cls(**values)
-
-
 def parameters(config: Any) -> dict[str, str]:
     """The config as MLflow run parameters (the strings `mlflow run -P` would pass)."""
-    return {f.name: _to_param(getattr(config, f.name)) for f in cli_fields(type(config))}
+    if isinstance(config, MainConfig):
+        values = config.flag_values()
+        return {f.name: _to_param(values[f.name]) for f in main_fields()}
+    return {f.name: _to_param(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 def _to_param(value: Any) -> str:
@@ -366,7 +434,8 @@ def build_parser(cls: type) -> argparse.ArgumentParser:
 
 
 def cli_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    """A config's flags: its fields; for main, its parts' fields (main_fields)."""
+    return main_fields() if cls is MainConfig else list(dataclasses.fields(cls))
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -374,5 +443,16 @@ def _field_type(f: dataclasses.Field) -> type:
 
 
 def parse_config(cls: type[C], argv: list[str] | None) -> C:
-    namespace = build_parser(cls).parse_args(argv)
-    return cls(**vars(namespace))
+    values = vars(build_parser(cls).parse_args(argv))
+    return MainConfig.from_flags(values) if cls is MainConfig else cls(**values)
+
+
+# Each entry point's config, by MLproject name.
+STEP_CONFIGS: dict[str, type] = {
+    names.FETCH_MODEL: FetchModelConfig,
+    names.LOG_TRANSFORMERS: LogTransformersConfig,
+    names.LOG_ONNX_PYFUNC: LogOnnxPyfuncConfig,
+    names.EVALUATE: EvaluateConfig,
+    names.REGISTER: RegisterConfig,
+    names.MAIN: MainConfig,
+}

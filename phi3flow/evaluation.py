@@ -1,7 +1,8 @@
-"""evaluate's work: both models on the same rows, measured the same way, then a written decision.
+"""evaluate's measurements: both models on the same rows, measured the same way (the gate and the
+written decision are phi3flow/decision.py).
 
-Each model runs in a fresh Python process (`python -m phi3flow.evaluation MODEL_URI ...`), so
-its load time and peak memory are its own and not the other model's leftovers. Quality scorers
+Each model runs in a fresh Python process (phi3flow/eval_worker.py), so its load time and peak
+memory are its own and not the other model's leftovers. Quality scorers
 are offline (the expected answer contained in the reply, exact match); MLflow's
 question-answering metrics and LLM judges need downloads.
 """
@@ -12,22 +13,17 @@ import json
 import logging
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi3flow.decision import MODELS
 from phi3flow.errors import StepError
 from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
-
-MODELS = ("transformers", "onnx")
-
 
 class EvalDataError(StepError):
     """The eval file is missing, empty or malformed; the message names the line."""
@@ -65,62 +61,11 @@ def load_eval_data(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# --- the worker: one model, one fresh process -------------------------------------------------
-
-
-def _answer(model, messages: list[dict], max_tokens: int) -> tuple[dict, float]:
-    started = time.perf_counter()
-    (response,) = model.predict({"messages": messages, "max_tokens": max_tokens})
-    return response, time.perf_counter() - started
-
-
-def run_worker(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict[str, Any]:
-    """Load the model once, answer every row, and time each answer and its first token."""
-    import mlflow
-
-    started = time.perf_counter()
-    model = mlflow.pyfunc.load_model(model_uri)
-    load_seconds = time.perf_counter() - started
-    _answer(model, rows[0]["messages"], 1)  # warm-up, not measured
-    results = []
-    for row in rows:
-        # Time to first token, measured the same way for both models: a 1-token request
-        # (the transformers pyfunc has no streaming to time the first chunk of).
-        _, ttft = _answer(model, row["messages"], 1)
-        response, latency = _answer(model, row["messages"], max_new_tokens)
-        results.append({
-            "answer": response["choices"][0]["message"]["content"],
-            "finish_reason": response["choices"][0]["finish_reason"],
-            "completion_tokens": response["usage"]["completion_tokens"],
-            "latency_s": latency,
-            "ttft_s": ttft,
-        })
-    return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results}
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """A process's peak resident memory (this one by default; 0 for a process that is gone).
-
-    VmHWM belongs to the process's own address space, so it starts afresh at exec; getrusage's
-    ru_maxrss does not: a child forked from a big parent reports the parent's peak.
-    """
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        status = ""
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    if pid == "self":  # not Linux: best effort
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return 0.0
-
-
 def evaluate_in_fresh_process(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="phi3flow-eval-") as tmp:
         data, out = Path(tmp) / "rows.json", Path(tmp) / "result.json"
         data.write_text(json.dumps(rows))
-        command = [sys.executable, "-m", "phi3flow.evaluation", model_uri, str(data),
+        command = [sys.executable, "-m", "phi3flow.eval_worker", model_uri, str(data),
                    str(max_new_tokens), str(out)]
         logger.info("evaluating %s on %d rows in a fresh process", model_uri, len(rows))
         import mlflow
@@ -178,9 +123,34 @@ def model_metrics(rows: list[dict], result: dict, size_mb: float) -> dict[str, f
     }
 
 
+def eval_table(rows: list[dict], results: dict[str, dict], grades: dict[str, list]) -> dict:
+    """Per row: the question, the expected answer, and each model's answer, score and timings."""
+    table = {
+        "question": [r["messages"][-1]["content"] for r in rows],
+        "expected": [r["expected"] for r in rows],
+    }
+    for name, result in results.items():
+        answers = result["rows"]
+        table[f"{name}_answer"] = [a["answer"] for a in answers]
+        table[f"{name}_contains"] = [contains(a["answer"], r["expected"])
+                                     for a, r in zip(answers, rows)]
+        table[f"{name}_latency_s"] = [a["latency_s"] for a in answers]
+        table[f"{name}_ttft_s"] = [a["ttft_s"] for a in answers]
+        table[f"{name}_completion_tokens"] = [a["completion_tokens"] for a in answers]
+        if name in grades:
+            table[f"{name}_judge"] = grades[name]
+    table["agree"] = [same_answer(a, b) for a, b in
+                      zip(results["transformers"]["rows"], results["onnx"]["rows"])]
+    return table
+
+
+def same_answer(first: dict, second: dict) -> bool:
+    return first["answer"].strip() == second["answer"].strip()
+
+
 def agreement(first: dict, second: dict) -> float:
     pairs = list(zip(first["rows"], second["rows"]))
-    return sum(a["answer"].strip() == b["answer"].strip() for a, b in pairs) / len(pairs)
+    return sum(same_answer(a, b) for a, b in pairs) / len(pairs)
 
 
 def folder_size_mb(path: Path) -> float:
@@ -219,58 +189,6 @@ def judge_answers(judge_uri: str, rows: list[dict], results: dict[str, dict]) ->
     return grades
 
 
-# --- decision ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Verdict:
-    model: str
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
-
-
-def gate(metrics: dict[str, dict[str, float]], thresholds: dict[str, float]) -> list[Verdict]:
-    verdicts = []
-    reference = metrics["transformers"]["quality_contains"]
-    for name in MODELS:
-        m, reasons = metrics[name], []
-        if m["quality_contains"] < thresholds["min_quality"]:
-            reasons.append(f"quality {m['quality_contains']:.3f} < min_quality "
-                           f"{thresholds['min_quality']}")
-        if name == "onnx" and reference - m["quality_contains"] > thresholds["max_quality_drop"]:
-            reasons.append(f"quality drop vs transformers {reference - m['quality_contains']:.3f}"
-                           f" > max_quality_drop {thresholds['max_quality_drop']}")
-        if m["latency_p95_s"] > thresholds["max_p95_latency_s"]:
-            reasons.append(f"p95 latency {m['latency_p95_s']:.2f} s > max_p95_latency_s "
-                           f"{thresholds['max_p95_latency_s']}")
-        verdicts.append(Verdict(name, not reasons, reasons or ["all thresholds met"]))
-    return verdicts
-
-
-def choose(verdicts: list[Verdict], metrics: dict[str, dict[str, float]]) -> tuple[str, str]:
-    """Among models that passed, the fastest (p95); if none passed, the best quality."""
-    passed = [v.model for v in verdicts if v.passed]
-    if passed:
-        best = min(passed, key=lambda n: metrics[n]["latency_p95_s"])
-        return best, f"passed the gate with the lowest p95 latency among {passed}"
-    best = max(MODELS, key=lambda n: (metrics[n]["quality_contains"],
-                                      -metrics[n]["latency_p95_s"]))
-    return best, "no model passed the gate; best quality chosen, it will not become champion"
-
-
-def decision(metrics, verdicts, thresholds, models: dict[str, dict]) -> dict[str, Any]:
-    chosen, why = choose(verdicts, metrics)
-    return {
-        "thresholds": thresholds,
-        "verdicts": {v.model: asdict(v) for v in verdicts},
-        "chosen": chosen,
-        "chosen_passed": next(v.passed for v in verdicts if v.model == chosen),
-        "why": why,
-        "models": models,
-        "metrics": metrics,
-    }
-
-
 # --- chart ------------------------------------------------------------------------------------
 
 
@@ -304,14 +222,3 @@ def chart(metrics: dict[str, dict[str, float]], agree: float, verdict: str, path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv: list[str]) -> None:
-    model_uri, data, max_new_tokens, out = argv
-    result = run_worker(model_uri, json.loads(Path(data).read_text()), int(max_new_tokens))
-    Path(out).write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main(sys.argv[1:])

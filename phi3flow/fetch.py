@@ -14,7 +14,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.entities import Run
@@ -22,6 +21,7 @@ from mlflow.entities import Run
 from phi3flow import hub, manifest, names, onnx_build
 from phi3flow.config import FetchModelConfig
 from phi3flow.errors import StepError
+from phi3flow.manifest import Manifest, Source
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Fetched:
     folders: dict[str, Path]  # {"checkpoint": ..., "onnx": ...}, staged for logging
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def check_checkpoint(folder: Path) -> None:
@@ -71,71 +71,51 @@ def stage(source: Path, target: Path, patterns: tuple[str, ...] | None = None) -
 def fetch(cfg: FetchModelConfig, workdir: Path) -> Fetched:
     checkpoint, checkpoint_source = _fetch_checkpoint(cfg, workdir)
     onnx, onnx_source = _fetch_onnx(cfg, checkpoint, workdir)
-    source = {
-        "model_id": cfg.model_id,
-        "revision": checkpoint_source.get("revision", "local"),
-        "sources": {names.CHECKPOINT_DIR: checkpoint_source, names.ONNX_DIR: onnx_source},
-    }
     logger.info("hashing the fetched files for the manifest")
     folders = {names.CHECKPOINT_DIR: checkpoint, names.ONNX_DIR: onnx}
-    return Fetched(folders=folders, manifest=manifest.build(source, folders))
+    sources = {names.CHECKPOINT_DIR: checkpoint_source, names.ONNX_DIR: onnx_source}
+    return Fetched(folders, manifest.build(cfg.model_id, checkpoint_source.revision or "local",
+                                           sources, folders))
 
 
-def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, dict[str, Any]]:
+def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, Source]:
     # Remote code (*.py) is fetched only when the user trusts it.
     patterns = hub.CHECKPOINT_PATTERNS + (("*.py",) if cfg.trust_remote_code else ())
     if cfg.is_local_model:
         path = Path(cfg.model_id).resolve()
         check_checkpoint(path)
-        source = {"kind": "local", "path": str(path), "patterns": list(patterns)}
+        source = Source("local", cfg.log_weights, path=str(path), patterns=patterns)
     else:
         path, commit = hub.download(cfg.model_id, cfg.revision, list(patterns))
         check_checkpoint(path)
-        source = {
-            "kind": "hub",
-            "repo_id": cfg.model_id,
-            "requested_revision": cfg.revision,
-            "revision": commit,
-            "patterns": list(patterns),
-        }
-    source["logged"] = cfg.log_weights
+        source = Source("hub", cfg.log_weights, repo_id=cfg.model_id,
+                        requested_revision=cfg.revision, revision=commit, patterns=patterns)
     return stage(path, workdir / names.CHECKPOINT_DIR, patterns), source
 
 
-def _fetch_onnx(
-    cfg: FetchModelConfig, checkpoint: Path, workdir: Path
-) -> tuple[Path, dict[str, Any]]:
+def _fetch_onnx(cfg: FetchModelConfig, checkpoint: Path, workdir: Path) -> tuple[Path, Source]:
     target = workdir / names.ONNX_DIR
     if cfg.onnx_source == "build":
         onnx_build.build(checkpoint, workdir / "onnx-build", cfg.precision, cfg.execution_provider,
                          cfg.trust_remote_code)
-        source = {
-            "kind": "build",
-            "precision": cfg.precision,
-            "execution_provider": cfg.execution_provider,
-            "builder": f"onnxruntime-genai {_genai_version()}",
-            "logged": True,  # a build exists nowhere else: always logged
-        }
+        # A build exists nowhere else: always logged.
+        source = Source("build", True, precision=cfg.precision,
+                        execution_provider=cfg.execution_provider,
+                        builder=f"onnxruntime-genai {_genai_version()}")
         return stage(workdir / "onnx-build", target), source
     if cfg.onnx_source == "hub":
         snapshot, commit = hub.download(
             names.ONNX_HUB_REPO, cfg.onnx_revision, [f"{names.ONNX_HUB_SUBFOLDER}/*"]
         )
         path = snapshot / names.ONNX_HUB_SUBFOLDER
-        source = {
-            "kind": "hub",
-            "repo_id": names.ONNX_HUB_REPO,
-            "requested_revision": cfg.onnx_revision,
-            "revision": commit,
-            "subfolder": names.ONNX_HUB_SUBFOLDER,
-            "precision": "int4",
-            "execution_provider": "cpu",
-        }
+        source = Source("hub", cfg.log_weights, repo_id=names.ONNX_HUB_REPO,
+                        requested_revision=cfg.onnx_revision, revision=commit,
+                        subfolder=names.ONNX_HUB_SUBFOLDER, precision="int4",
+                        execution_provider="cpu")
     else:
         path = Path(cfg.onnx_source).resolve()
-        source = {"kind": "local", "path": str(path)}
+        source = Source("local", cfg.log_weights, path=str(path))
     onnx_build.check_onnx_folder(path)
-    source["logged"] = cfg.log_weights
     return stage(path, target), source
 
 
@@ -148,11 +128,11 @@ def _genai_version() -> str:
 def log_fetched(fetched: Fetched) -> str:
     """Log the files (where asked) and then the manifest, last: no manifest, no usable run."""
     for prefix, folder in fetched.folders.items():
-        if fetched.manifest["sources"][prefix]["logged"]:
+        if fetched.manifest.sources[prefix].logged:
             logger.info("logging %s/ to the run's artifacts", prefix)
             mlflow.log_artifacts(str(folder), prefix)
-    mlflow.log_text(manifest.dumps(fetched.manifest), names.MANIFEST)
-    return manifest.digest(fetched.manifest)
+    fetched.manifest.log()
+    return fetched.manifest.sha256()
 
 
 # --- Consumers -------------------------------------------------------------------------------
@@ -161,7 +141,7 @@ def log_fetched(fetched: Fetched) -> str:
 @dataclass
 class Consumed:
     folder: Path  # verified local copy of the fetch run's `checkpoint/` or `onnx/`
-    manifest: dict[str, Any]
+    manifest: Manifest
     lineage: dict[str, str]  # tags every consuming run and model carries
 
 
@@ -173,23 +153,17 @@ def consume(fetch_run_id: str, prefix: str) -> Consumed:
     data, digest = read_manifest(run)
     lineage = {
         names.TAG_FETCH_RUN_ID: fetch_run_id,
-        names.TAG_MODEL_ID: data["model_id"],
-        names.TAG_REVISION: data["revision"],
+        names.TAG_MODEL_ID: data.model_id,
+        names.TAG_REVISION: data.revision,
         names.TAG_MANIFEST_SHA256: digest,
     }
     return Consumed(fetched_folder(run, data, prefix), data, lineage)
 
 
-def read_manifest(run: Run) -> tuple[dict[str, Any], str]:
+def read_manifest(run: Run) -> tuple[Manifest, str]:
     """The fetch run's manifest and its sha256 (checked against the run's tag)."""
-    try:
-        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}")
-    except Exception:
-        raise StepError(
-            f"fetch run {run.info.run_id} has no {names.MANIFEST} artifact; re-run fetch_model."
-        ) from None
-    data = json.loads(text)
-    digest = manifest.digest(data)
+    data = Manifest.read(run)
+    digest = data.sha256()
     recorded = run.data.tags.get(names.TAG_MANIFEST_SHA256)
     if digest != recorded:
         raise manifest.ManifestMismatch(
@@ -199,28 +173,28 @@ def read_manifest(run: Run) -> tuple[dict[str, Any], str]:
     return data, digest
 
 
-def fetched_folder(run: Run, data: dict[str, Any], prefix: str) -> Path:
+def fetched_folder(run: Run, data: Manifest, prefix: str) -> Path:
     """A verified local folder holding the fetch run's `prefix` files."""
-    source = data["sources"][prefix]
-    if source["logged"]:
+    source = data.sources[prefix]
+    if source.logged:
         # A local copy of the stored files; whatever the store holds is verified below.
         path = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=prefix))
-    elif source["kind"] == "hub":
+    elif source.kind == "hub":
         snapshot, _ = hub.download(
-            source["repo_id"],
-            source["revision"],
-            [f"{source['subfolder']}/*"] if source.get("subfolder") else source["patterns"],
+            source.repo_id,
+            source.revision,
+            [f"{source.subfolder}/*"] if source.subfolder else list(source.patterns),
         )
-        path = snapshot / source["subfolder"] if source.get("subfolder") else snapshot
+        path = snapshot / source.subfolder if source.subfolder else snapshot
     else:
-        path = Path(source["path"])
+        path = Path(source.path)
         if not path.is_dir():
             raise StepError(
                 f"fetch run {run.info.run_id} recorded {prefix} files at {path} (log_weights=false),"
                 " which no longer exists: re-run fetch_model."
             )
-    if not source["logged"] and "patterns" in source:
-        path = _filtered_view(path, tuple(source["patterns"]), prefix)
+    if not source.logged and source.patterns:
+        path = _filtered_view(path, source.patterns, prefix)
     manifest.verify(data, prefix, path)
     return path
 

@@ -9,12 +9,12 @@ missing or unexpected file is never loaded.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
+from phi3flow import names
 from phi3flow.errors import StepError
+from phi3flow.record import Record, record
 
 logger = logging.getLogger(__name__)
 
@@ -43,35 +43,81 @@ def list_files(root: Path) -> list[Path]:
     )
 
 
-def describe_files(folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """{"checkpoint/config.json": {"size": ..., "sha256": ...}, ...} for each named folder."""
+def describe_files(folders: dict[str, Path]) -> dict[str, FileEntry]:
+    """{"checkpoint/config.json": FileEntry(size, sha256), ...} for each named folder."""
     files = {}
     for prefix, root in folders.items():
         for path in list_files(root):
             key = f"{prefix}/{path.relative_to(root).as_posix()}"
-            files[key] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            files[key] = FileEntry(path.stat().st_size, sha256_file(path))
             logger.debug("hashed %s", key)
     return files
 
 
-def build(source: dict[str, Any], folders: dict[str, Path]) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, **source, "files": describe_files(folders)}
+@record
+class FileEntry:
+    size: int
+    sha256: str
 
 
-def dumps(manifest: dict[str, Any]) -> str:
-    """Canonical JSON, so the same manifest always has the same sha256."""
-    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+@record
+class Source:
+    """Where one fetched folder came from: a hub repo at a commit, a local path, or a build."""
+
+    kind: str  # hub | local | build
+    logged: bool  # the files are in the fetch run's artifacts (else re-resolved and verified)
+    repo_id: str | None = None
+    requested_revision: str | None = None
+    revision: str | None = None  # the resolved commit
+    subfolder: str | None = None
+    patterns: tuple[str, ...] | None = None  # the files taken from the repo or folder
+    path: str | None = None
+    precision: str | None = None
+    execution_provider: str | None = None
+    builder: str | None = None  # onnxruntime-genai version, for kind=build
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
 
 
-def digest(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(dumps(manifest).encode()).hexdigest()
+SOURCE_KINDS = ("hub", "local", "build")
 
 
-def verify(manifest: dict[str, Any], prefix: str, root: Path) -> None:
+@record
+class Manifest(Record):
+    """fetch_model's record of what it fetched: sources, and every file with size and sha256."""
+
+    ARTIFACT = names.MANIFEST
+    PRODUCER = names.FETCH_MODEL
+
+    model_id: str
+    revision: str  # the checkpoint's resolved commit, or "local"
+    sources: dict[str, Source]  # {names.CHECKPOINT_DIR: ..., names.ONNX_DIR: ...}
+    files: dict[str, FileEntry]  # {"checkpoint/config.json": ..., "onnx/model.onnx": ...}
+    format: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT_VERSION:
+            raise ValueError(f"format {self.format}, this code reads format {FORMAT_VERSION}")
+        missing = {names.CHECKPOINT_DIR, names.ONNX_DIR} - self.sources.keys()
+        if missing:
+            raise ValueError(f"no {sorted(missing)[0]!r} source")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def build(model_id: str, revision: str, sources: dict[str, Source],
+          folders: dict[str, Path]) -> Manifest:
+    return Manifest(model_id, revision, sources, describe_files(folders))
+
+
+def verify(manifest: Manifest, prefix: str, root: Path) -> None:
     """Check root against the manifest's `prefix/...` entries; raise naming the first problem."""
     expected = {
         key[len(prefix) + 1 :]: entry
-        for key, entry in manifest["files"].items()
+        for key, entry in manifest.files.items()
         if key.startswith(prefix + "/")
     }
     if not expected:
@@ -90,12 +136,12 @@ def verify(manifest: dict[str, Any], prefix: str, root: Path) -> None:
     for name, entry in sorted(expected.items()):
         path = actual[name]
         size = path.stat().st_size
-        if size != entry["size"]:
+        if size != entry.size:
             raise ManifestMismatch(
-                f"{prefix}/{name} has {size} bytes, the fetch manifest says {entry['size']}: the "
+                f"{prefix}/{name} has {size} bytes, the fetch manifest says {entry.size}: the "
                 "file was truncated or changed; re-run fetch_model."
             )
-        if sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != entry.sha256:
             raise ManifestMismatch(
                 f"{prefix}/{name} does not match its sha256 in the fetch manifest: the file was "
                 "changed after fetching; re-run fetch_model."

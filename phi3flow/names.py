@@ -1,7 +1,8 @@
 """Every name shared between steps, in one place: defaults, artifact paths, tag keys.
 
 A step writes an artifact or a tag under one of these names and the next step reads it back by the
-same constant, so a rename cannot silently break the chain.
+same constant, so a rename cannot silently break the chain. A step's output is named after the
+parameter that consumes it: a fetch_model run's ID is `fetch_run_id` wherever it appears.
 """
 
 from pathlib import Path
@@ -19,7 +20,7 @@ ONNX_HUB_REPO = "microsoft/Phi-3-mini-4k-instruct-onnx"
 # The published CPU variant; the builder's defaults (-p int4 -e cpu) reproduce it.
 ONNX_HUB_SUBFOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 # Used when `onnx_revision` is left empty. The resolved commit is recorded in the manifest and a
-# warning tells the user how to pin it (see README, "Pinning").
+# warning tells the user how to pin it (docs/running.md, "Pinning").
 DEFAULT_ONNX_REVISION = "main"
 
 # --- Entry points (MLproject names). ----------------------------------------------------------
@@ -36,6 +37,10 @@ CHECKPOINT_DIR = "checkpoint"  # Hugging Face checkpoint (config, weights, token
 ONNX_DIR = "onnx"  # onnxruntime-genai model folder (genai_config.json, model.onnx, ...)
 RESOLVED_CONFIG = "config.json"  # each step's resolved config, logged as an artifact
 
+# --- Artifacts of the other steps. ------------------------------------------------------------
+REGISTRATION = "registration.json"  # register: version, alias, why (registry.Registration)
+PRODUCED = "produced.json"  # main: every step's run ID and the model URIs (pipeline.Produced)
+
 # --- Logged model names (log_model(name=...)). ------------------------------------------------
 TRANSFORMERS_MODEL_NAME = "phi3-transformers"
 ONNX_MODEL_NAME = "phi3-onnx"
@@ -48,6 +53,9 @@ EVAL_CHART = "comparison.png"
 
 # --- Tags. ------------------------------------------------------------------------------------
 TAG_PREFIX = "phi3flow."
+TAG_STEP = TAG_PREFIX + "step"  # the entry point a run belongs to: upstream runs are checked on it
+TAG_ERROR = TAG_PREFIX + "error"  # why a run ended FAILED, one line
+TAG_MODEL_URI = TAG_PREFIX + "model_uri"  # the model a log step's run produced
 TAG_FETCH_RUN_ID = TAG_PREFIX + "fetch_run_id"
 TAG_MODEL_ID = TAG_PREFIX + "model_id"
 TAG_REVISION = TAG_PREFIX + "revision"
@@ -66,11 +74,19 @@ TAG_CACHE_KEY = TAG_PREFIX + "cache_key"  # main's run-reuse key, see phi3flow/r
 TAG_CODE_SHA256 = TAG_PREFIX + "code_sha256"
 TAG_REUSED = TAG_PREFIX + "reused"
 TAG_SAVE_PRETRAINED = TAG_PREFIX + "save_pretrained"
+TAG_REGISTERED_VERSION = TAG_PREFIX + "registered_version"
+TAG_ALIAS = TAG_PREFIX + "alias"  # the alias a register run gave (champion or challenger)
+# Model version tags: each key metric of the chosen model (`phi3flow.metric.quality_contains`).
+TAG_METRIC_PREFIX = TAG_PREFIX + "metric."
+# Registered-model tag where a registry has no alias API: `phi3flow.alias.champion = 3`.
+TAG_ALIAS_PREFIX = TAG_PREFIX + "alias."
+# The Azure ML backend's tags on the run it returns (`phi3flow.azureml.job_status`, ...).
+TAG_AZUREML_PREFIX = TAG_PREFIX + "azureml."
 # The process running a step's run, so a later `main` can tell a run whose process was killed
-# (SIGKILL, OOM, power loss) from one still working: see tracking.mark_stale_runs.
+# (SIGKILL, OOM, power loss) from one still working: see phi3flow/stale.py.
 TAG_HOST = TAG_PREFIX + "host"
 TAG_PID = TAG_PREFIX + "pid"
 TAG_PROCESS_START = TAG_PREFIX + "process_start"
 TAG_STALE = TAG_PREFIX + "stale"
-# Set by `mlflow run` on every project run; we check it to refuse run IDs of the wrong step.
-MLFLOW_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+# Set by `mlflow run` on a project run from git: the commit of the code that ran.
+MLFLOW_GIT_COMMIT_TAG = "mlflow.source.git.commit"

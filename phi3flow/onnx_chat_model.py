@@ -194,7 +194,8 @@ class OnnxChatModel(PythonModel):
         config = dict(context.model_config or {})
         self.interface = config.get("interface", "chat")
         self.defaults = {k: config.get(k, v) for k, v in DEFAULTS.items()}
-        self.model_name = config.get("model_name", "phi3-onnx")
+        # `model_name` in models logged before the key was renamed to model_id.
+        self.model_name = config.get("model_id") or config.get("model_name", "phi3-onnx")
         folder = Path(context.artifacts[ONNX_ARTIFACT])
         genai_config = json.loads((folder / "genai_config.json").read_text())
         self.context_length = int(genai_config["model"]["context_length"])

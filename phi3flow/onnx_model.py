@@ -15,8 +15,9 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from phi3flow import manifest, names, tracking
+from phi3flow import manifest, model_uris, names
 from phi3flow.config import LogOnnxPyfuncConfig
+from phi3flow.manifest import Manifest
 from phi3flow.onnx_chat_model import ONNX_ARTIFACT
 from phi3flow.transformers_model import CHAT_EXAMPLE, pinned_requirements
 
@@ -38,34 +39,34 @@ PARAMS = ParamSchema([
 ])
 
 
-def model_config(cfg: LogOnnxPyfuncConfig, model_name: str) -> dict[str, Any]:
+def model_config(cfg: LogOnnxPyfuncConfig, model_id: str) -> dict[str, Any]:
     return {
         "interface": cfg.interface,
         "max_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "top_k": cfg.top_k,
-        "model_name": model_name,
+        "model_id": model_id,  # the hub id, answered as a completion's `model`
     }
 
 
-def model_options(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, model_name: str) -> dict[str, Any]:
+def model_options(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, model_id: str) -> dict[str, Any]:
     """Arguments of mlflow.pyfunc.log_model/save_model (shared with benchmarks/)."""
     return dict(
         python_model=str(MODEL_CODE),
         artifacts={ONNX_ARTIFACT: str(onnx_folder)},
-        model_config=model_config(cfg, model_name),
+        model_config=model_config(cfg, model_id),
         signature=ModelSignature(params=PARAMS),
         input_example=CHAT_EXAMPLE if cfg.interface == "chat" else PROMPT_EXAMPLE,
         pip_requirements=pinned_requirements(RUNTIME_DISTRIBUTIONS),
     )
 
 
-def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: dict[str, Any],
+def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: Manifest,
         tags: dict[str, str]) -> str:
     logger.info("logging the ONNX %s model from %s", cfg.interface, MODEL_CODE.name)
-    options = model_options(cfg, onnx_folder, fetch_manifest["model_id"])
-    uri = tracking.log_model_or_fallback(
+    options = model_options(cfg, onnx_folder, fetch_manifest.model_id)
+    uri = model_uris.log_model_or_fallback(
         lambda: mlflow.pyfunc.log_model(name=names.ONNX_MODEL_NAME, tags=tags, **options),
         lambda path: mlflow.pyfunc.save_model(path=path, **options),
         names.ONNX_MODEL_NAME,
@@ -74,8 +75,8 @@ def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: dict[str, A
     return uri
 
 
-def verify_logged(model_uri: str, fetch_manifest: dict[str, Any]) -> None:
+def verify_logged(model_uri: str, fetch_manifest: Manifest) -> None:
     """The ONNX files inside the logged model are the fetched ones, byte for byte."""
-    location = tracking.model_location(model_uri)
+    location = model_uris.model_location(model_uri)
     stored = Path(mlflow.artifacts.download_artifacts(f"{location}/artifacts/{ONNX_ARTIFACT}"))
     manifest.verify(fetch_manifest, names.ONNX_DIR, stored)

@@ -1,4 +1,9 @@
-"""main's orchestration: run each step as a child `mlflow run`, or reuse a finished one.
+"""main's pipeline, declared once: which steps, with which options, fed by which upstream runs.
+
+`PIPELINE` lists the stages in order. Each stage's config class says what it consumes (its
+`_run_id_of` fields name the producing step), `output` names the run ID it hands on (after the
+parameter that consumes it: a fetch_model run is `fetch_run_id`), and the stage says which local
+files its result depends on and whether a finished run may be reused (phi3flow/reuse.py decides).
 
 Each step runs through `mlflow.projects.run` on this same project directory, in this same
 environment (`env_manager="local"`: main already runs inside the project's environment), as a
@@ -7,17 +12,91 @@ child of the main run. Steps hand each other run IDs only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import mlflow.projects
 
-from phi3flow import names, reuse, tracking
+from phi3flow import config, names, reuse, tracking
 from phi3flow.errors import StepError
+from phi3flow.record import Record, record
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    entry_point: str  # the MLproject entry point, also main's part holding its options
+    config: type  # the step's config: its options plus its inputs (run IDs)
+    output: str  # the name of the run ID it hands on
+    local_inputs: Callable[[Any], list[Path]] = lambda options: []
+    reusable: Callable[[Any], bool] = lambda options: True  # False: inputs may have moved
+
+    @property
+    def upstream(self) -> dict[str, str]:
+        """{parameter: entry point whose run ID it takes}, from the config's input fields."""
+        return {f.name: f.metadata["upstream"] for f in dataclasses.fields(self.config)
+                if "upstream" in f.metadata}
+
+    def parameters(self, main: config.MainConfig, run_ids: dict[str, str]) -> dict[str, str]:
+        """This step's parameters: main's options for it and the run IDs of its upstream."""
+        options = getattr(main, self.entry_point)
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        inputs = {param: run_ids[producer] for param, producer in self.upstream.items()}
+        return config.parameters(self.config(**values, **inputs))
+
+
+PIPELINE = (
+    Stage(names.FETCH_MODEL, config.FetchModelConfig, "fetch_run_id",
+          local_inputs=lambda options: options.local_inputs,
+          reusable=lambda options: options.pinned),
+    Stage(names.LOG_TRANSFORMERS, config.LogTransformersConfig, "transformers_run_id"),
+    Stage(names.LOG_ONNX_PYFUNC, config.LogOnnxPyfuncConfig, "onnx_run_id"),
+    Stage(names.EVALUATE, config.EvaluateConfig, "evaluate_run_id",
+          local_inputs=lambda options: [options.eval_data_path]),
+    Stage(names.REGISTER, config.RegisterConfig, "register_run_id"),
+)
+
+# main's run-ID tags before they were named after the parameters that consume them; still
+# written, so scripts that read them keep working (docs/parameters.md, "main").
+DEPRECATED_OUTPUTS = {
+    "fetch_model_run_id": "fetch_run_id",
+    "log_transformers_run_id": "transformers_run_id",
+    "log_onnx_pyfunc_run_id": "onnx_run_id",
+}
+
+
+@record
+class Produced(Record):
+    """What main made: `produced.json`, and tags `phi3flow.<field>` on the main run."""
+
+    ARTIFACT = names.PRODUCED
+    PRODUCER = names.MAIN
+
+    fetch_run_id: str
+    transformers_run_id: str
+    onnx_run_id: str
+    evaluate_run_id: str
+    register_run_id: str
+    transformers_model_uri: str
+    onnx_model_uri: str
+    registered_model_uri: str
+    registered_alias: str  # "none" when the version holds no alias
+    alias_reason: str
+    serve_uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        shown = super().to_dict()
+        return shown | {old: shown[new] for old, new in DEPRECATED_OUTPUTS.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Produced:
+        return super().from_dict({k: v for k, v in data.items() if k not in DEPRECATED_OUTPUTS})
 
 
 @dataclass
@@ -29,31 +108,21 @@ class StepRunner:
     code_sha256: str = field(default_factory=reuse.code_sha256)
     reused: list[str] = field(default_factory=list)
 
-    def run(
-        self,
-        entry_point: str,
-        params: dict[str, str],
-        inputs: list[Path] = (),
-        reusable: bool = True,
-    ) -> str:
-        """The run ID of a FINISHED `entry_point` run for these params: reused or new."""
-        key = reuse.cache_key(entry_point, params, self.code_sha256, list(inputs),
+    def run(self, stage: Stage, params: dict[str, str], local_inputs: list[Path],
+            reusable: bool) -> str:
+        """The run ID of a FINISHED run of `stage` for these params: reused or new."""
+        key = reuse.cache_key(stage.entry_point, params, self.code_sha256, local_inputs,
                               self.git_commit)
-        if self.force:
-            logger.info("%s: force=true, running it again", entry_point)
-        elif not reusable:
-            logger.info("%s: inputs may have moved (unpinned revision), running it again",
-                        entry_point)
-        elif previous := reuse.find_reusable(self.experiment_id, entry_point, key):
-            logger.info("%s: reusing finished run %s (same parameters, inputs and code)",
-                        entry_point, previous.info.run_id)
-            self.reused.append(entry_point)
+        previous = reuse.reusable_run(self.experiment_id, stage.entry_point, key,
+                                      force=self.force, reusable=reusable)
+        if previous is not None:
+            self.reused.append(stage.entry_point)
             return previous.info.run_id
-        logger.info("%s: starting a child run", entry_point)
-        tracking.child_environment()  # the step inherits os.environ, token included
+        logger.info("%s: starting a child run", stage.entry_point)
+        tracking.refresh_token()  # the step inherits os.environ
         submitted = mlflow.projects.run(
             uri=str(self.project_root),
-            entry_point=entry_point,
+            entry_point=stage.entry_point,
             parameters=params,
             experiment_id=self.experiment_id,
             env_manager="local",
@@ -68,14 +137,23 @@ class StepRunner:
             raise
         if not succeeded:
             _end_failed_if_running(run_id)  # a step killed before it could end its own run
-            raise StepError(
-                f"step {entry_point} failed (run {run_id}); its log is above. Fix the cause and "
-                "re-run main: finished steps are reused."
-            )
+            raise StepError(f"step {stage.entry_point} failed (run {run_id}); its log is above. "
+                            "Fix the cause and re-run main: finished steps are reused.")
         client = mlflow.MlflowClient()
         client.set_tag(run_id, names.TAG_CACHE_KEY, key)
         client.set_tag(run_id, names.TAG_CODE_SHA256, self.code_sha256)
         return run_id
+
+
+def run_pipeline(cfg: config.MainConfig, steps: StepRunner) -> dict[str, str]:
+    """Walk PIPELINE: each stage's run ID, by the name of its output."""
+    run_ids: dict[str, str] = {}  # by entry point
+    for stage in PIPELINE:
+        options = getattr(cfg, stage.entry_point)
+        run_ids[stage.entry_point] = steps.run(
+            stage, stage.parameters(cfg, run_ids), stage.local_inputs(options),
+            stage.reusable(options))
+    return {stage.output: run_ids[stage.entry_point] for stage in PIPELINE}
 
 
 def _end_failed_if_running(run_id: str) -> None:

@@ -9,10 +9,7 @@ twice returns the version made the first time.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
-from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -20,29 +17,38 @@ from mlflow.exceptions import MlflowException
 
 from phi3flow import names
 from phi3flow.config import CHALLENGER, RegisterConfig
+from phi3flow.decision import Decision
 from phi3flow.errors import StepError
+from phi3flow.record import Record, record
 
 logger = logging.getLogger(__name__)
 
-METRIC_TAG = names.TAG_PREFIX + "metric."
 KEY_METRICS = ("quality_contains", "quality_exact", "latency_p95_s", "output_tokens_per_s",
                "peak_rss_mb")
 
 
-@dataclass
-class Outcome:
+@record
+class Registration(Record):
+    """What register did: `registration.json`, read back by main."""
+
+    ARTIFACT = names.REGISTRATION
+    PRODUCER = names.REGISTER
+
+    model_name: str
     version: str
     alias: str  # "" when a re-registered version holds no alias any more
     reason: str
-    reused: bool
-    by_tag: bool = False  # the registry has no alias API: the alias is a tag (see set_alias)
+    reused: bool  # this evaluate run was registered before: nothing was done
+    alias_by_tag: bool  # the registry has no alias API: the alias is a tag (see set_alias)
+    model_uri: str  # models:/NAME/VERSION
+    serve_uri: str  # models:/NAME@ALIAS, or models:/NAME/VERSION where the alias is a tag
 
-    def as_dict(self, model_name: str) -> dict[str, Any]:
-        where = f"@{self.alias}" if self.alias and not self.by_tag else f"/{self.version}"
-        return {"model_name": model_name, "version": str(self.version), "alias": self.alias,
-                "reason": self.reason, "reused": self.reused, "alias_by_tag": self.by_tag,
-                "model_uri": f"models:/{model_name}/{self.version}",
-                "serve_uri": f"models:/{model_name}{where}"}
+
+def registration(model_name: str, version: str, alias: str, reason: str, reused: bool,
+                 by_tag: bool = False) -> Registration:
+    where = f"@{alias}" if alias and not by_tag else f"/{version}"
+    return Registration(model_name, str(version), alias, reason, reused, by_tag,
+                        f"models:/{model_name}/{version}", f"models:/{model_name}{where}")
 
 
 def check_registry(client: mlflow.MlflowClient) -> None:
@@ -70,9 +76,6 @@ def _existing_version(client, name: str, evaluate_run_id: str) -> ModelVersion |
 
 # Where a registry has no alias API, the alias is kept as a tag of the registered model, whose
 # value is the version holding it (`phi3flow.alias.champion = 3`); serve it as models:/NAME/3.
-ALIAS_TAG = names.TAG_PREFIX + "alias."
-
-
 def _no_alias_api(exc: MlflowException) -> bool:
     """The registry lacks the alias endpoints (an empty 404), as opposed to a missing alias."""
     return exc.error_code in ("ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED", "FEATURE_DISABLED")
@@ -85,7 +88,7 @@ def _holder(client, name: str, alias: str) -> ModelVersion | None:
         if not _no_alias_api(exc):
             return None
     try:
-        version = client.get_registered_model(name).tags.get(ALIAS_TAG + alias)
+        version = client.get_registered_model(name).tags.get(names.TAG_ALIAS_PREFIX + alias)
     except MlflowException:
         return None
     return client.get_model_version(name, version) if version else None
@@ -95,8 +98,8 @@ def _aliases_of(client, name: str, version: ModelVersion) -> list[str]:
     if version.aliases:
         return list(version.aliases)
     tags = client.get_registered_model(name).tags
-    return [k[len(ALIAS_TAG):] for k, v in tags.items()
-            if k.startswith(ALIAS_TAG) and v == str(version.version)]
+    return [k[len(names.TAG_ALIAS_PREFIX):] for k, v in tags.items()
+            if k.startswith(names.TAG_ALIAS_PREFIX) and v == str(version.version)]
 
 
 def set_alias(client, name: str, alias: str, version: str) -> bool:
@@ -108,13 +111,15 @@ def set_alias(client, name: str, alias: str, version: str) -> bool:
         if not _no_alias_api(exc):
             raise
     logger.warning("the registry has no alias API: %s is recorded as the tag %s%s=%s of %s; "
-                   "use models:/%s/%s", alias, ALIAS_TAG, alias, version, name, name, version)
-    client.set_registered_model_tag(name, ALIAS_TAG + alias, str(version))
+                   "use models:/%s/%s", alias, names.TAG_ALIAS_PREFIX, alias, version, name, name,
+                   version)
+    client.set_registered_model_tag(name, names.TAG_ALIAS_PREFIX + alias, str(version))
     return False
 
 
 def _beats(candidate: dict[str, float], holder: ModelVersion) -> tuple[bool, str]:
-    theirs = {k: float(holder.tags[METRIC_TAG + k]) for k in ("quality_contains", "latency_p95_s")}
+    theirs = {k: float(holder.tags[names.TAG_METRIC_PREFIX + k])
+              for k in ("quality_contains", "latency_p95_s")}
     if candidate["quality_contains"] != theirs["quality_contains"]:
         better = candidate["quality_contains"] > theirs["quality_contains"]
         return better, (f"quality {candidate['quality_contains']:.3f} vs "
@@ -124,17 +129,18 @@ def _beats(candidate: dict[str, float], holder: ModelVersion) -> tuple[bool, str
                     f"{theirs['latency_p95_s']:.3f} s of version {holder.version}")
 
 
-def decide_alias(cfg: RegisterConfig, decision: dict, holder: ModelVersion | None) -> tuple[str, str]:
-    chosen = decision["chosen"]
-    metrics = decision["metrics"][chosen]
+def decide_alias(cfg: RegisterConfig, decision: Decision,
+                 holder: ModelVersion | None) -> tuple[str, str]:
+    chosen = decision.chosen
+    metrics = decision.metrics[chosen]
     if cfg.allow_unvalidated:
         return cfg.alias, "allow_unvalidated=true: alias given without the gate (recorded)"
-    if not decision["chosen_passed"]:
-        reasons = "; ".join(decision["verdicts"][chosen]["reasons"])
+    if not decision.chosen_passed:
+        reasons = "; ".join(decision.verdicts[chosen].reasons)
         return CHALLENGER, f"the {chosen} model failed the gate: {reasons}"
     if holder is None:
         return cfg.alias, f"passed the gate; no current {cfg.alias}"
-    if holder.tags.get(names.TAG_EVAL_DATA_SHA256) != decision["eval_data_sha256"]:
+    if holder.tags.get(names.TAG_EVAL_DATA_SHA256) != decision.eval_data_sha256:
         return CHALLENGER, (
             f"the current {cfg.alias} (version {holder.version}) was evaluated on other eval data "
             f"(sha256 {holder.tags.get(names.TAG_EVAL_DATA_SHA256)}), so the two cannot be "
@@ -146,12 +152,12 @@ def decide_alias(cfg: RegisterConfig, decision: dict, holder: ModelVersion | Non
     return CHALLENGER, f"passed the gate but does not beat the current {cfg.alias}: {why}"
 
 
-def lineage_tags(cfg: RegisterConfig, decision: dict, evaluate_run) -> dict[str, str]:
-    chosen = decision["chosen"]
-    log_run = mlflow.get_run(decision["models"][chosen]["run_id"])
+def lineage_tags(cfg: RegisterConfig, decision: Decision, evaluate_run) -> dict[str, str]:
+    chosen = decision.chosen
+    log_run = mlflow.get_run(decision.models[chosen].run_id)
     tags = log_run.data.tags
-    git_commit = (evaluate_run.data.tags.get("mlflow.source.git.commit")
-                  or tags.get("mlflow.source.git.commit") or "unknown")
+    git_commit = (evaluate_run.data.tags.get(names.MLFLOW_GIT_COMMIT_TAG)
+                  or tags.get(names.MLFLOW_GIT_COMMIT_TAG) or "unknown")
     lineage = {
         names.TAG_EVALUATE_RUN_ID: cfg.evaluate_run_id,
         names.TAG_LOG_RUN_ID: log_run.info.run_id,
@@ -161,10 +167,10 @@ def lineage_tags(cfg: RegisterConfig, decision: dict, evaluate_run) -> dict[str,
         names.TAG_MANIFEST_SHA256: tags.get(names.TAG_MANIFEST_SHA256, ""),
         names.TAG_ONNX_PRECISION: tags.get(names.TAG_ONNX_PRECISION, "n/a (transformers)"),
         names.TAG_CHOSEN: chosen,
-        names.TAG_EVAL_DATA_SHA256: decision["eval_data_sha256"],
+        names.TAG_EVAL_DATA_SHA256: decision.eval_data_sha256,
         "git_commit": git_commit,
     }
-    lineage.update({METRIC_TAG + k: repr(float(decision["metrics"][chosen][k]))
+    lineage.update({names.TAG_METRIC_PREFIX + k: repr(float(decision.metrics[chosen][k]))
                     for k in KEY_METRICS})
     return lineage
 
@@ -189,7 +195,7 @@ def _register_model(client, model_uri: str, name: str, tags: dict[str, str]) -> 
     return client.create_model_version(name, source, run_id=run_id, tags=tags)
 
 
-def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
+def register(cfg: RegisterConfig, decision: Decision, evaluate_run) -> Registration:
     client = mlflow.MlflowClient()
     check_registry(client)
     existing = _existing_version(client, cfg.model_name, cfg.evaluate_run_id)
@@ -199,35 +205,27 @@ def register(cfg: RegisterConfig, decision: dict, evaluate_run) -> Outcome:
         alias = aliases[0] if aliases else ""
         logger.info("evaluate run %s is already registered as %s version %s (@%s): nothing to do",
                     cfg.evaluate_run_id, cfg.model_name, existing.version, alias or "none")
-        return Outcome(existing.version, alias, "already registered by an earlier register run",
-                       reused=True, by_tag=bool(alias) and not existing.aliases)
+        return registration(cfg.model_name, existing.version, alias,
+                            "already registered by an earlier register run", reused=True,
+                            by_tag=bool(alias) and not existing.aliases)
 
     holder = _holder(client, cfg.model_name, cfg.alias)
     alias, reason = decide_alias(cfg, decision, holder)
     tags = lineage_tags(cfg, decision, evaluate_run)
     if alias == cfg.alias and cfg.allow_unvalidated:
         tags[names.TAG_UNVALIDATED] = "true"
-    chosen = decision["chosen"]
-    version = _register_model(client, decision["models"][chosen]["model_uri"], cfg.model_name,
-                              tags)
+    chosen = decision.chosen
+    version = _register_model(client, decision.models[chosen].model_uri, cfg.model_name, tags)
     description = (
         f"{chosen} model of {tags[names.TAG_MODEL_ID]}@{tags[names.TAG_REVISION]} "
         f"(manifest sha256 {tags[names.TAG_MANIFEST_SHA256][:12]}), logged by run "
         f"{tags[names.TAG_LOG_RUN_ID]}, evaluated by run {cfg.evaluate_run_id}: "
-        + ", ".join(f"{k} {float(decision['metrics'][chosen][k]):.4g}" for k in KEY_METRICS)
+        + ", ".join(f"{k} {float(decision.metrics[chosen][k]):.4g}" for k in KEY_METRICS)
         + f". Alias {alias}: {reason}."
     )
     client.update_model_version(cfg.model_name, version.version, description=description)
     by_alias = set_alias(client, cfg.model_name, alias, version.version)
     logger.info("registered %s version %s as @%s: %s", cfg.model_name, version.version, alias,
                 reason)
-    return Outcome(version.version, alias, reason, reused=False, by_tag=not by_alias)
-
-
-def read_decision(evaluate_run) -> dict:
-    try:
-        text = mlflow.artifacts.load_text(f"{evaluate_run.info.artifact_uri}/{names.DECISION}")
-    except Exception:
-        raise StepError(f"evaluate run {evaluate_run.info.run_id} has no {names.DECISION}; "
-                        "re-run evaluate.") from None
-    return json.loads(text)
+    return registration(cfg.model_name, version.version, alias, reason, reused=False,
+                        by_tag=not by_alias)

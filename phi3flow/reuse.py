@@ -1,4 +1,5 @@
-"""main's run reuse: a finished step run is reused only when nothing it depends on changed.
+"""main's run reuse, the whole policy: a finished step run is reused only when nothing it depends
+on changed.
 
 The key of a step run is the sha256 of: the entry point; its parameters (upstream run IDs
 included); the sha256 of the project's code, read from the files themselves (so uncommitted
@@ -80,7 +81,20 @@ def cache_key(entry_point: str, params: dict[str, str], code: str, inputs: list[
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def find_reusable(experiment_id: str, entry_point: str, key: str) -> Run | None:
+def reusable_run(experiment_id: str, entry_point: str, key: str, force: bool,
+                 reusable: bool) -> Run | None:
+    """The finished run to reuse for this key, or None to run the step (logged either way).
+
+    The whole policy: `force=true` re-runs everything; a step whose inputs may have moved (an
+    unpinned hub revision) always runs; otherwise the newest FINISHED run with this key is reused.
+    """
+    if force:
+        logger.info("%s: force=true, running it again", entry_point)
+        return None
+    if not reusable:
+        logger.info("%s: inputs may have moved (unpinned revision), running it again",
+                    entry_point)
+        return None
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id],
         filter_string=(
@@ -90,4 +104,8 @@ def find_reusable(experiment_id: str, entry_point: str, key: str) -> Run | None:
         max_results=1,
         output_format="list",
     )
-    return runs[0] if runs else None
+    if runs:
+        logger.info("%s: reusing finished run %s (same parameters, inputs and code)",
+                    entry_point, runs[0].info.run_id)
+        return runs[0]
+    return None

@@ -1,7 +1,9 @@
-"""How every step talks to MLflow: one run per step, ended FAILED on any error.
+"""A step's run lifecycle: one run per step, ended FAILED on any error, and its upstream runs.
 
-Nothing here sets the tracking URI or the experiment: `MLFLOW_TRACKING_URI` and
-`mlflow run --experiment-name` decide them (MLflow's default is `sqlite:///mlflow.db`).
+Beside it: `phi3flow.stale` (runs whose process was killed) and `phi3flow.model_uris` (where a
+log step's model is). Nothing here sets the tracking URI or the experiment:
+`MLFLOW_TRACKING_URI` and `mlflow run --experiment-name` decide them (MLflow's default is
+`sqlite:///mlflow.db`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -24,13 +23,10 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from phi3flow import config as config_mod
-from phi3flow import names
+from phi3flow import names, stale
 from phi3flow.errors import StepError
 
 logger = logging.getLogger(__name__)
-
-TAG_STEP = names.TAG_PREFIX + "step"
-TAG_ERROR = names.TAG_PREFIX + "error"
 
 
 def setup_logging() -> None:
@@ -54,11 +50,11 @@ def step_run(step: str) -> Iterator[mlflow.ActiveRun]:
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     run = mlflow.start_run()
     try:
-        mlflow.set_tags({TAG_STEP: step, **_this_process()})
+        mlflow.set_tags({names.TAG_STEP: step, **stale.this_process()})
         yield run
     except BaseException as exc:
         with contextlib.suppress(Exception):  # the store may be the thing that failed
-            mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {exc}"[:4000])
+            mlflow.set_tag(names.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:4000])
         mlflow.end_run("FAILED")
         raise
     else:
@@ -68,86 +64,33 @@ def step_run(step: str) -> Iterator[mlflow.ActiveRun]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _this_process() -> dict[str, str]:
-    return {names.TAG_HOST: socket.gethostname(), names.TAG_PID: str(os.getpid()),
-            names.TAG_PROCESS_START: _process_start(os.getpid()) or "unknown"}
-
-
-def _process_start(pid: int) -> str | None:
-    """When the process started (clock ticks since boot, Linux /proc), or None if it is gone.
-
-    A pid alone can be reused by a later process; the pair (pid, start time) cannot.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        if Path("/proc/self/stat").exists():
-            return None
-        try:  # no /proc (macOS): existence only
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "unknown"
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # a zombie (killed, not yet reaped: no init in containers)
-        return None
-    return fields[19]  # field 22, starttime
-
-
-def mark_stale_runs(experiment_id: str) -> list[str]:
-    """End FAILED the RUNNING step runs of this host whose process no longer exists.
-
-    A step killed with SIGKILL (or by the OOM killer, or a crash) cannot end its own run; without
-    this it would show RUNNING forever. Runs of other hosts, of live processes and runs without
-    our process tags are left alone. Returns the run IDs it marked.
-    """
-    host = socket.gethostname()
-    client = mlflow.MlflowClient()
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{names.TAG_HOST}` = '{host}'",
-        max_results=1000,
-    )
-    marked = []
-    for run in runs:
-        tags = run.data.tags
-        pid, started = tags.get(names.TAG_PID, ""), tags.get(names.TAG_PROCESS_START)
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        now = _process_start(int(pid))
-        if now is not None and (now == started or "unknown" in (now, started)):
-            continue  # still running (or cannot tell): leave it
-        reason = (f"process {pid} on {host} that ran this step ended without ending the run "
-                  "(killed with SIGKILL, out of memory or a crash); marked FAILED by a later main")
-        client.set_tag(run.info.run_id, names.TAG_STALE, reason)
-        client.set_tag(run.info.run_id, TAG_ERROR, reason)
-        client.set_terminated(run.info.run_id, "FAILED")
-        logger.warning("run %s (%s): %s", run.info.run_id, tags.get(TAG_STEP), reason)
-        marked.append(run.info.run_id)
-    return marked
-
-
-def child_environment() -> dict[str, str]:
-    """The environment for a process this one starts, able to reach the tracking store.
+def refresh_token() -> None:
+    """Put the tracking store's current token in os.environ, for the processes we start.
 
     Only matters inside an Azure ML job, where MLFLOW_TRACKING_TOKEN is a run token that
     expires. azureml-mlflow refreshes it within each process, but a child starts from its
-    environment's copy, stale once the job has outlived it: children get the store's current
-    token (also put in os.environ, for children that MLflow starts from it). And azureml-mlflow
-    recognises a job's process by MLFLOW_RUN_ID, which MLflow removes once a run has started: a
-    child that does not start a run of its own gets the active run's.
+    environment's copy, stale once the job has outlived it. Steps that main starts with
+    `mlflow.projects.run` inherit os.environ, so that is where the fresh token goes.
     """
-    env = dict(os.environ)
-    if not env.get("MLFLOW_TRACKING_TOKEN"):
-        return env
+    if not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return
     from mlflow.tracking._tracking_service.utils import _get_store
 
     creds = getattr(_get_store(), "get_host_creds", None)
     if callable(creds) and (token := creds().token):
-        os.environ["MLFLOW_TRACKING_TOKEN"] = env["MLFLOW_TRACKING_TOKEN"] = token
-    if not env.get("MLFLOW_RUN_ID") and (run := mlflow.active_run()):
+        os.environ["MLFLOW_TRACKING_TOKEN"] = token
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for a worker process that uses this step's run without starting one.
+
+    A fresh token (refresh_token), and the active run's ID: azureml-mlflow recognises a job's
+    process by MLFLOW_RUN_ID, which MLflow removes once a run has started.
+    """
+    refresh_token()
+    env = dict(os.environ)
+    if os.environ.get("MLFLOW_TRACKING_TOKEN") and not env.get("MLFLOW_RUN_ID") and (
+            run := mlflow.active_run()):
         env["MLFLOW_RUN_ID"] = run.info.run_id
     return env
 
@@ -179,7 +122,7 @@ def upstream_run(param: str, run_id: str, step: str) -> Run:
             f"{param}={run_id}: no such run in the tracking store {mlflow.get_tracking_uri()}. "
             "Check MLFLOW_TRACKING_URI points at the store where the run was made."
         ) from None
-    actual = run.data.tags.get(TAG_STEP)
+    actual = run.data.tags.get(names.TAG_STEP)
     if actual != step:
         raise StepError(
             f"{param}={run_id} is a {actual or 'non-phi3flow'} run, not a {step} run: pass the "
@@ -191,50 +134,6 @@ def upstream_run(param: str, run_id: str, step: str) -> Run:
             f"outputs are not trusted. Re-run {step} and pass the new run ID."
         )
     return run
-
-
-TAG_MODEL_URI = names.TAG_PREFIX + "model_uri"
-
-
-def log_model_or_fallback(log: Callable[[], Any], save: Callable[[str], None], name: str) -> str:
-    """Log a model; where the server lacks MLflow 3's logged-model API, log it as run artifacts.
-
-    Azure ML's MLflow endpoint answers 404 on /api/2.0/mlflow/logged-models with MLflow 3
-    (docs/decisions.md); the workaround is save_model + log_artifacts, after which the model is
-    `runs:/<run>/<name>` and registers from there. Returns the model URI, also tagged on the run.
-    """
-    try:
-        uri = log().model_uri
-    except MlflowException as exc:
-        if "logged-models" not in str(exc) and getattr(exc, "error_code", "") not in (
-                "ENDPOINT_NOT_FOUND", "NOT_FOUND"):
-            raise
-        logger.warning("the tracking server has no logged-model API (%s): saving the model and "
-                       "logging it as run artifacts instead", str(exc)[:200])
-        with tempfile.TemporaryDirectory(prefix="phi3flow-model-") as tmp:
-            save(f"{tmp}/{name}")
-            mlflow.log_artifacts(f"{tmp}/{name}", name)
-        uri = f"runs:/{mlflow.active_run().info.run_id}/{name}"
-    mlflow.set_tag(TAG_MODEL_URI, uri)
-    return uri
-
-
-def logged_model_uri(run_id: str) -> str:
-    """The URI of the model a log step's run produced (models:/m-... or runs:/.../name)."""
-    run = mlflow.get_run(run_id)
-    if uri := run.data.tags.get(TAG_MODEL_URI):
-        return uri
-    models = run.outputs.model_outputs if run.outputs else []
-    if not models:
-        raise StepError(f"run {run_id} logged no model; re-run it.")
-    return f"models:/{models[-1].model_id}"
-
-
-def model_location(model_uri: str) -> str:
-    """Where a model's files live, for reading them (MLmodel, requirements, artifacts)."""
-    if model_uri.startswith("models:/m-"):
-        return mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
-    return model_uri
 
 
 def run_cli(step: str, main: Callable[[list[str] | None], Any]) -> None:

@@ -18,9 +18,10 @@ from unittest import mock
 import mlflow
 import yaml
 
-from phi3flow import names, tracking
+from phi3flow import model_uris, names
 from phi3flow.config import LogTransformersConfig
 from phi3flow.errors import StepError
+from phi3flow.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -97,38 +98,37 @@ def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[
         yield
 
 
-def log(
-    cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: dict[str, Any], tags: dict
-) -> str:
-    source = fetch_manifest["sources"][names.CHECKPOINT_DIR]
-    if not cfg.save_pretrained and source["kind"] != "hub":
+def log(cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: Manifest,
+        tags: dict) -> str:
+    source = fetch_manifest.sources[names.CHECKPOINT_DIR]
+    if not cfg.save_pretrained and source.kind != "hub":
         raise StepError(
             "save_pretrained=false logs a reference to a hub repository, but this checkpoint came "
-            f"from a local folder ({source.get('path')}): use save_pretrained=true."
+            f"from a local folder ({source.path}): use save_pretrained=true."
         )
     pipeline = load_pipeline(checkpoint, cfg.torch_dtype, cfg.trust_remote_code)
     reference = (
-        _pinned_hub_reference(source["repo_id"], source["revision"], pipeline)
+        _pinned_hub_reference(source.repo_id, source.revision, pipeline)
         if not cfg.save_pretrained
         else contextlib.nullcontext()
     )
     logger.info("logging the chat model (%s)", "weights copied" if cfg.save_pretrained else
-                f"by reference to {source.get('repo_id')}@{source.get('revision')}")
+                f"by reference to {source.repo_id}@{source.revision}")
     options = model_options(cfg, pipeline)
     with reference:
-        uri = tracking.log_model_or_fallback(
+        uri = model_uris.log_model_or_fallback(
             lambda: mlflow.transformers.log_model(
                 name=names.TRANSFORMERS_MODEL_NAME, tags=tags, **options),
             lambda path: mlflow.transformers.save_model(path=path, **options),
             names.TRANSFORMERS_MODEL_NAME,
         )
     if not cfg.save_pretrained:
-        _check_pinned(uri, source["revision"])
+        _check_pinned(uri, source.revision)
     return uri
 
 
 def _check_pinned(model_uri: str, commit: str) -> None:
-    location = tracking.model_location(model_uri)
+    location = model_uris.model_location(model_uri)
     mlmodel = yaml.safe_load(mlflow.artifacts.load_text(f"{location}/MLmodel"))
     recorded = mlmodel["flavors"]["transformers"].get("source_model_revision")
     if recorded != commit:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import mlflow
 
-from phi3flow import evaluation, manifest, names, tracking
+from phi3flow import evaluation, manifest, model_uris, names, tracking
 from phi3flow.config import EvaluateConfig, parse_config
+from phi3flow.decision import Decision, ModelRef, decide
 from phi3flow.errors import StepError
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> Decision:
     with tracking.step_run(names.EVALUATE):
         cfg = parse_config(EvaluateConfig, argv)
         tracking.log_config(cfg)
@@ -37,15 +38,16 @@ def main(argv: list[str] | None = None) -> dict:
         if len(set(fetches.values())) != 1:
             raise StepError(f"the two models come from different fetch runs {fetches}: compare "
                             "models of one checkpoint (log both from the same fetch_run_id).")
-        uris = {name: tracking.logged_model_uri(run.info.run_id) for name, run in runs.items()}
-        mlflow.set_tags({names.TAG_EVAL_DATA_SHA256: manifest.sha256_file(cfg.eval_data_path),
+        uris = {name: model_uris.logged_model_uri(run.info.run_id) for name, run in runs.items()}
+        eval_data_sha256 = manifest.sha256_file(cfg.eval_data_path)
+        mlflow.set_tags({names.TAG_EVAL_DATA_SHA256: eval_data_sha256,
                          names.TAG_FETCH_RUN_ID: fetches["onnx"]})
 
         results = {name: evaluation.evaluate_in_fresh_process(uri, rows, cfg.max_new_tokens)
                    for name, uri in uris.items()}
         metrics = {}
         for name, uri in uris.items():
-            stored = Path(mlflow.artifacts.download_artifacts(tracking.model_location(uri)))
+            stored = Path(mlflow.artifacts.download_artifacts(model_uris.model_location(uri)))
             metrics[name] = evaluation.model_metrics(rows, results[name],
                                                      evaluation.folder_size_mb(stored))
         grades = (evaluation.judge_answers(cfg.judge_model_uri, rows, results)
@@ -59,40 +61,19 @@ def main(argv: list[str] | None = None) -> dict:
         mlflow.log_metrics({f"{name}_{key}": value for name, values in metrics.items()
                             for key, value in values.items()} | {"agreement": agree})
 
-        table = {
-            "question": [r["messages"][-1]["content"] for r in rows],
-            "expected": [r["expected"] for r in rows],
-        }
-        for name, result in results.items():
-            answers = result["rows"]
-            table[f"{name}_answer"] = [a["answer"] for a in answers]
-            table[f"{name}_contains"] = [evaluation.contains(a["answer"], r["expected"])
-                                         for a, r in zip(answers, rows)]
-            table[f"{name}_latency_s"] = [a["latency_s"] for a in answers]
-            table[f"{name}_ttft_s"] = [a["ttft_s"] for a in answers]
-            table[f"{name}_completion_tokens"] = [a["completion_tokens"] for a in answers]
-            if name in grades:
-                table[f"{name}_judge"] = grades[name]
-        table["agree"] = [a["answer"].strip() == b["answer"].strip() for a, b in
-                          zip(results["transformers"]["rows"], results["onnx"]["rows"])]
-        mlflow.log_table(table, names.EVAL_TABLE)
+        mlflow.log_table(evaluation.eval_table(rows, results, grades), names.EVAL_TABLE)
 
-        verdicts = evaluation.gate(metrics, cfg.thresholds())
-        models = {name: {"model_uri": uris[name], "run_id": runs[name].info.run_id}
-                  for name in uris}
-        decided = evaluation.decision(metrics, verdicts, cfg.thresholds(), models)
+        models = {name: ModelRef(uris[name], runs[name].info.run_id) for name in uris}
+        decided = decide(metrics, cfg.thresholds(), models, agree, str(cfg.eval_data_path),
+                         eval_data_sha256)
         with tempfile.TemporaryDirectory() as tmp:
             chart = Path(tmp) / names.EVAL_CHART
             passed = ", ".join(f"{v.model} {'passed' if v.passed else 'failed'}"
-                               for v in verdicts)
-            evaluation.chart(metrics, agree, f"gate: {passed}; chosen: {decided['chosen']}",
-                             chart)
+                               for v in decided.verdicts.values())
+            evaluation.chart(metrics, agree, f"gate: {passed}; chosen: {decided.chosen}", chart)
             mlflow.log_artifact(str(chart))
-        decided["agreement"] = agree
-        decided["eval_data"] = str(cfg.eval_data_path)
-        decided["eval_data_sha256"] = manifest.sha256_file(cfg.eval_data_path)
-        mlflow.log_dict(decided, names.DECISION)
-        mlflow.set_tag(names.TAG_CHOSEN, decided["chosen"])
+        decided.log()
+        mlflow.set_tag(names.TAG_CHOSEN, decided.chosen)
         return decided
 
 

@@ -28,12 +28,11 @@ def main(argv: list[str] | None = None) -> str:
         with tempfile.TemporaryDirectory(prefix="phi3flow-fetch-") as workdir:
             fetched = fetch(cfg, Path(workdir))
             manifest_sha256 = log_fetched(fetched)
-        onnx = fetched.manifest["sources"][names.ONNX_DIR]
         mlflow.set_tags({
             names.TAG_MODEL_ID: cfg.model_id,
-            names.TAG_REVISION: fetched.manifest["revision"],
+            names.TAG_REVISION: fetched.manifest.revision,
             names.TAG_MANIFEST_SHA256: manifest_sha256,
-            names.TAG_ONNX_SOURCE: onnx["kind"],
+            names.TAG_ONNX_SOURCE: fetched.manifest.sources[names.ONNX_DIR].kind,
             names.TAG_TRUST_REMOTE_CODE: str(cfg.trust_remote_code).lower(),
         })
         return run.info.run_id

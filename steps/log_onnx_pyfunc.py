@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> str:
         cfg = parse_config(LogOnnxPyfuncConfig, argv)
         tracking.log_config(cfg)
         fetched = consume(cfg.fetch_run_id, names.ONNX_DIR)
-        onnx = fetched.manifest["sources"][names.ONNX_DIR]
+        onnx = fetched.manifest.sources[names.ONNX_DIR]
         tags = {
             **fetched.lineage,
-            names.TAG_ONNX_SOURCE: onnx["kind"],
-            names.TAG_ONNX_PRECISION: onnx.get("precision", "unknown"),
-            names.TAG_ONNX_EXECUTION_PROVIDER: onnx.get("execution_provider", "unknown"),
+            names.TAG_ONNX_SOURCE: onnx.kind,
+            names.TAG_ONNX_PRECISION: onnx.precision or "unknown",
+            names.TAG_ONNX_EXECUTION_PROVIDER: onnx.execution_provider or "unknown",
             names.TAG_INTERFACE: cfg.interface,
         }
         mlflow.set_tags(tags)

@@ -14,23 +14,23 @@ import mlflow
 
 from phi3flow import names, registry, tracking
 from phi3flow.config import RegisterConfig, parse_config
+from phi3flow.decision import Decision
+from phi3flow.registry import Registration
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> Registration:
     with tracking.step_run(names.REGISTER):
         cfg = parse_config(RegisterConfig, argv)
         tracking.log_config(cfg)
         registry.check_registry(mlflow.MlflowClient())
         evaluate_run = tracking.upstream_run("evaluate_run_id", cfg.evaluate_run_id,
                                              names.EVALUATE)
-        decision = registry.read_decision(evaluate_run)
-        outcome = registry.register(cfg, decision, evaluate_run)
-        result = outcome.as_dict(cfg.model_name)
-        mlflow.log_dict(result, "registration.json")
-        mlflow.set_tags({names.TAG_PREFIX + "registered_version": str(outcome.version),
-                         names.TAG_PREFIX + "alias": outcome.alias,
+        registered = registry.register(cfg, Decision.read(evaluate_run), evaluate_run)
+        registered.log()
+        mlflow.set_tags({names.TAG_REGISTERED_VERSION: registered.version,
+                         names.TAG_ALIAS: registered.alias,
                          names.TAG_EVALUATE_RUN_ID: cfg.evaluate_run_id})
-        return result
+        return registered
 
 
 if __name__ == "__main__":
