@@ -27,6 +27,10 @@ FIXTURE = ROOT / "tests" / "fixtures" / "tiny-phi3"
 EVAL_DATA = ROOT / "data" / "eval.jsonl"
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="phi3flow-tests-"))
+# Hermetic whatever the caller exports: no tracking store, run, experiment, registry, token or
+# hub setting of theirs (MLFLOW_*, HF_*) leaks in; the suite sets the few it needs below.
+for _name in [n for n in os.environ if n.startswith(("MLFLOW_", "HF_"))]:
+    del os.environ[_name]
 os.environ.update({
     "HF_HUB_OFFLINE": "1",  # tests never reach a model hub; hub tests use a local stand-in
     "HF_HOME": str(_SESSION_DIR / "hf-home"),
@@ -36,14 +40,16 @@ os.environ.update({
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_DIR / 'mlflow.db'}",
 })
-os.environ.pop("HF_TOKEN", None)
-os.environ.pop("HF_ENDPOINT", None)
 # huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE: a caller who exports it would
 # turn the hub stand-in tests offline. HF_HUB_OFFLINE above is the one switch the tests set.
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
-# The sqlite store puts artifacts under ./mlruns of the directory it is first used from, which
-# can be before any per-test chdir (session fixtures): make that directory the session's.
-os.chdir(_SESSION_DIR)
+
+
+def pytest_configure(config):
+    # The sqlite store puts artifacts under ./mlruns of the directory it is first used from,
+    # which can be before any per-test chdir (session fixtures): make that directory the
+    # session's. Here, not at import: pytest resolves `testpaths` after importing this file.
+    os.chdir(_SESSION_DIR)
 
 
 def _git_status() -> str | None:
@@ -247,3 +253,13 @@ def served(champions):
     """Both champions served at once (one worker each) for the session: {kind: (url, process)}."""
     with serve(champions["transformers"]) as transformers, serve(champions["onnx"]) as onnx:
         yield {"transformers": transformers, "onnx": onnx}
+
+
+def created_run():
+    """The run that the in-process step call just before made, by its ID: this process's last
+    run (MLflow keeps it), never a search of the shared store for "the newest run of step X"."""
+    import mlflow
+
+    run = mlflow.last_active_run()
+    assert run is not None, "no run was started in this process"
+    return run

@@ -109,7 +109,7 @@ def test_main_on_the_job_service_stand_in_lands_everything_in_the_workspace_stan
     for key in ("transformers_model_uri", "onnx_model_uri"):
         assert tags[names.TAG_PREFIX + key].startswith("runs:/")
     # Every artifact went through the run-history API into Azurite.
-    onnx_run = tags[names.TAG_PREFIX + "log_onnx_pyfunc_run_id"]
+    onnx_run = tags[names.TAG_PREFIX + "onnx_run_id"]
     assert any(p.endswith("MLmodel") for p in ws.artifact_paths(onnx_run))
     assert "registration.json" in ws.artifact_paths(tags[names.TAG_PREFIX + "register_run_id"])
     assert "produced.json" in ws.artifact_paths(submitted.run_id)
@@ -216,10 +216,10 @@ def test_champion_is_recorded_with_or_without_an_alias_api_on_the_workspace_stan
     assert registry._aliases_of(client, name, client.get_model_version(name, v1.version)) == []
     assert registry._aliases_of(client, name, client.get_model_version(name, v2.version)) == [
         "champion"]
-    outcome = registry.Outcome(v2.version, "champion", "test", reused=False,
-                               by_tag=not alias_api)
+    registered = registry.registration(name, v2.version, "champion", "test", reused=False,
+                                       by_tag=not alias_api)
     expected = f"models:/{name}@champion" if alias_api else f"models:/{name}/{v2.version}"
-    assert outcome.as_dict(name)["serve_uri"] == expected
+    assert registered.serve_uri == expected
     # models:/NAME/VERSION resolves to that version's source.
     assert client.get_model_version_download_uri(name, v2.version).endswith("/r2/artifacts/m")
 
@@ -249,7 +249,7 @@ def test_workspace_stand_in_refusing_the_user_stops_before_submission(
     """The backend's first call to the workspace is refused: one line, and nothing submitted.
 
     (With `--experiment-name`, MLflow's own experiment lookup comes first and fails with
-    MLflow's message instead; the README says so.)
+    MLflow's message instead; docs/azureml.md says so.)
     """
     jobs = _jobs(user_side, tmp_path, monkeypatch)
     client = mlflow.MlflowClient()  # not mlflow.set_experiment: that would outlive the test

@@ -16,9 +16,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import names
-from tests.conftest import QUESTION, ROOT, free_port, predict_in_fresh_process, run_project
-from tests.test_mlflow_run import _ok, _run_id
+from phi3flow import names, pipeline
+from tests.conftest import (
+    QUESTION,
+    ROOT,
+    free_port,
+    predict_in_fresh_process,
+    run_project,
+)
+from tests.e2e.test_mlflow_run import _ok, _run_id
 
 pytestmark = pytest.mark.e2e
 
@@ -87,8 +93,7 @@ def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tra
                                                    cwd=tmp_path))))
     assert first.data.tags["mlflow.source.git.commit"] == first_commit
     assert first.data.tags["mlflow.source.name"].startswith("git://127.0.0.1")
-    children = [first.data.tags[f"phi3flow.{step}_run_id"] for step in
-                ("fetch_model", "log_transformers", "log_onnx_pyfunc", "evaluate", "register")]
+    children = [first.data.tags[f"phi3flow.{stage.output}"] for stage in pipeline.PIPELINE]
     for child in children:
         assert mlflow.get_run(child).data.tags["mlflow.source.git.commit"] == first_commit
     champion = f"models:/{names.DEFAULT_REGISTERED_MODEL}@champion"
@@ -110,5 +115,5 @@ def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tra
                                                    cwd=tmp_path))))
     assert later.data.tags["mlflow.source.git.commit"] == second_commit
     assert later.data.tags[names.TAG_REUSED] == "none"
-    fetch = mlflow.get_run(later.data.tags["phi3flow.fetch_model_run_id"])
+    fetch = mlflow.get_run(later.data.tags["phi3flow.fetch_run_id"])
     assert fetch.data.tags["mlflow.source.git.commit"] == second_commit

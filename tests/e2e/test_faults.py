@@ -17,8 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import names
-from phi3flow import tracking as step_tracking
+from phi3flow import names, stale
 from phi3flow.errors import StepError
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
 from tests.conftest import FIXTURE, ROOT, free_port, run_project, tracking_server
@@ -101,8 +100,8 @@ def test_damaged_fetch_run_is_refused_by_name_by_every_consumer(pristine_fetch, 
         if damage != "extra file":
             assert name in str(refused.value)
     run = mlflow.last_active_run()
-    assert run.info.status == "FAILED" and run.data.tags[step_tracking.TAG_STEP] == consumer
-    assert message in run.data.tags[step_tracking.TAG_ERROR]
+    assert run.info.status == "FAILED" and run.data.tags[names.TAG_STEP] == consumer
+    assert message in run.data.tags[names.TAG_ERROR]
 
 
 # --- main killed with SIGTERM and with SIGKILL in the middle of a step -------------------------
@@ -166,7 +165,7 @@ def _start_main(tmp_path: Path, log: str, env: dict | None = None) -> subprocess
 def _runs(client=None, **filters) -> list:
     client = client or mlflow.MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
-    clauses = [f"tags.`{step_tracking.TAG_STEP}` = '{v}'" if k == "step" else
+    clauses = [f"tags.`{names.TAG_STEP}` = '{v}'" if k == "step" else
                f"attributes.status = '{v}'" for k, v in filters.items()]
     return client.search_runs(experiments, " and ".join(clauses))
 
@@ -198,7 +197,7 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
     dead.wait()
     alive = subprocess.Popen(["sleep", "60"])
     zombie = subprocess.Popen(["sleep", "60"])  # killed but not reaped: /proc still lists it
-    zombie_start = step_tracking._process_start(zombie.pid)
+    zombie_start = stale.process_start(zombie.pid)
     zombie.kill()
     time.sleep(0.2)
     try:
@@ -207,8 +206,8 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
 
         def running(host: str, pid: int, start: str | None) -> str:
             run = client.create_run(experiment)
-            start = start or step_tracking._process_start(pid)
-            tags = {step_tracking.TAG_STEP: names.EVALUATE, names.TAG_HOST: host,
+            start = start or stale.process_start(pid)
+            tags = {names.TAG_STEP: names.EVALUATE, names.TAG_HOST: host,
                     names.TAG_PID: str(pid), names.TAG_PROCESS_START: start}
             for key, value in tags.items():
                 client.set_tag(run.info.run_id, key, value)
@@ -220,9 +219,9 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
         live = running(here, alive.pid, None)
         unreaped = running(here, zombie.pid, zombie_start)
         foreign = running("another-host", dead.pid, "12345")
-        stale = [killed, reused_pid, unreaped]
-        assert sorted(step_tracking.mark_stale_runs(experiment)) == sorted(stale)
-        for run_id in stale:
+        expected = [killed, reused_pid, unreaped]
+        assert sorted(stale.mark_stale_runs(experiment)) == sorted(expected)
+        for run_id in expected:
             run = client.get_run(run_id)
             assert run.info.status == "FAILED"
             assert f"process {run.data.tags[names.TAG_PID]} on {here}" in run.data.tags[
@@ -253,13 +252,13 @@ def test_main_killed_mid_step_leaves_no_run_running_and_a_rerun_completes(tracki
     _signal_tree(proc.pid, signal.SIGKILL)
     proc.wait(120)
     killed = {r.info.run_id: r for r in _runs(status="RUNNING")}
-    assert {r.data.tags.get(step_tracking.TAG_STEP) for r in killed.values()} >= {
+    assert {r.data.tags.get(names.TAG_STEP) for r in killed.values()} >= {
         names.MAIN, names.EVALUATE}
     pids = {int(r.data.tags[names.TAG_PID]) for r in killed.values()}
     # SIGKILL is delivered at once, but a process holding a loaded model takes a moment to
     # release its memory and leave /proc: wait for that, not for anything to end the runs.
     deadline = time.monotonic() + 60
-    while (alive := {p for p in pids if step_tracking._process_start(p) is not None}):
+    while (alive := {p for p in pids if stale.process_start(p) is not None}):
         assert time.monotonic() < deadline, f"processes {alive} outlived SIGKILL by 60 s"
         time.sleep(0.2)
 

@@ -14,9 +14,15 @@ import mlflow
 import pytest
 
 from phi3flow import manifest, names, onnx_build
-from tests.conftest import FIXTURE, QUESTION, free_port, predict_in_fresh_process, run_project
+from tests.conftest import (
+    FIXTURE,
+    QUESTION,
+    free_port,
+    predict_in_fresh_process,
+    run_project,
+)
+from tests.e2e.test_mlflow_run import _ok, _run_id
 from tests.hub_server import LocalHub
-from tests.test_mlflow_run import _ok, _run_id
 
 pytestmark = pytest.mark.e2e
 
@@ -155,5 +161,6 @@ def test_download_cut_mid_file_fails_cleanly_and_a_rerun_completes_verified(
     assert data["files"]["checkpoint/model.safetensors"] == {
         "sha256": manifest.sha256_file(weights), "size": weights.stat().st_size}
     stored = Path(mlflow.artifacts.download_artifacts(run_id=second, artifact_path="checkpoint"))
-    manifest.verify(data, "checkpoint", stored)  # every logged file matches the manifest
+    # Every logged file matches the manifest.
+    manifest.verify(manifest.Manifest.read(run), "checkpoint", stored)
     assert (snapshot / "model.safetensors").read_bytes() == weights.read_bytes()

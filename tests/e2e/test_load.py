@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.bad_input_table import WRITE_DOCS, writing_docs
-from tests.conftest import eval_rows, ping, post
+from tests.conftest import ROOT, eval_rows, ping, post
 
 pytestmark = pytest.mark.e2e
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "load-test.md"
+DOC = ROOT / "docs" / "load-test.md"
 RESULTS = DOC.with_suffix(".json")
 REQUESTS_PER_CLIENT = 25
 DEADLINE_S = 300  # the whole load phase of one test, whatever happens
@@ -155,7 +155,7 @@ def _report(model: str, result: dict) -> None:
     lines = [
         "# Load test: the served champions on loopback",
         "",
-        f"Written by `{WRITE_DOCS}=1 python -m pytest tests/test_load.py -s` (the last run's "
+        f"Written by `{WRITE_DOCS}=1 python -m pytest tests/e2e/test_load.py -s` (the last run's "
         "numbers; the raw "
         "results are in load-test.json). Tiny fixture model (tests/fixtures/tiny-phi3), "
         "`mlflow models serve --env-manager local`, one worker, 12 distinct requests (4 "

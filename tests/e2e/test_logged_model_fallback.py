@@ -18,8 +18,14 @@ import pytest
 
 from phi3flow import names
 from steps import evaluate, fetch_model, log_onnx_pyfunc, log_transformers, register
-from tests.conftest import (FIXTURE, QUESTION, free_port, predict_in_fresh_process,
-                            tracking_server)
+from tests.conftest import (
+    FIXTURE,
+    QUESTION,
+    created_run,
+    free_port,
+    predict_in_fresh_process,
+    tracking_server,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -91,12 +97,10 @@ def test_pipeline_completes_where_the_logged_model_api_answers_404(server_withou
 
     decision = evaluate.main(["--transformers_run_id", run_id(transformers_uri),
                               "--onnx_run_id", run_id(onnx_uri), "--max_new_tokens", "32"])
-    assert decision["models"][decision["chosen"]]["model_uri"].startswith("runs:/")
-    (evaluate_run,) = mlflow.search_runs(
-        search_all_experiments=True, output_format="list",
-        filter_string="tags.`phi3flow.step` = 'evaluate'")
+    assert decision.models[decision.chosen].model_uri.startswith("runs:/")
+    evaluate_run = created_run()
     registered = register.main(["--evaluate_run_id", evaluate_run.info.run_id])
-    assert registered["alias"] == "champion"
+    assert registered.alias == "champion"
     version = mlflow.MlflowClient().get_model_version_by_alias(names.DEFAULT_REGISTERED_MODEL,
                                                                "champion")
     assert version.source.startswith(("runs:/", "mlflow-artifacts:"))

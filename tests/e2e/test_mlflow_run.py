@@ -8,8 +8,15 @@ import shutil
 import mlflow
 import pytest
 
-from phi3flow import names
-from tests.conftest import FIXTURE, QUESTION, ROOT, predict_in_fresh_process, run_project
+from phi3flow import names, pipeline
+from phi3flow.pipeline import Produced
+from tests.conftest import (
+    FIXTURE,
+    QUESTION,
+    ROOT,
+    predict_in_fresh_process,
+    run_project,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -68,11 +75,16 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
 
     first, output = _main(project, tmp_path)
     tags = first.data.tags
-    fetch_id, log_id = tags["phi3flow.fetch_model_run_id"], tags["phi3flow.log_transformers_run_id"]
+    fetch_id, log_id = tags["phi3flow.fetch_run_id"], tags["phi3flow.transformers_run_id"]
     assert tags[names.TAG_REUSED] == "none"
+    # The names main's run-ID tags had before they were named after their consumers still work.
+    for old, new in pipeline.DEPRECATED_OUTPUTS.items():
+        assert tags[f"phi3flow.{old}"] == tags[f"phi3flow.{new}"]
+    produced = Produced.read(first)  # produced.json, the typed record
+    assert (produced.fetch_run_id, produced.transformers_run_id) == (fetch_id, log_id)
     for child in (fetch_id, log_id):  # each step is a child run of main
         assert mlflow.get_run(child).data.tags["mlflow.parentRunId"] == first.info.run_id
-    for key in ("log_onnx_pyfunc_run_id", "evaluate_run_id", "register_run_id"):
+    for key in ("onnx_run_id", "evaluate_run_id", "register_run_id"):
         assert mlflow.get_run(tags[f"phi3flow.{key}"]).data.tags["mlflow.parentRunId"] == (
             first.info.run_id)
     assert "mlflow ui --backend-store-uri" in output
@@ -88,28 +100,28 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
         assert "Madrid" in answer["choices"][0]["message"]["content"]
 
     second, _ = _main(project, tmp_path)
-    assert second.data.tags["phi3flow.fetch_model_run_id"] == fetch_id
-    assert second.data.tags["phi3flow.log_transformers_run_id"] == log_id
-    assert second.data.tags["phi3flow.log_onnx_pyfunc_run_id"] == tags[
-        "phi3flow.log_onnx_pyfunc_run_id"]
+    assert second.data.tags["phi3flow.fetch_run_id"] == fetch_id
+    assert second.data.tags["phi3flow.transformers_run_id"] == log_id
+    assert second.data.tags["phi3flow.onnx_run_id"] == tags[
+        "phi3flow.onnx_run_id"]
     assert second.data.tags[names.TAG_REUSED] == (
         "fetch_model,log_transformers,log_onnx_pyfunc,evaluate,register")
 
     changed, _ = _main(project, tmp_path, "-P", "torch_dtype=float32")  # log_transformers only
-    assert changed.data.tags["phi3flow.fetch_model_run_id"] == fetch_id
-    assert changed.data.tags["phi3flow.log_onnx_pyfunc_run_id"] == tags[
-        "phi3flow.log_onnx_pyfunc_run_id"]
-    assert changed.data.tags["phi3flow.log_transformers_run_id"] != log_id
+    assert changed.data.tags["phi3flow.fetch_run_id"] == fetch_id
+    assert changed.data.tags["phi3flow.onnx_run_id"] == tags[
+        "phi3flow.onnx_run_id"]
+    assert changed.data.tags["phi3flow.transformers_run_id"] != log_id
     # ... and what consumes it runs again (new upstream run ID)
     assert changed.data.tags["phi3flow.evaluate_run_id"] != tags["phi3flow.evaluate_run_id"]
 
     with open(project / "phi3flow" / "names.py", "a") as f:  # an uncommitted code change
         f.write("\n# a change to the project's code\n")
     third, _ = _main(project, tmp_path)
-    assert third.data.tags["phi3flow.fetch_model_run_id"] != fetch_id
-    assert third.data.tags["phi3flow.log_transformers_run_id"] != log_id
+    assert third.data.tags["phi3flow.fetch_run_id"] != fetch_id
+    assert third.data.tags["phi3flow.transformers_run_id"] != log_id
     assert third.data.tags[names.TAG_REUSED] == "none"
 
     forced, _ = _main(project, tmp_path, "-P", "force=true")
-    assert forced.data.tags["phi3flow.fetch_model_run_id"] != third.data.tags[
-        "phi3flow.fetch_model_run_id"]
+    assert forced.data.tags["phi3flow.fetch_run_id"] != third.data.tags[
+        "phi3flow.fetch_run_id"]

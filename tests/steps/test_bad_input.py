@@ -16,7 +16,7 @@ import sys
 import mlflow
 import pytest
 
-from phi3flow import tracking
+from phi3flow import names, tracking
 from tests import bad_input_table
 from tests.conftest import FIXTURE, QUESTION, ping, post, serve
 
@@ -149,7 +149,7 @@ def test_bad_step_parameter_exits_2_with_one_line_naming_it_and_the_run_fails(
     message = lines[-1] if lines else ""
     ok = (exited.value.code == 2 and len(lines) == 1 and "\n" not in message
           and fragment in message and run.info.status == "FAILED"
-          and run.data.tags.get(tracking.TAG_STEP) == step)
+          and run.data.tags.get(names.TAG_STEP) == step)
     bad_input_table.record(
         STEPS_MATRIX, order, step, kind,
         _stable(" ".join(a or "''" for a in argv) or "(no parameters)", run_ids),
@@ -158,8 +158,8 @@ def test_bad_step_parameter_exits_2_with_one_line_naming_it_and_the_run_fails(
     assert exited.value.code == 2
     assert len(lines) == 1 and "\n" not in message, lines
     assert fragment in message
-    assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_STEP] == step
-    assert fragment in run.data.tags[tracking.TAG_ERROR]
+    assert run.info.status == "FAILED" and run.data.tags[names.TAG_STEP] == step
+    assert fragment in run.data.tags[names.TAG_ERROR]
 
 
 # --- Served models ------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def _user(content) -> dict:
 
 # MLflow's own llm/v1/chat transformers model does not validate these (it answers, fails inside
 # the chat template, or computes until the timeout); only the ONNX model checks them. They are
-# recorded as they are, as known gaps (README, "Serving"), and the server must keep serving.
+# recorded as they are, as known gaps (docs/serving.md), and the server must keep serving.
 GAP = "known gap (MLflow's llm/v1/chat does not validate)"
 
 # (class of bad input, request body, {model: (expected HTTP status, fragment of the message)})

@@ -10,9 +10,16 @@ import mlflow
 import pytest
 
 from phi3flow import evaluation, names
+from phi3flow.decision import Decision
 from phi3flow.errors import StepError
 from steps import evaluate, register
-from tests.conftest import EVAL_DATA, FIXTURE, QUESTION, predict_in_fresh_process
+from tests.conftest import (
+    EVAL_DATA,
+    FIXTURE,
+    QUESTION,
+    created_run,
+    predict_in_fresh_process,
+)
 
 METRICS = ("quality_contains", "quality_exact", "latency_p50_s", "latency_p95_s", "ttft_p50_s",
            "output_tokens_per_s", "load_s", "peak_rss_mb", "size_mb")
@@ -33,17 +40,10 @@ def evaluate_args(log_runs, *extra) -> list[str]:
             "--onnx_run_id", log_runs["onnx_run_id"], "--max_new_tokens", "32", *extra]
 
 
-def last_run_id(step: str) -> str:
-    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                filter_string=f"tags.`phi3flow.step` = '{step}'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
-    return run.info.run_id
-
-
 @pytest.fixture(scope="module")
 def evaluated(log_runs):
     decision = evaluate.main(evaluate_args(log_runs))
-    return last_run_id(names.EVALUATE), decision
+    return created_run().info.run_id, decision
 
 
 def test_evaluate_logs_every_metric_for_both_models_in_range(evaluated):
@@ -70,12 +70,14 @@ def test_evaluate_writes_table_chart_and_decision(evaluated):
         assert column in table["columns"]
     png = (store / names.EVAL_CHART).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    written = json.loads((store / names.DECISION).read_text())
-    assert written == json.loads(json.dumps(decision))
-    assert written["thresholds"] == {"min_quality": 0.8, "max_quality_drop": 0.05,
-                                     "max_p95_latency_s": 120.0}
-    assert all(v["passed"] for v in written["verdicts"].values())
-    assert written["chosen"] in ("transformers", "onnx") and written["chosen_passed"]
+    written = Decision.read(mlflow.get_run(run_id))  # decision.json, validated as it is read
+    assert written == decision
+    assert written.thresholds == {"min_quality": 0.8, "max_quality_drop": 0.05,
+                                  "max_p95_latency_s": 120.0}
+    assert all(v.passed for v in written.verdicts.values())
+    assert written.chosen in ("transformers", "onnx") and written.chosen_passed
+    assert written.eval_data_sha256 == mlflow.get_run(run_id).data.tags[
+        names.TAG_EVAL_DATA_SHA256]
 
 
 def test_metrics_are_attached_to_the_logged_models(evaluated, transformers_model_uri,
@@ -108,7 +110,7 @@ def test_bad_eval_files_are_refused_with_the_line(log_runs, tmp_path, content, m
     path.write_text(content)
     with pytest.raises(StepError, match=message):
         evaluate.main(evaluate_args(log_runs, "--eval_data", str(path)))
-    assert mlflow.get_run(last_run_id(names.EVALUATE)).info.status == "FAILED"
+    assert mlflow.get_run(created_run().info.run_id).info.status == "FAILED"
 
 
 @pytest.mark.parametrize(
@@ -132,7 +134,7 @@ def test_an_optional_llm_judge_grades_every_answer(log_runs, transformers_model_
     subset.write_text("".join(EVAL_DATA.read_text().splitlines(keepends=True)[:3]))
     evaluate.main(evaluate_args(log_runs, "--eval_data", str(subset),
                                 "--judge_model_uri", transformers_model_uri))
-    run_id = last_run_id(names.EVALUATE)
+    run_id = created_run().info.run_id
     metrics = mlflow.get_run(run_id).data.metrics
     for model in ("transformers", "onnx"):
         assert 0 <= metrics[f"{model}_judge_correct"] <= 1
@@ -165,11 +167,10 @@ def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, mod
                                                                    transformers_model_uri):
     run_id, decision = evaluated
     first = register.main(["--evaluate_run_id", run_id, "--model_name", model_name])
-    assert first["alias"] == "champion" and first["version"] == "1"
+    assert first.alias == "champion" and first.version == "1"
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(model_name, "champion")
-    chosen = decision["chosen"]
-    log_run = decision["models"][chosen]["run_id"]
+    log_run = decision.models[decision.chosen].run_id
     fetch_run = mlflow.get_run(log_run).data.tags[names.TAG_FETCH_RUN_ID]
     assert version.tags[names.TAG_EVALUATE_RUN_ID] == run_id
     assert version.tags[names.TAG_LOG_RUN_ID] == log_run
@@ -181,7 +182,7 @@ def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, mod
     assert "git_commit" in version.tags and run_id in version.description
 
     again = register.main(["--evaluate_run_id", run_id, "--model_name", model_name])
-    assert again["reused"] and again["version"] == "1" and len(versions(model_name)) == 1
+    assert again.reused and again.version == "1" and len(versions(model_name)) == 1
 
     answer = predict_in_fresh_process(f"models:/{model_name}@champion", QUESTION)
     assert "Madrid" in answer["choices"][0]["message"]["content"]
@@ -190,28 +191,28 @@ def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, mod
 def test_gate_failure_registers_a_challenger_and_says_why(log_runs, evaluated, model_name):
     register.main(["--evaluate_run_id", evaluated[0], "--model_name", model_name])
     evaluate.main(evaluate_args(log_runs, "--max_p95_latency_s", "0.000001"))
-    failing = last_run_id(names.EVALUATE)
+    failing = created_run().info.run_id
     result = register.main(["--evaluate_run_id", failing, "--model_name", model_name])
-    assert result["alias"] == "challenger"
-    assert "failed the gate" in result["reason"] and "max_p95_latency_s" in result["reason"]
+    assert result.alias == "challenger"
+    assert "failed the gate" in result.reason and "max_p95_latency_s" in result.reason
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(model_name, "champion").version) == "1"
     # Forced through: recorded as such.
     forced = register.main(["--evaluate_run_id", failing, "--model_name", f"{model_name}-f",
                             "--allow_unvalidated", "true"])
     version = client.get_model_version_by_alias(f"{model_name}-f", "champion")
-    assert forced["alias"] == "champion" and version.tags[names.TAG_UNVALIDATED] == "true"
+    assert forced.alias == "champion" and version.tags[names.TAG_UNVALIDATED] == "true"
 
 
 def test_a_better_candidate_takes_champion(log_runs, evaluated, model_name):
     # A weak first champion: 3 new tokens cannot hold the answers ("The capital of").
     evaluate.main(evaluate_args(log_runs, "--max_new_tokens", "3", "--min_quality", "0"))
-    weak = last_run_id(names.EVALUATE)
-    assert register.main(["--evaluate_run_id", weak, "--model_name", model_name])[
-        "alias"] == "champion"
+    weak = created_run().info.run_id
+    weak_registered = register.main(["--evaluate_run_id", weak, "--model_name", model_name])
+    assert weak_registered.alias == "champion"
     strong = register.main(["--evaluate_run_id", evaluated[0], "--model_name", model_name])
-    assert strong["alias"] == "champion" and strong["version"] == "2"
-    assert "beats the current champion: quality 1.000 vs 0.0" in strong["reason"]
+    assert strong.alias == "champion" and strong.version == "2"
+    assert "beats the current champion: quality 1.000 vs 0.0" in strong.reason
     # The weak one does not win it back.
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(model_name, "champion").version) == "2"

@@ -10,25 +10,18 @@ import pytest
 
 from phi3flow import manifest, names
 from phi3flow.errors import StepError
-from phi3flow.tracking import TAG_ERROR, TAG_STEP
+from phi3flow.manifest import Manifest
 from steps import fetch_model, log_transformers
-from tests.conftest import FIXTURE, QUESTION, predict_in_fresh_process
+from tests.conftest import FIXTURE, QUESTION, created_run, predict_in_fresh_process
 
 FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
-
-
-def last_run(step: str):
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`{TAG_STEP}` = '{step}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0]
 
 
 def test_fetch_model_logs_files_and_a_manifest_of_them(fetch_run_id):
     run = mlflow.get_run(fetch_run_id)
     assert run.info.status == "FINISHED"
     data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
-    assert run.data.tags[names.TAG_MANIFEST_SHA256] == manifest.digest(data)
+    assert run.data.tags[names.TAG_MANIFEST_SHA256] == Manifest.read(run).sha256()
     assert run.data.tags[names.TAG_MODEL_ID] == str(FIXTURE)
     assert run.data.tags[names.TAG_ONNX_SOURCE] == "build"
     assert data["sources"]["onnx"]["precision"] == "fp32"
@@ -78,9 +71,9 @@ def test_log_transformers_tags_lineage_and_pins_requirements(fetch_run_id, trans
 
 
 def _assert_failed_with(step: str, message: str):
-    run = last_run(step)
-    assert run.info.status == "FAILED"
-    assert message in run.data.tags[TAG_ERROR]
+    run = created_run()
+    assert run.info.status == "FAILED" and run.data.tags[names.TAG_STEP] == step
+    assert message in run.data.tags[names.TAG_ERROR]
 
 
 def test_missing_fetch_run_id_fails_the_run_with_the_fix():
@@ -96,7 +89,7 @@ def test_unknown_fetch_run_id_is_refused():
 
 
 def test_run_of_another_step_is_refused(transformers_model_uri):
-    other = last_run(names.LOG_TRANSFORMERS).info.run_id
+    other = mlflow.get_logged_model(transformers_model_uri.split("/")[-1]).source_run_id
     with pytest.raises(StepError, match="is a log_transformers run, not a fetch_model run"):
         log_transformers.main(["--fetch_run_id", other])
 
@@ -106,7 +99,7 @@ def test_failed_fetch_run_is_refused(tmp_path):
     with pytest.raises(StepError, match="is not a Hugging Face checkpoint: it has no config.json"):
         fetch_model.main(["--model_id", str(tmp_path / "not-a-checkpoint"),
                           "--onnx_source", "build"])
-    failed = last_run(names.FETCH_MODEL)
+    failed = created_run()
     assert failed.info.status == "FAILED"
     assert not mlflow.MlflowClient().list_artifacts(failed.info.run_id, "checkpoint")
     with pytest.raises(StepError, match="with status FAILED, not FINISHED"):
@@ -139,7 +132,7 @@ def test_tampered_manifest_is_refused():
     path = _artifact_dir(run_id) / names.MANIFEST
     data = json.loads(path.read_text())
     data["files"]["checkpoint/model.safetensors"]["sha256"] = "0" * 64
-    path.write_text(manifest.dumps(data))
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     with pytest.raises(StepError, match="manifest was changed after the run"):
         log_transformers.main(["--fetch_run_id", run_id])
 

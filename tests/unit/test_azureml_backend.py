@@ -2,7 +2,7 @@
 
 No Azure subscription is reachable from here. The job document is checked with azure-ai-ml's
 own loader; submission, status and the job itself run against local stand-ins for the
-workspace and the job service in tests/test_azureml_workspace.py.
+workspace and the job service in tests/e2e/test_azureml_workspace.py.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from phi3flow import names
+from phi3flow import config, names, pipeline
 from phi3flow.config import (
     ConfigError,
     FetchModelConfig,
@@ -84,8 +86,50 @@ def test_main_validates_every_step_before_running_any():
 def test_main_hands_each_step_exactly_its_own_parameters():
     cfg = parse_config(MainConfig, ["--model_id", str(FIXTURE), "--onnx_source", "build",
                                     "--max_new_tokens", "7"])
-    fetch = parameters(cfg.fetch_model_config())
-    log = parameters(cfg.log_transformers_config(RUN_ID))
+    fetch_stage, log_stage = pipeline.PIPELINE[:2]
+    fetch = fetch_stage.parameters(cfg, {})
+    log = log_stage.parameters(cfg, {names.FETCH_MODEL: RUN_ID})
     assert fetch["model_id"] == str(FIXTURE) and "max_new_tokens" not in fetch
     assert log == {**log, "fetch_run_id": RUN_ID, "max_new_tokens": "7"} and "model_id" not in log
     assert "fetch_run_id" not in parameters(cfg)  # main wires run IDs itself
+    # One flag feeds every step that takes that option.
+    assert cfg.evaluate.max_new_tokens == cfg.log_onnx_pyfunc.max_new_tokens == 7
+
+
+def test_main_is_composed_of_the_steps_options_and_shared_flags_agree():
+    """MainConfig contains each step's options; a flag several steps take has one default and
+    one main-level help saying what it feeds (no field silently meaning two things)."""
+    parts = config.main_parts()
+    assert list(parts) == [stage.entry_point for stage in pipeline.PIPELINE]
+    owners: dict[str, list] = {}
+    for part in parts.values():
+        for f in dataclasses.fields(part):
+            owners.setdefault(f.name, []).append(f)
+    shared = {name for name, fields in owners.items() if len(fields) > 1}
+    assert shared == set(config.MAIN_SHARED_HELP)
+    for name in shared:
+        assert len({f.default for f in owners[name]}) == 1, f"{name}: defaults differ"
+    flags = {f.name: f.metadata["help"] for f in config.main_fields()}
+    assert set(flags) == set(owners) | {"force"}
+    assert all(flags[name] == config.MAIN_SHARED_HELP[name] for name in shared)
+
+
+def test_every_stage_consumes_run_ids_by_the_name_its_producer_hands_on():
+    outputs = {stage.entry_point: stage.output for stage in pipeline.PIPELINE}
+    seen = set()
+    for stage in pipeline.PIPELINE:
+        for param, producer in stage.upstream.items():
+            assert producer in seen, f"{stage.entry_point} runs before its input {producer}"
+            assert param == outputs[producer], f"{stage.entry_point}.{param} vs {producer}"
+        seen.add(stage.entry_point)
+
+
+def test_the_onnx_model_code_falls_back_to_the_configs_generation_defaults():
+    """onnx_chat_model.py is logged as standalone model code and cannot import the config, so
+    its fallbacks (for a model_config without a key) are a copy: they must stay the same."""
+    from phi3flow import onnx_chat_model
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config.GenerationOptions)}
+    assert onnx_chat_model.DEFAULTS == {
+        "max_tokens": defaults["max_new_tokens"], "temperature": defaults["temperature"],
+        "top_p": defaults["top_p"], "top_k": defaults["top_k"], "stop": None}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 
 from phi3flow import names
-from mlflow.exceptions import MlflowException
 from steps import fetch_model, log_onnx_pyfunc
 from tests.conftest import FIXTURE, QUESTION, eval_rows
 

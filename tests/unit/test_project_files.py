@@ -9,17 +9,10 @@ import pytest
 import yaml
 from mlflow.projects._project_spec import load_project
 
-from phi3flow import config, names
+from phi3flow import config
 from tests.conftest import ROOT
 
-STEP_CONFIGS = {
-    names.FETCH_MODEL: config.FetchModelConfig,
-    names.LOG_TRANSFORMERS: config.LogTransformersConfig,
-    names.LOG_ONNX_PYFUNC: config.LogOnnxPyfuncConfig,
-    names.EVALUATE: config.EvaluateConfig,
-    names.REGISTER: config.RegisterConfig,
-    names.MAIN: config.MainConfig,
-}
+STEP_CONFIGS = config.STEP_CONFIGS
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
@@ -53,9 +46,9 @@ def test_mlproject_command_parses_with_the_steps_parser(step):
     command = entry.compute_command(overrides, storage_dir=None)
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", f"steps.{step}"]
-    parsed = config.parse_config(cls, argv[3:])
+    parsed = config.parameters(config.parse_config(cls, argv[3:]))
     for name, value in overrides.items():
-        assert str(getattr(parsed, name)) == value
+        assert parsed[name] == value
 
 
 def test_environment_files_follow_requirements_txt():

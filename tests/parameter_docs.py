@@ -1,0 +1,57 @@
+"""docs/parameters.md's tables, generated from the step configs (phi3flow/config.py).
+
+Each entry point's table sits between `<!-- parameters: <entry point> -->` and
+`<!-- end parameters -->`; everything else in the page is written by hand. The config fields are
+the one source of names, defaults and meanings: `tests/unit/test_parameter_docs.py` fails when
+the page differs from them, and this refreshes it:
+
+    python -m tests.parameter_docs
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from phi3flow import config
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
+COMMAND = "python -m tests.parameter_docs"
+BLOCK = re.compile(r"(<!-- parameters: (\w+) -->\n)(.*?)(<!-- end parameters -->)", re.S)
+CONFIGS = config.STEP_CONFIGS
+
+
+def table(entry_point: str) -> str:
+    rows = ["| parameter | type | default | meaning |", "|---|---|---|---|"]
+    fields = config.cli_fields(CONFIGS[entry_point])
+    # Inputs (run IDs) first: they are what a step is run on.
+    for f in sorted(fields, key=lambda f: "upstream" not in f.metadata):
+        kind = {"int": "int", "float": "float", "bool": "bool"}.get(str(f.type), "string")
+        if "upstream" in f.metadata:
+            default = "(required)"
+        elif f.default == "":
+            default = "empty"
+        else:
+            default = f"`{config._to_param(f.default)}`"
+        meaning = f.metadata["help"].replace("|", "\\|").replace("<", "&lt;")
+        rows.append(f"| `{f.name}` | {kind} | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def render(text: str) -> str:
+    """The page with every generated table brought up to date."""
+    found = [m.group(2) for m in BLOCK.finditer(text)]
+    if sorted(found) != sorted(CONFIGS):
+        raise ValueError(f"{PAGE} has parameter tables for {found}, not for {sorted(CONFIGS)}")
+    return BLOCK.sub(lambda m: m.group(1) + table(m.group(2)) + m.group(4), text)
+
+
+def main() -> None:
+    PAGE.write_text(render(PAGE.read_text()))
+    print(f"wrote {PAGE}")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,100 @@
+"""Unit tests of the records steps hand each other: each round-trips through its JSON, and a
+malformed or foreign artifact is refused by name, saying which step to re-run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from phi3flow import decision, pipeline, registry
+from phi3flow.decision import Decision, ModelRef
+from phi3flow.pipeline import Produced
+from phi3flow.record import RecordError
+from phi3flow.registry import Registration
+
+THRESHOLDS = {"min_quality": 0.8, "max_quality_drop": 0.05, "max_p95_latency_s": 10.0}
+RUN = "0123456789abcdef0123456789abcdef"
+
+
+def _metrics(quality: float, p95: float) -> dict[str, float]:
+    return {"quality_contains": quality, "quality_exact": 0.0, "latency_p95_s": p95}
+
+
+def _decision(onnx_quality: float = 1.0, onnx_p95: float = 1.0) -> Decision:
+    metrics = {"transformers": _metrics(1.0, 5.0), "onnx": _metrics(onnx_quality, onnx_p95)}
+    models = {name: ModelRef(f"models:/m-{name}", RUN) for name in metrics}
+    return decision.decide(metrics, THRESHOLDS, models, 0.9, "data/eval.jsonl", "ab" * 32)
+
+
+def test_the_gate_chooses_the_fastest_model_that_passed_and_says_why():
+    fast = _decision()
+    assert fast.chosen == "onnx" and fast.chosen_passed
+    assert fast.verdicts["onnx"].reasons == ("all thresholds met",)
+    dropped = _decision(onnx_quality=0.9)  # 0.1 below transformers > max_quality_drop
+    assert dropped.chosen == "transformers" and not dropped.verdicts["onnx"].passed
+    assert "max_quality_drop 0.05" in dropped.verdicts["onnx"].reasons[0]
+    slow = decision.decide({"transformers": _metrics(0.5, 50), "onnx": _metrics(0.6, 60)},
+                           THRESHOLDS, _decision().models, 0.0, "e", "ab" * 32)
+    assert slow.chosen == "onnx" and not slow.chosen_passed  # best quality, not champion
+
+
+@pytest.mark.parametrize("record", [
+    _decision(),
+    registry.registration("phi3", "3", "champion", "passed the gate", reused=False),
+    Produced(*(RUN,) * 5, "models:/m-a", "models:/m-b", "models:/phi3/1", "champion",
+             "passed", "models:/phi3@champion"),
+], ids=["decision", "registration", "produced"])
+def test_records_round_trip_through_their_artifact_json(record):
+    assert type(record).from_json(record.to_json(), "x") == record
+
+
+def test_a_registration_without_alias_api_serves_the_version():
+    by_tag = registry.registration("phi3", "3", "champion", "r", reused=False, by_tag=True)
+    assert by_tag.serve_uri == "models:/phi3/3" and by_tag.model_uri == "models:/phi3/3"
+    assert registry.registration("phi3", "3", "champion", "r", False).serve_uri == (
+        "models:/phi3@champion")
+
+
+def test_produced_keeps_the_old_output_names_readable():
+    produced = Produced(*(RUN,) * 5, "u", "v", "w", "none", "r", "s")
+    written = json.loads(produced.to_json())
+    for old, new in pipeline.DEPRECATED_OUTPUTS.items():
+        assert written[old] == written[new]
+    assert Produced.from_json(produced.to_json(), "x") == produced
+
+
+def _edited(record, **changes) -> str:
+    data = json.loads(record.to_json())
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "is not valid JSON"),
+    (_edited(_decision(), chosen="gpt-4"), "chosen 'gpt-4' is not one of transformers, onnx"),
+    (_edited(_decision(), agreement="high"), "agreement: Input should be a valid number"),
+    (_edited(_decision(), models={"onnx": {"model_uri": "u", "run_id": RUN}}),
+     "models has no 'transformers' model"),
+    (_edited(_decision(), verdict="ok"), "verdict: not a field of this record"),
+    (json.dumps({"model_name": "phi3"}), "thresholds: Field required"),
+], ids=["empty", "unknown-model", "wrong-type", "missing-model", "unknown-field",
+        "foreign-file"])
+def test_a_malformed_decision_is_refused_by_name(text, message):
+    with pytest.raises(RecordError, match=message) as raised:
+        Decision.from_json(text, "decision.json of evaluate run x")
+    assert "decision.json of evaluate run x" in str(raised.value)
+    assert "re-run evaluate" in str(raised.value)
+
+
+def test_a_registration_is_refused_when_a_field_is_missing():
+    data = json.loads(registry.registration("p", "1", "", "r", False).to_json())
+    del data["serve_uri"]
+    with pytest.raises(RecordError, match="serve_uri: Field required.*re-run register"):
+        Registration.from_json(json.dumps(data), "registration.json of register run x")
+
+
+def test_records_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _decision().chosen = "transformers"
