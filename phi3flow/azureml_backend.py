@@ -115,8 +115,9 @@ class AzureMLConfig:
             try:
                 config = json.loads(Path(config).read_text())
             except (OSError, ValueError) as exc:
-                raise AzureMLConfigError(f"--backend-config {config}: cannot read it as JSON "
-                                         f"({exc}); pass a JSON file of the keys in docs/azureml.md.")
+                raise AzureMLConfigError(
+                    f"--backend-config {config}: cannot read it as JSON ({exc}); pass a JSON "
+                    "file of the keys in docs/azureml.md.")
         if not isinstance(config, dict):
             raise AzureMLConfigError(f"--backend-config must be a JSON object, got "
                                      f"{type(config).__name__}.")

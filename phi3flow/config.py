@@ -1,9 +1,11 @@
 """Typed step configurations: one dataclass per entry point, one name per parameter.
 
-The MLproject parameter, the command-line flag and the dataclass field share one snake_case name;
-`tests/unit/test_project_files.py` parses every MLproject command with its step's parser to keep them
-in step. Validation lives in `__post_init__`, so a bad value fails before any heavy work, with a
-message that names the parameter and the fix.
+A step's config is its inputs (the run IDs of its upstream steps, `Inputs`) plus its options
+(`LogTransformersOptions`, ...); `MainConfig` contains every step's options and wires the run IDs
+itself (phi3flow/pipeline.py). The MLproject parameter, the command-line flag and the dataclass
+field share one snake_case name; `tests/unit/test_project_files.py` parses every MLproject
+command with its step's parser to keep them in step. Validation lives in `__post_init__`, so a
+bad value fails before any heavy work, with a message that names the parameter and the fix.
 
 MLflow passes every parameter as a string and validates none of them (docs/decisions.md), so every
 MLproject parameter has a default here and in MLproject: a missing required value is our error
@@ -113,7 +115,7 @@ class FetchModelConfig:
         "model only), `build` (convert the fetched weights), or a local onnxruntime-genai folder.",
     )
     onnx_revision: str = _param(
-        "", f"Revision of {names.ONNX_HUB_REPO} for onnx_source=hub. Empty: `main`, recorded."
+        "", f"Revision of {names.ONNX_HUB_REPO} for onnx_source=hub. Empty: the pinned commit."
     )
     precision: str = _param("int4", "Builder precision for onnx_source=build: int4|fp16|fp32.")
     execution_provider: str = _param(

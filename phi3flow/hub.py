@@ -4,13 +4,18 @@ The real client (`huggingface_hub`) does the work: it reads `HF_TOKEN` and `HF_E
 environment, shows a progress bar per file, and downloads into its cache atomically (a file only
 appears under its final name once complete, so an interrupted download is resumed or redone, never
 used half-written). We add: resolving a branch to its commit before downloading (so every file
-comes from one commit, which the manifest records), a fast failure naming the model and the
-offline alternative when the hub cannot be reached, and never passing the token anywhere we log.
+comes from one commit, which the manifest records); checking every downloaded file against the
+hub's own record of that commit (size, and the LFS sha256 or git blob id), which the client does
+not do, so a corrupt or swapped download fails at fetch with the file named; a fast failure
+naming the model and the offline alternative when the hub cannot be reached; and never passing
+the token anywhere we log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import huggingface_hub
@@ -22,8 +27,10 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import filter_repo_objects
 
 from phi3flow.errors import StepError
+from phi3flow.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +55,14 @@ def endpoint() -> str:
 
 def resolve_commit(repo_id: str, revision: str) -> str:
     """The commit sha that `revision` (a branch, tag or sha) points at on the hub."""
+    return _model_info(repo_id, revision).sha
+
+
+def _model_info(repo_id: str, revision: str, files_metadata: bool = False):
     where = f"{repo_id}@{revision}"
     try:
-        info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+        return HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S,
+                                  files_metadata=files_metadata)
     except GatedRepoError:
         raise HubError(
             f"{repo_id} is gated: accept its terms on the hub, then set HF_TOKEN to a token of "
@@ -73,7 +85,55 @@ def resolve_commit(repo_id: str, revision: str) -> str:
             f"cannot reach the Hugging Face hub at {endpoint()} to fetch {where} "
             f"({type(exc).__name__}: {exc}). {OFFLINE_HINT}"
         ) from None
-    return info.sha
+
+
+def _git_blob_sha1(path: Path) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_snapshot(repo_id: str, commit: str, snapshot: Path, allow_patterns: list[str]) -> int:
+    """Check each downloaded file against the hub's record of it; return how many were checked.
+
+    The hub lists, per file of a commit, its size and either its LFS sha256 (weights) or its git
+    blob sha1 (small files). huggingface_hub checks only the size of a download, so a corrupted
+    or swapped file of the right size would pass: here it fails, named, and is removed from the
+    cache so that a re-run downloads it again.
+    """
+    siblings = {s.rfilename: s for s in _model_info(repo_id, commit, files_metadata=True).siblings}
+    wanted = filter_repo_objects(list(siblings), allow_patterns=allow_patterns)
+    checked = 0
+    for name in sorted(wanted):
+        path, sibling = snapshot / name, siblings[name]
+        if not path.is_file():
+            continue  # not downloaded (snapshot_download skips nothing it was asked for)
+        size = path.stat().st_size
+        if sibling.lfs is not None:
+            expected, actual = (sibling.lfs.size, sibling.lfs.sha256), (size, sha256_file(path))
+        elif sibling.blob_id is not None:
+            expected, actual = (sibling.size, sibling.blob_id), (size, _git_blob_sha1(path))
+        else:
+            continue  # the hub gave no hash for it
+        if expected != actual:
+            _evict(path)
+            raise HubError(
+                f"{repo_id}@{commit}: {name} does not match the hub's record of it (size "
+                f"{actual[0]} vs {expected[0]}, hash {actual[1][:12]}… vs {expected[1][:12]}…): "
+                "the download was corrupted or swapped on the way. It was removed from the hub "
+                "cache; re-run to download it again.")
+        checked += 1
+    return checked
+
+
+def _evict(path: Path) -> None:
+    """Remove a cached file: the snapshot's link and the blob it points at."""
+    target = path.resolve()
+    path.unlink(missing_ok=True)
+    if target != path and target.is_file():
+        os.remove(target)
 
 
 def download(repo_id: str, revision: str, allow_patterns: list[str]) -> tuple[Path, str]:
@@ -89,7 +149,8 @@ def download(repo_id: str, revision: str, allow_patterns: list[str]) -> tuple[Pa
                 f"Unset HF_HUB_OFFLINE to download it. {OFFLINE_HINT}"
             ) from None
         commit = Path(path).name  # the cache keeps each snapshot under its commit sha
-        logger.info("using cached %s@%s (offline mode)", repo_id, commit)
+        logger.info("using cached %s@%s (offline mode: not checked against the hub; the manifest "
+                    "records every file's sha256)", repo_id, commit)
         return Path(path), commit
     commit = resolve_commit(repo_id, revision)
     if commit != revision:
@@ -108,4 +169,7 @@ def download(repo_id: str, revision: str, allow_patterns: list[str]) -> tuple[Pa
             f"downloading {repo_id}@{commit} failed: {type(exc).__name__}: {exc}. Completed files "
             "stay in the hub cache; re-run to resume."
         ) from None
+    checked = verify_snapshot(repo_id, commit, Path(path), allow_patterns)
+    logger.info("checked %d files of %s@%s against the hub's sizes and hashes", checked, repo_id,
+                commit)
     return Path(path), commit

@@ -13,15 +13,18 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # --- The model this project packages, pinned. -------------------------------------------------
 DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
 # A commit of microsoft/Phi-3-mini-4k-instruct (not the moving `main` branch), so two users who
-# run the defaults get the same weights. Used only when `revision` is left empty.
-DEFAULT_MODEL_REVISION = "0a67737cc96d2554230f90338b163bc6380a2a85"
+# run the defaults get the same weights. Used only when `revision` is left empty. It is the
+# newest commit known here (the resolved `main` in public projects of 2026); the earlier pin,
+# 0a67737cc96d2554230f90338b163bc6380a2a85, still works with -P revision=... (docs/decisions.md).
+DEFAULT_MODEL_REVISION = "f39ac1d28e925b323eae81227eaba4464caced4e"
 
 ONNX_HUB_REPO = "microsoft/Phi-3-mini-4k-instruct-onnx"
 # The published CPU variant; the builder's defaults (-p int4 -e cpu) reproduce it.
 ONNX_HUB_SUBFOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
-# Used when `onnx_revision` is left empty. The resolved commit is recorded in the manifest and a
-# warning tells the user how to pin it (docs/running.md, "Pinning").
-DEFAULT_ONNX_REVISION = "main"
+# The commit of ONNX_HUB_REPO used when `onnx_revision` is left empty; it holds
+# ONNX_HUB_SUBFOLDER (docs/decisions.md, "Pinned downloads"). Every downloaded file is checked
+# against the hub's own sizes and hashes (phi3flow/hub.py).
+DEFAULT_ONNX_REVISION = "5f5f794c1c23c9d5ee142af85df02a6cc52d6945"
 
 # --- Entry points (MLproject names). ----------------------------------------------------------
 FETCH_MODEL = "fetch_model"

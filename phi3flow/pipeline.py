@@ -103,7 +103,7 @@ class Produced(Record):
 class StepRunner:
     experiment_id: str
     force: bool
-    project_root: Path = reuse.PROJECT_ROOT
+    project_root: Path = names.PROJECT_ROOT
     git_commit: str | None = None  # of the main run, when `mlflow run` recorded one
     code_sha256: str = field(default_factory=reuse.code_sha256)
     reused: list[str] = field(default_factory=list)

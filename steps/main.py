@@ -12,6 +12,8 @@ declared in phi3flow/pipeline.py, the reuse policy in phi3flow/reuse.py.
 from __future__ import annotations
 
 import logging
+import shlex
+from pathlib import Path
 
 import mlflow
 
@@ -50,20 +52,35 @@ def main(argv: list[str] | None = None) -> Produced:
         return produced
 
 
+# The printed commands run side by side, from any folder: the UI on MLflow's default port, the
+# served model beside it, both naming the tracking store (a relative sqlite path made absolute).
+UI_PORT, SERVE_PORT = 5000, 5001
+
+
 def _summarise(run_id: str, experiment_id: str, produced: Produced, reused: list[str]):
+    store = shlex.quote(_absolute(mlflow.get_tracking_uri()))
     lines = [f"main run {run_id} (experiment {experiment_id}) finished:"]
     lines += [f"  {key:<26} {value}" for key, value in produced.to_dict().items()
               if key not in DEPRECATED_OUTPUTS]
     lines.append(f"  {'reused steps':<26} {', '.join(reused) or 'none'}")
-    lines.append("Look at it with:")
-    lines.append(f"  mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
-    lines.append(f"  mlflow models serve -m {produced.serve_uri} --env-manager local -p 5000")
+    lines.append("Look at it with (each in its own terminal, from any folder):")
+    lines.append(f"  mlflow ui --backend-store-uri {store} -p {UI_PORT}")
+    lines.append(f"  MLFLOW_TRACKING_URI={store} mlflow models serve -m {produced.serve_uri} "
+                 f"--env-manager local -p {SERVE_PORT}")
     lines.append(
-        "  curl -s localhost:5000/invocations -H 'Content-Type: application/json' -d "
+        f"  curl -s localhost:{SERVE_PORT}/invocations -H 'Content-Type: application/json' -d "
         "'{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of "
         "Spain?\"}]}'"
     )
     logger.info("\n".join(lines))
+
+
+def _absolute(uri: str) -> str:
+    """sqlite:///relative.db as sqlite:////its/absolute/path.db; other URIs as they are."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ file.  ``fault="drop"`` (default) sends the full ``Content-Length`` then closes 
 sees ``RemoteProtocolError`` and *resumes by itself* (new GET with ``Range: bytes=N-`` after ~1 s), so the
 download succeeds.  ``fault="short"`` sends a well-formed response of only N bytes while HEAD announced
 the full size: the client raises ``OSError("Consistency check failed ...")`` at once, no retry.
+``corrupt={"path/in/repo": N}`` serves the first ``fail_times`` GETs of that file whole but with byte N
+flipped (a corrupted or swapped download of the right size, which the client does not notice).
 
 Usage::
 
@@ -75,12 +77,15 @@ class LocalHub:
 
     def __init__(self, repos: dict[str, dict], *, require_token: str | None = None,
                  fail_after_bytes: dict[str, int] | None = None, fail_times: int = 1,
-                 fault: str = "drop", lfs_threshold: int = 100_000) -> None:
+                 fault: str = "drop", lfs_threshold: int = 100_000,
+                 corrupt: dict[str, int] | None = None) -> None:
         assert fault in ("drop", "short"), fault
         self.repos = {rid: _Repo(rid, spec, lfs_threshold) for rid, spec in repos.items()}
         self.require_token, self.fault = require_token, fault
         self.faults_left = {p: fail_times for p in (fail_after_bytes or {})}
         self.fail_after_bytes = dict(fail_after_bytes or {})
+        self.corrupt = dict(corrupt or {})
+        self.corrupt_left = {p: fail_times for p in self.corrupt}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -124,6 +129,13 @@ class LocalHub:
             if method == "GET" and sep and (repo_id is None or unquote(rid) == repo_id):
                 out.append(unquote(rest.partition("/")[2]))
         return out
+
+    def _take_corruption(self, path: str) -> int | None:
+        with self._lock:
+            if self.corrupt_left.get(path, 0) > 0:
+                self.corrupt_left[path] -= 1
+                return self.corrupt[path]
+        return None
 
     def _take_fault(self, path: str) -> int | None:
         with self._lock:
@@ -275,6 +287,9 @@ class _Handler(BaseHTTPRequestHandler):
         with open(f["disk"], "rb") as fh:
             fh.seek(start)
             data = fh.read(length)
+        flip = self.hub._take_corruption(path)
+        if flip is not None and start <= flip < start + len(data):
+            data = data[:flip - start] + bytes([data[flip - start] ^ 0xFF]) + data[flip - start + 1:]
         if cut is not None:  # "drop": promised `length` bytes, send `cut`, then hang up (FIN)
             self.wfile.write(data[:cut])
             self.close_connection = True

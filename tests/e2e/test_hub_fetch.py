@@ -27,7 +27,7 @@ from tests.hub_server import LocalHub
 pytestmark = pytest.mark.e2e
 
 TOKEN = "hf_test_secret_token_do_not_log_0123456789"
-ONNX_COMMIT = "b" * 40
+ONNX_COMMIT = names.DEFAULT_ONNX_REVISION  # the stand-in repo sits at the pinned commit
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +63,14 @@ def test_default_fetch_downloads_pinned_files_with_the_token_and_never_logs_it(
     run = mlflow.get_run(_run_id(output))
     data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
 
-    # Pinned: the model at the pinned commit; the ONNX repo's branch resolved and recorded.
+    # Pinned: the model and the ONNX build at their pinned commits, nothing moving.
     assert data["revision"] == names.DEFAULT_MODEL_REVISION
     assert run.data.tags[names.TAG_REVISION] == names.DEFAULT_MODEL_REVISION
     assert data["sources"]["onnx"]["revision"] == ONNX_COMMIT
-    assert "moving reference" in output and ONNX_COMMIT in output  # told how to pin it
+    assert data["sources"]["onnx"]["requested_revision"] == names.DEFAULT_ONNX_REVISION
+    assert "moving reference" not in output
+    # Every downloaded file was checked against the hub's sizes and hashes.
+    assert f"against the hub's sizes and hashes" in output
     # Only the CPU int4 subfolder of the ONNX repo was downloaded.
     onnx_files = hub.downloaded(names.ONNX_HUB_REPO)
     assert onnx_files and all(f.startswith(names.ONNX_HUB_SUBFOLDER + "/") for f in onnx_files)
@@ -164,3 +167,44 @@ def test_download_cut_mid_file_fails_cleanly_and_a_rerun_completes_verified(
     # Every logged file matches the manifest.
     manifest.verify(manifest.Manifest.read(run), "checkpoint", stored)
     assert (snapshot / "model.safetensors").read_bytes() == weights.read_bytes()
+
+
+def test_a_branch_is_resolved_to_its_commit_and_the_user_told_how_to_pin_it(
+        hub, tracking, tmp_path):
+    output = _ok(run_project("-e", "fetch_model", "-P", "onnx_revision=main", cwd=tmp_path,
+                             env=_hub_env(hub, tmp_path)))
+    run = mlflow.get_run(_run_id(output))
+    data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
+    assert data["sources"]["onnx"]["requested_revision"] == "main"
+    assert data["sources"]["onnx"]["revision"] == ONNX_COMMIT
+    assert "moving reference" in output and ONNX_COMMIT in output
+
+
+def test_a_corrupted_download_of_the_right_size_fails_named_and_a_rerun_completes(
+        onnx_repo, tracking, tmp_path):
+    """The stand-in serves model.safetensors once with one byte flipped (same size, as a
+    corrupting proxy or a swapped file would): huggingface_hub accepts it, fetch_model does not.
+    It names the file, logs nothing, drops the bad copy from the cache; the re-run completes."""
+    repos = {
+        names.DEFAULT_MODEL_ID: {"dir": FIXTURE, "commit": names.DEFAULT_MODEL_REVISION},
+        names.ONNX_HUB_REPO: {"dir": onnx_repo, "commit": ONNX_COMMIT},
+    }
+    weights = FIXTURE / "model.safetensors"
+    snapshot = (tmp_path / "hf-home" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"
+                / "snapshots" / names.DEFAULT_MODEL_REVISION)
+    with LocalHub(repos, require_token=TOKEN, corrupt={"model.safetensors": 1000}) as hub:
+        env = _hub_env(hub, tmp_path)
+        first = run_project("-e", "fetch_model", cwd=tmp_path, env=env)
+        assert first.returncode != 0
+        assert "model.safetensors does not match the hub's record of it" in first.stderr
+        assert "re-run to download it again" in first.stderr
+        (failed,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert failed.info.status == "FAILED"
+        artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(failed.info.run_id)}
+        assert artifacts == {"config.json"}  # no manifest, no files
+        assert not (snapshot / "model.safetensors").exists()
+
+        second = _run_id(_ok(run_project("-e", "fetch_model", cwd=tmp_path, env=env)))
+    assert hub.downloaded(names.DEFAULT_MODEL_ID).count("model.safetensors") == 2
+    assert (snapshot / "model.safetensors").read_bytes() == weights.read_bytes()
+    assert mlflow.get_run(second).info.status == "FINISHED"

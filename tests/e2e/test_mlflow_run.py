@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -14,6 +22,7 @@ from tests.conftest import (
     FIXTURE,
     QUESTION,
     ROOT,
+    free_port,
     predict_in_fresh_process,
     run_project,
 )
@@ -87,7 +96,7 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
     for key in ("onnx_run_id", "evaluate_run_id", "register_run_id"):
         assert mlflow.get_run(tags[f"phi3flow.{key}"]).data.tags["mlflow.parentRunId"] == (
             first.info.run_id)
-    assert "mlflow ui --backend-store-uri" in output
+    _printed_commands_work_as_printed(output, tmp_path)
     assert tags["phi3flow.registered_alias"] == "champion"
     assert f"mlflow models serve -m models:/{names.DEFAULT_REGISTERED_MODEL}@champion" in output
     champion = predict_in_fresh_process(f"models:/{names.DEFAULT_REGISTERED_MODEL}@champion",
@@ -125,3 +134,51 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
     forced, _ = _main(project, tmp_path, "-P", "force=true")
     assert forced.data.tags["phi3flow.fetch_run_id"] != third.data.tags[
         "phi3flow.fetch_run_id"]
+
+
+def _printed_commands_work_as_printed(output: str, tmp_path) -> None:
+    """The commands main prints, run as a new user would: each in its own process, side by
+    side, from another folder and without MLFLOW_TRACKING_URI (the commands name the store).
+    Only the ports are swapped for free ones, so the test does not depend on 5000/5001."""
+    from steps import main as main_step
+
+    block = output.split("Look at it with")[1].splitlines()[1:4]
+    ui, serve, curl = (line.strip() for line in block)
+    assert ui.startswith("mlflow ui --backend-store-uri sqlite:////") and serve.startswith(
+        "MLFLOW_TRACKING_URI=sqlite:////")
+    ports = {main_step.UI_PORT: free_port(), main_step.SERVE_PORT: free_port()}
+    ui, serve = (ui.replace(f"-p {main_step.UI_PORT}", f"-p {ports[main_step.UI_PORT]}"),
+                 serve.replace(f"-p {main_step.SERVE_PORT}", f"-p {ports[main_step.SERVE_PORT]}"))
+    curl = curl.replace(f"localhost:{main_step.SERVE_PORT}",
+                        f"localhost:{ports[main_step.SERVE_PORT]}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    started = time.monotonic()
+    procs = [subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=elsewhere, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True) for command in (ui, serve)]
+    try:
+        ui_up = _wait_for(f"http://127.0.0.1:{ports[main_step.UI_PORT]}/health", procs[0])
+        print(f"mlflow ui answered after {ui_up - started:.1f} s")
+        _wait_for(f"http://127.0.0.1:{ports[main_step.SERVE_PORT]}/ping", procs[1])
+        answered = subprocess.run(["bash", "-c", curl], cwd=elsewhere, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        assert "Madrid" in answered.stdout, answered.stdout + answered.stderr
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 180) -> float:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return time.monotonic()
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer in {seconds:.0f} s"
+            time.sleep(0.5)

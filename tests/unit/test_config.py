@@ -133,3 +133,10 @@ def test_the_onnx_model_code_falls_back_to_the_configs_generation_defaults():
     assert onnx_chat_model.DEFAULTS == {
         "max_tokens": defaults["max_new_tokens"], "temperature": defaults["temperature"],
         "top_p": defaults["top_p"], "top_k": defaults["top_k"], "stop": None}
+
+
+def test_the_defaults_are_pinned_commits_so_main_reuses_a_default_fetch():
+    default = parse_config(FetchModelConfig, [])
+    assert default.onnx_revision == names.DEFAULT_ONNX_REVISION and default.pinned
+    assert not parse_config(FetchModelConfig, ["--onnx_revision", "main"]).pinned
+    assert not parse_config(FetchModelConfig, ["--revision", "main"]).pinned
