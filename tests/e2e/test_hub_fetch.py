@@ -70,7 +70,7 @@ def test_default_fetch_downloads_pinned_files_with_the_token_and_never_logs_it(
     assert data["sources"]["onnx"]["requested_revision"] == names.DEFAULT_ONNX_REVISION
     assert "moving reference" not in output
     # Every downloaded file was checked against the hub's sizes and hashes.
-    assert f"against the hub's sizes and hashes" in output
+    assert "against the hub's sizes and hashes" in output
     # Only the CPU int4 subfolder of the ONNX repo was downloaded.
     onnx_files = hub.downloaded(names.ONNX_HUB_REPO)
     assert onnx_files and all(f.startswith(names.ONNX_HUB_SUBFOLDER + "/") for f in onnx_files)

@@ -1,6 +1,7 @@
 """Load on the served champions, loopback only, bounded in requests and time.
 
-ONNX: 8 concurrent clients x 25 requests; transformers: 2 clients x 25. Requests mix prompt
+ONNX: 8 concurrent clients x 25 requests; transformers: 2 clients x 25; and the ONNX model
+through the front door (tests/e2e/test_front_door.py), 8 x 25. Requests mix prompt
 lengths and max_tokens. Checked: no errors, every greedy answer equal to the same request's
 answer sent alone beforehand, /ping answered throughout, the server's memory (RSS of its process
 tree) at start and end. Reported, not asserted: throughput and p50/p95 latency, printed, and
@@ -14,7 +15,10 @@ import platform
 import statistics
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,22 +63,49 @@ def _rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def _answer(raw: bytes) -> tuple[str, int]:
-    body = json.loads(raw)[0]
-    return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
-
-
 def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def run_load(url: str, pid: int, clients: int) -> dict:
+@dataclass
+class Endpoint:
+    """How to ask a server: `mlflow models serve` by default, or the front door."""
+
+    url: str
+    model: str | None = None  # the front door's `model` name; None: MLflow's /invocations
+
+    def post(self, request: dict, timeout: float = 120) -> tuple[int, bytes]:
+        if self.model is None:
+            return post(self.url, request, timeout=timeout)
+        data = json.dumps({"model": self.model, **request}).encode()
+        call = urllib.request.Request(f"{self.url}/v1/chat/completions", data=data,
+                                      headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(call, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def answer(self, raw: bytes) -> tuple[str, int]:
+        body = json.loads(raw)
+        body = body if self.model is not None else body[0]
+        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
+
+    def ping(self) -> int:
+        if self.model is None:
+            return ping(self.url, timeout=30)
+        with urllib.request.urlopen(f"{self.url}/health", timeout=30) as response:
+            return response.status
+
+
+def run_load(url: str, pid: int, clients: int, model: str | None = None) -> dict:
+    endpoint = Endpoint(url, model)
     requests = _requests()
     expected = {}
     for i, request in enumerate(requests):  # each request alone, one after another
-        status, raw = post(url, request)
+        status, raw = endpoint.post(request)
         assert status == 200, raw[:2000]
-        expected[i] = _answer(raw)[0]
+        expected[i] = endpoint.answer(raw)[0]
     rss_start = _rss_mb(pid)
 
     pings: list[tuple[float, int | str]] = []
@@ -84,7 +115,7 @@ def run_load(url: str, pid: int, clients: int) -> dict:
         while not stop.is_set():
             started = time.monotonic()
             try:
-                outcome: int | str = ping(url, timeout=30)
+                outcome: int | str = endpoint.ping()
             except Exception as exc:  # a refused or timed-out ping is the failure we look for
                 outcome = f"{type(exc).__name__}: {exc}"
             pings.append((time.monotonic() - started, outcome))
@@ -101,7 +132,7 @@ def run_load(url: str, pid: int, clients: int) -> dict:
             i = (c * 7 + k) % len(requests)  # clients walk the mix in different orders
             started = time.monotonic()
             try:
-                status, raw = post(url, requests[i], timeout=120)
+                status, raw = endpoint.post(requests[i], timeout=120)
             except Exception as exc:
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
                 continue
@@ -109,7 +140,7 @@ def run_load(url: str, pid: int, clients: int) -> dict:
             if status != 200:
                 results.append({"error": f"HTTP {status}: {raw[:300]!r}"})
                 continue
-            text, tokens = _answer(raw)
+            text, tokens = endpoint.answer(raw)
             results.append({"i": i, "latency": latency, "text": text, "tokens": tokens})
         return results
 

@@ -1,0 +1,350 @@
+"""An OpenAI-compatible front door for the registered models: `POST /v1/chat/completions`.
+
+    python -m phi3flow.front_door                       # models:/<default name>@champion
+    python -m phi3flow.front_door --model phi3-mini-4k-instruct-chat@champion \
+        --model phi3-mini-4k-instruct-chat@challenger --port 8000
+
+Any OpenAI client works against it (`OpenAI(base_url="http://127.0.0.1:8000/v1")`): each model
+is served under the `model` name the client sends (`<registered name>@<alias>`, or the name given
+as `NAME=URI`), `stream: true` answers `chat.completion.chunk` server-sent events ending with
+`[DONE]`, and every bad request gets a 4xx in OpenAI's error shape naming the field, checked
+here the same way for both models before either computes anything.
+
+Why a server of our own: MLflow's AI Gateway has the OpenAI route but forwards to `mlflow models
+serve` in a body the served pyfunc refuses and crashes on `stream: true` (docs/decisions.md);
+`mlflow models serve` itself has no `/v1/...` routes and no streaming. So this is FastAPI and
+uvicorn (which MLflow ships), MLflow's own chat request type (`mlflow.types.chat`) for the shape,
+the ONNX model's own checks for the values, and the models loaded in this process with
+`mlflow.pyfunc.load_model`; what is left by hand is the routing, the error shape and the events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from mlflow.exceptions import MlflowException
+from mlflow.types.chat import ChatCompletionRequest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from phi3flow import names
+from phi3flow.onnx_chat_model import (
+    MAX_CHARS_PER_TOKEN,
+    BadRequest,
+    _messages,
+    _number,
+    _stop,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+# A chat request of a full 4,096-token context is well under 100 KB of JSON; 1 MB leaves room
+# and refuses, before reading it, a body that could only waste memory.
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+# OpenAI fields that this front door cannot honour: refused by name rather than ignored.
+UNSUPPORTED = ("tools", "tool_choice", "response_format", "presence_penalty",
+               "frequency_penalty", "stream_options")
+
+
+class ApiError(Exception):
+    """A request the client must fix: an HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass
+class ServedModel:
+    """One loaded model and what the front door needs to know of it."""
+
+    name: str  # the `model` clients ask for
+    uri: str
+    pyfunc: Any
+    context_length: int
+    count_tokens: Any  # messages -> prompt tokens, with the model's own chat template
+    streams: bool  # the model streams token by token (else: one chunk with the whole answer)
+    lock: threading.Lock | None = field(default=None)  # a model that must answer one at a time
+
+    def complete(self, messages: list[dict], options: dict[str, Any]) -> dict[str, Any]:
+        payload = {"messages": messages, **options}
+        if self.lock is None:
+            (response,) = self.pyfunc.predict(payload)
+        else:
+            with self.lock:
+                (response,) = self.pyfunc.predict(payload)
+        return response
+
+    def stream(self, messages: list[dict], options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if self.streams:
+            yield from self.pyfunc.predict_stream({"messages": messages, **options})
+            return
+        response = self.complete(messages, options)
+        choice = response["choices"][0]
+        yield {"id": response["id"], "object": "chat.completion.chunk",
+               "created": response["created"], "model": self.name,
+               "choices": [{"index": 0, "delta": dict(choice["message"]),
+                            "finish_reason": choice["finish_reason"]}]}
+
+
+def load(name: str, uri: str) -> ServedModel:
+    """Load `uri` with mlflow.pyfunc and learn its context window and tokenizer."""
+    logger.info("loading %s as %r", uri, name)
+    model = mlflow.pyfunc.load_model(uri)
+    if "transformers" in model.metadata.flavors:
+        pipeline = model._model_impl.pipeline
+        tokenizer = pipeline.tokenizer
+
+        def count(messages: list[dict]) -> int:
+            return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False))
+
+        context = int(pipeline.model.config.max_position_embeddings)
+        # A transformers pipeline is not safe to call from several threads at once.
+        return ServedModel(name, uri, model, context, count, streams=False,
+                           lock=threading.Lock())
+    inner = model.unwrap_python_model()
+    if not hasattr(inner, "tokenizer") or getattr(inner, "interface", "chat") != "chat":
+        raise SystemExit(f"{uri} is not a chat model of this project (log it with "
+                         "log_transformers, or log_onnx_pyfunc with interface=chat).")
+
+    def count_onnx(messages: list[dict]) -> int:
+        prompt = inner.tokenizer.apply_chat_template(json.dumps(messages),
+                                                     add_generation_prompt=True)
+        return len(inner.tokenizer.encode(prompt))
+
+    return ServedModel(name, uri, model, inner.context_length, count_onnx, streams=True)
+
+
+def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dict, dict, bool]:
+    """The request, checked: (model, messages, generation options, stream) or an ApiError."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object with model and messages.")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise ApiError(400, f"{where}: {error['msg']}.", param=where) from None
+    for name in UNSUPPORTED:
+        if data.get(name) is not None:
+            raise ApiError(400, f"{name} is not supported by this server.", param=name)
+    model = _model(data.get("model"), models)
+    try:
+        messages = _messages(data.get("messages"))
+        if request.n not in (None, 1):
+            raise ApiError(400, f"n must be 1 (one answer per request), got {request.n}.",
+                           param="n")
+        max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+        options = {
+            key: value for key, value in {
+                "max_tokens": None if max_tokens is None else _number(
+                    "max_tokens", max_tokens, int, 1),
+                "temperature": None if request.temperature is None else _number(
+                    "temperature", data["temperature"], float, 0),
+                "top_p": None if request.top_p is None else _number(
+                    "top_p", data["top_p"], float, 0, 1, low_inclusive=False),
+                "top_k": None if request.top_k is None else _number(
+                    "top_k", data["top_k"], int, 1),
+                "stop": _stop(data.get("stop")),
+            }.items() if value is not None}
+    except BadRequest as exc:
+        raise ApiError(400, exc.message, param=_param_of(exc.message)) from None
+    _check_context(model, messages, options.get("max_tokens"))
+    return model, messages, options, bool(request.stream)
+
+
+def _model(name: Any, models: dict[str, ServedModel]) -> ServedModel:
+    if name is None and len(models) == 1:
+        return next(iter(models.values()))
+    if name not in models:
+        raise ApiError(404, f"the model {str(name)[:100]!r} is not served here; this server "
+                       f"serves {sorted(models)}.", param="model", code="model_not_found")
+    return models[name]
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a check's message starts with (`messages[0].role must ...`)."""
+    found = PARAM.match(message)
+    return found.group(0) if found else ("messages" if "message" in message else None)
+
+
+PARAM = re.compile(r"^(messages(\[\d+\](\.(role|content))?)?|max_tokens|temperature|top_p|top_k"
+                   r"|stop|n)\b")
+
+
+def _check_context(model: ServedModel, messages: list[dict], max_tokens: int | None) -> None:
+    characters = sum(len(m["content"]) for m in messages)
+    if characters > model.context_length * MAX_CHARS_PER_TOKEN:  # no tokenizer packs more
+        raise ApiError(400, f"the messages have {characters} characters, more than the context "
+                       f"window of {model.context_length} tokens can hold: shorten them.",
+                       param="messages", code="context_length_exceeded")
+    tokens = model.count_tokens(messages)
+    room = model.context_length - tokens
+    if room <= 0:
+        raise ApiError(400, f"the messages are {tokens} tokens, more than the context window of "
+                       f"{model.context_length}: shorten them.", param="messages",
+                       code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise ApiError(400, f"max_tokens={max_tokens} does not fit: the messages are {tokens} "
+                       f"tokens and the context window is {model.context_length}; pass "
+                       f"max_tokens <= {room}.", param="max_tokens",
+                       code="context_length_exceeded")
+
+
+def create_app(models: dict[str, ServedModel],
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="phi3flow front door", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # unknown route or method
+        return JSONResponse(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
+                                     f"{exc.detail}", code="not_found").body(),
+                            status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": sorted(models)}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "phi3flow"}
+            for name in sorted(models)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _read_limited(request, max_body_bytes)
+        model, messages, options, stream = parse(body, models)
+        if stream:
+            return StreamingResponse(_events(model, messages, options),
+                                     media_type="text/event-stream")
+        response = await run_in_threadpool(_generate, model, messages, options)
+        return JSONResponse(response)
+
+    return app
+
+
+async def _read_limited(request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes without reading (or keeping) the rest."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {int(declared)} bytes, more than this server's limit "
+                       f"of {limit} (--max_body_bytes).", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is more than this server's limit of {limit} bytes "
+                           "(--max_body_bytes).", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _generate(model: ServedModel, messages: list[dict], options: dict) -> dict:
+    try:
+        response = model.complete(messages, options)
+    except BadRequest as exc:  # a check only the model could make
+        raise ApiError(400, exc.message) from None
+    return {**response, "model": model.name}
+
+
+def _events(model: ServedModel, messages: list[dict], options: dict) -> Iterator[bytes]:
+    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
+    for chunk in _in_one_thread(lambda: model.stream(messages, options)):
+        if isinstance(chunk, Exception):  # the stream has begun: report in-band, as OpenAI does
+            logger.warning("stream of %s failed: %s", model.name, chunk)
+            error = ApiError(500, str(chunk)[:500], kind="server_error").body()
+            yield f"data: {json.dumps(error)}\n\n".encode()
+            break
+        yield f"data: {json.dumps({**chunk, 'model': model.name})}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def _in_one_thread(make: Any) -> Iterator[Any]:
+    """Iterate `make()` in one thread of its own, handing each item (or the error) over.
+
+    Starlette advances a streaming response's generator from whichever worker thread is free,
+    but MLflow's predict_stream sets a context variable when it starts and resets it when it
+    ends, which fails from another thread's context; one thread per stream keeps it whole.
+    """
+    handed: queue.Queue = queue.Queue(maxsize=64)
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in make():
+                handed.put(item)
+        except Exception as exc:  # noqa: BLE001 (handed to the response, which reports it)
+            handed.put(exc)
+        handed.put(done)
+
+    threading.Thread(target=run, daemon=True, name="front-door-stream").start()
+    while (item := handed.get()) is not done:
+        yield item
+
+
+def _model_arg(value: str) -> tuple[str, str]:
+    """NAME=URI, or a registry reference whose name it is: `name@alias` or `models:/name@alias`."""
+    if "=" in value:
+        name, uri = value.split("=", 1)
+        return name, uri
+    name = value.removeprefix("models:/")
+    return name, f"models:/{name}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m phi3flow.front_door",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", metavar="NAME@ALIAS|NAME=URI",
+                        help="a model to serve (repeatable); default: "
+                             f"{names.DEFAULT_REGISTERED_MODEL}@champion")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    specs = [_model_arg(v) for v in (args.model or [f"{names.DEFAULT_REGISTERED_MODEL}@champion"])]
+    try:
+        models = {name: load(name, uri) for name, uri in specs}
+    except MlflowException as exc:
+        raise SystemExit(f"cannot load a model: {exc.message} (is MLFLOW_TRACKING_URI the store "
+                         "where it was registered?)") from None
+    import uvicorn
+
+    logger.info("serving %s on http://%s:%d/v1 (Ctrl-C stops)", sorted(models), args.host,
+                args.port)
+    uvicorn.run(create_app(models, args.max_body_bytes), host=args.host, port=args.port,
+                log_level="info")
+
+
+if __name__ == "__main__":
+    main()
