@@ -11,7 +11,9 @@ Contract, `interface=chat` (the default): the OpenAI chat format that MLflow's t
          "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."},
                       "finish_reason": "stop" | "length"}],
          "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}]
-`interface=prompt`: the Phi-3 cookbook's contract, {"prompt": "..."} -> "answer".
+`interface=prompt`: the Phi-3 cookbook's contract, {"prompt": "..."} -> "answer". A prompt that
+carries the chat template's tags (<|system|>, <|user|>, <|assistant|>, <|end|>) is tokenized as
+it is, as the cookbook does; plain text is wrapped as one user turn.
 
 Design, for serving (`mlflow models serve` calls predict from several threads at once):
 - One `og.Model` and `og.Tokenizer`, loaded once in load_context and only read afterwards.
@@ -62,6 +64,7 @@ THREADS_ENV = "PHI3FLOW_ONNX_THREADS"
 MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
 ROLES = ("system", "user", "assistant")
+TEMPLATE_TAGS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # Phi-3's chat format
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "stop")
 CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS)
 PROMPT_FIELDS = ("prompt", *OPTIONS)
@@ -242,11 +245,13 @@ class OnnxChatModel(PythonModel):
                 raise BadRequest("the request needs a non-empty string field prompt: "
                                  "{\"prompt\": \"...\"}.")
             self._check_size(len(prompt))
-            # The cookbook's callers send plain text: wrap it as one user turn with the
-            # checkpoint's own template rather than hand-written special tokens.
-            prompt = self.tokenizer.apply_chat_template(
-                json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
-            )
+            # The Phi-3 cookbook's contract: a prompt already in the chat format (its example:
+            # "<|system|>...<|end|><|user|>...<|end|><|assistant|>") goes to the tokenizer as it
+            # is. Plain text is wrapped as one user turn with the checkpoint's own template.
+            if not any(tag in prompt for tag in TEMPLATE_TAGS):
+                prompt = self.tokenizer.apply_chat_template(
+                    json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
+                )
         options = {
             "max_tokens": _number("max_tokens", merged["max_tokens"], int, 1),
             "temperature": _number("temperature", merged["temperature"], float, 0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -98,7 +99,7 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
             first.info.run_id)
     _printed_commands_work_as_printed(output, tmp_path)
     assert tags["phi3flow.registered_alias"] == "champion"
-    assert f"mlflow models serve -m models:/{names.DEFAULT_REGISTERED_MODEL}@champion" in output
+    assert f"front_door --model {names.DEFAULT_REGISTERED_MODEL}@champion" in output
     champion = predict_in_fresh_process(f"models:/{names.DEFAULT_REGISTERED_MODEL}@champion",
                                         QUESTION)
     assert "Madrid" in champion["choices"][0]["message"]["content"]
@@ -146,9 +147,11 @@ def _printed_commands_work_as_printed(output: str, tmp_path) -> None:
     ui, serve, curl = (line.strip() for line in block)
     assert ui.startswith("mlflow ui --backend-store-uri sqlite:////") and serve.startswith(
         "MLFLOW_TRACKING_URI=sqlite:////")
+    assert main_step.UI_PORT != main_step.SERVE_PORT
     ports = {main_step.UI_PORT: free_port(), main_step.SERVE_PORT: free_port()}
     ui, serve = (ui.replace(f"-p {main_step.UI_PORT}", f"-p {ports[main_step.UI_PORT]}"),
-                 serve.replace(f"-p {main_step.SERVE_PORT}", f"-p {ports[main_step.SERVE_PORT]}"))
+                 serve.replace(f"--port {main_step.SERVE_PORT}",
+                               f"--port {ports[main_step.SERVE_PORT]}"))
     curl = curl.replace(f"localhost:{main_step.SERVE_PORT}",
                         f"localhost:{ports[main_step.SERVE_PORT]}")
     elsewhere = tmp_path / "elsewhere"
@@ -156,19 +159,20 @@ def _printed_commands_work_as_printed(output: str, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     started = time.monotonic()
-    procs = [subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=elsewhere, env=env,
+    procs = [subprocess.Popen(["bash", "-c", command], cwd=elsewhere, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True) for command in (ui, serve)]
     try:
         ui_up = _wait_for(f"http://127.0.0.1:{ports[main_step.UI_PORT]}/health", procs[0])
         print(f"mlflow ui answered after {ui_up - started:.1f} s")
-        _wait_for(f"http://127.0.0.1:{ports[main_step.SERVE_PORT]}/ping", procs[1])
+        _wait_for(f"http://127.0.0.1:{ports[main_step.SERVE_PORT]}/health", procs[1])
         answered = subprocess.run(["bash", "-c", curl], cwd=elsewhere, env=env,
                                   capture_output=True, text=True, timeout=120)
         assert "Madrid" in answered.stdout, answered.stdout + answered.stderr
     finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:  # each runs in a session of its own: stop it and its children
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
 
 

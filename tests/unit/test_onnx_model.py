@@ -201,6 +201,18 @@ def test_prompt_interface_answers_a_string(fetch_run_id):
     with pytest.raises(MlflowException, match=r"unknown field\(s\) \['messages'\]"):
         model.predict(QUESTION)
 
+    # The cookbook's own example payload is already in the chat format: it reaches the model
+    # exactly as the cookbook's `tokenizer.encode(prompt)` gives it, not wrapped a second time.
+    seed = ("<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom"
+            "<|end|><|assistant|>")
+    inner = model.unwrap_python_model()
+    assert list(inner._parse({"prompt": seed}, {})["ids"]) == list(inner.tokenizer.encode(seed))
+    plain = list(inner._parse({"prompt": "What is the capital of Spain?"}, {})["ids"])
+    wrapped = inner.tokenizer.apply_chat_template(json.dumps(
+        [{"role": "user", "content": "What is the capital of Spain?"}]), add_generation_prompt=True)
+    assert plain == list(inner.tokenizer.encode(wrapped))
+    assert isinstance(model.predict({"prompt": seed}), str)
+
 
 def test_int4_build_loads_and_answers():
     fetch = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
