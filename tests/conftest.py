@@ -234,6 +234,38 @@ def serve(model_uri: str, *args: str):
 
 
 CHAMPIONS = {"transformers": "phi3-transformers-chat", "onnx": "phi3-onnx-chat"}
+FRONT_DOOR_NAMES = {kind: f"{name}@champion" for kind, name in CHAMPIONS.items()}
+
+
+@contextmanager
+def front_door(*args: str):
+    """`python -m phi3flow.front_door ARGS` on a free port; yields (base URL, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phi3flow.front_door", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+             f"{os.environ['PATH']}"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None:
+                    pytest.fail(f"the front door exited: {proc.stdout.read()[-3000:]}")
+                assert time.monotonic() < deadline, "the front door did not come up in 180 s"
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -4,56 +4,21 @@ real clients: the official `openai` SDK and curl. Both registered champions behi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import CHAMPIONS, QUESTION, free_port
+from tests.conftest import FRONT_DOOR_NAMES, QUESTION, front_door
 from tests.e2e.test_load import REQUESTS_PER_CLIENT, run_load
 
 pytestmark = pytest.mark.e2e
 
 MESSAGES = QUESTION["messages"]
-NAMES = {kind: f"{name}@champion" for kind, name in CHAMPIONS.items()}
-
-
-@contextmanager
-def front_door(*args: str):
-    """The documented command on a free port; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "phi3flow.front_door", "--port", str(port), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
-             f"{os.environ['PATH']}"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None:
-                    pytest.fail(f"the front door exited: {proc.stdout.read()[-3000:]}")
-                assert time.monotonic() < deadline, "the front door did not come up in 180 s"
-                time.sleep(0.5)
-        yield url, proc
-    finally:
-        proc.send_signal(2)  # Ctrl-C
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+NAMES = FRONT_DOOR_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import subprocess
 import sys
 
 import mlflow
@@ -18,11 +19,21 @@ import pytest
 
 from phi3flow import names, tracking
 from tests import bad_input_table
-from tests.conftest import FIXTURE, QUESTION, ping, post, serve
+from tests.conftest import (
+    FIXTURE,
+    FRONT_DOOR_NAMES,
+    QUESTION,
+    front_door,
+    ping,
+    post,
+    serve,
+)
 
 STEPS_MATRIX = "Entry points (exit code and the one line the step logs; the run ends FAILED)"
 HTTP_MATRIX = ("Served models (`mlflow models serve -m models:/<name>@champion`; HTTP status "
                "and the response's message)")
+DOOR_MATRIX = ("The front door (`python -m phi3flow.front_door`, both champions; HTTP status and "
+               "OpenAI's error message)")
 
 F, T, ONNX = "{fetch}", "{transformers}", "{onnx}"  # run IDs filled in by the test
 FX = str(FIXTURE)
@@ -265,3 +276,84 @@ def test_bad_payload_gets_its_answer_and_the_server_keeps_serving(
     assert small, f"a {len(raw):,}-byte error answer"
     assert after_ping == 200 and after_status == 200, after[:2000]
     assert "Madrid" in json.loads(after)[0]["choices"][0]["message"]["content"]
+
+
+# --- The front door: the same bad payloads, and a few of its own; no gaps for either model ------
+
+def _door(model: str, **body) -> dict:
+    return {"model": FRONT_DOOR_NAMES[model], **body}
+
+
+# (class of bad input, request body (or a function of the model), HTTP status, message fragment)
+DOOR_CASES = [
+    ("invalid JSON", b'{"messages": [', 400, "the body is not valid JSON"),
+    ("invalid JSON", b"", 400, "the body is not valid JSON"),
+    ("wrong type", lambda m: _door(m, messages="What is the capital of Spain?"), 400,
+     "messages: Input should be a valid list"),
+    ("wrong type", lambda m: _door(m, **_user(42)), 400, "messages.0.content"),
+    ("wrong type", lambda m: _door(m, **QUESTION, max_tokens="ten"), 400, "max_tokens"),
+    ("missing field", lambda m: _door(m, max_tokens=8), 400, "messages: Field required"),
+    ("missing field", lambda m: _door(m, messages=[{"role": "user"}]), 400,
+     "messages[0].content must be a string"),
+    ("unknown role", lambda m: _door(m, messages=[{"role": "bot", "content": "hi"}]), 400,
+     "messages[0].role must be one of system, user, assistant"),
+    ("empty content", lambda m: _door(m, **_user("")), 400, "messages[0].content is empty"),
+    ("huge max_tokens", lambda m: _door(m, **QUESTION, max_tokens=10**9), 400,
+     "max_tokens=1000000000 does not fit"),
+    ("prompt beyond the context window", lambda m: _door(m, **_user("Spain " * (CONTEXT + 500))),
+     400, "more than the context window"),
+    ("unknown model", lambda m: {**QUESTION, "model": "gpt-4"}, 404, "is not served here"),
+    ("unsupported option", lambda m: _door(m, **QUESTION, n=2), 400, "n must be 1"),
+    ("unsupported option", lambda m: _door(m, **QUESTION, tools=[
+        {"type": "function", "function": {"name": "lookup"}}]), 400, "tools is not supported"),
+    ("10 MB body", lambda m: _door(m, **_user("x" * TEN_MB)), 413, "more than this server's limit"),
+    ("10 MB body, invalid JSON", b'{"messages": "' + b"x" * TEN_MB, 413,
+     "more than this server's limit"),
+]
+bad_input_table.EXPECTED[DOOR_MATRIX] = len(DOOR_CASES) * len(MODELS)
+
+
+@pytest.fixture(scope="module")
+def door(champions):
+    with front_door(*(a for name in FRONT_DOOR_NAMES.values() for a in ("--model", name))) as d:
+        yield d
+
+
+def _curl(url: str, body: bytes, tmp_path) -> tuple[int, bytes]:
+    """POST with curl, which waits for the answer to `Expect: 100-continue` before it sends a
+    large body: a refusal by the declared size arrives without the body ever being sent."""
+    path = tmp_path / "body.json"
+    path.write_bytes(body)
+    done = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", f"{url}/v1/chat/completions",
+                           "-H", "Content-Type: application/json", "--data-binary", f"@{path}"],
+                          capture_output=True, timeout=120)
+    raw, _, status = done.stdout.rpartition(b"\n")
+    return int(status), raw
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("order", "case"), list(enumerate(DOOR_CASES)),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(DOOR_CASES)])
+def test_bad_payload_at_the_front_door_gets_a_4xx_for_both_models(door, model, order, case,
+                                                                   tmp_path):
+    kind, body, status_expected, fragment = case
+    body = body(model) if callable(body) else body
+    raw_body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    url, proc = door
+    status, raw = _curl(url, raw_body, tmp_path)
+    error = json.loads(raw).get("error", {}) if raw.startswith(b"{") else {}
+    message = error.get("message", raw.decode(errors="replace")[:300])
+    after_status, after = _curl(url, json.dumps(_door(model, **QUESTION, max_tokens=16)).encode(),
+                                tmp_path)
+    ok = (status == status_expected and fragment in message and len(raw) <= MAX_ERROR_BYTES
+          and set(error) == {"message", "type", "param", "code"} and after_status == 200
+          and proc.poll() is None)
+    bad_input_table.record(
+        DOOR_MATRIX, order * len(MODELS) + MODELS.index(model), model, kind, _shown(body),
+        str(status_expected), f"{status} ({len(raw):,} bytes)", message, ok)
+    assert status == status_expected, raw[:2000]
+    assert fragment in message, message
+    assert set(error) == {"message", "type", "param", "code"}, error  # OpenAI's shape
+    assert len(raw) <= MAX_ERROR_BYTES, f"a {len(raw):,}-byte error answer"
+    assert after_status == 200 and "Madrid" in json.loads(after)["choices"][0]["message"][
+        "content"]
