@@ -80,6 +80,15 @@ def model_options(cfg: LogTransformersConfig, pipeline: Any) -> dict[str, Any]:
     )
 
 
+def _name(pipeline: Any, model_id: str) -> None:
+    """Name the pipeline after the checkpoint it came from. MLflow records this name as the
+    model's source and answers it as a chat completion's `model`; left alone it would be the
+    temporary folder the checkpoint was staged in. (The ONNX model answers the same model_id.)"""
+    pipeline.model.name_or_path = model_id
+    pipeline.model.config.name_or_path = model_id
+    pipeline.tokenizer.name_or_path = model_id
+
+
 @contextlib.contextmanager
 def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[None]:
     """Make MLflow's by-reference logging record `commit`, not the hub's current HEAD.
@@ -89,9 +98,7 @@ def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[
     verified. We point name_or_path at the hub id and answer that lookup with the fetched commit;
     `log()` then checks the written MLmodel to prove the pin took.
     """
-    pipeline.model.name_or_path = repo_id
-    pipeline.model.config.name_or_path = repo_id
-    pipeline.tokenizer.name_or_path = repo_id
+    _name(pipeline, repo_id)
     with mock.patch(
         "mlflow.transformers.flavor_config.get_latest_commit_for_repo", return_value=commit
     ):
@@ -107,6 +114,7 @@ def log(cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: Manifest,
             f"from a local folder ({source.path}): use save_pretrained=true."
         )
     pipeline = load_pipeline(checkpoint, cfg.torch_dtype, cfg.trust_remote_code)
+    _name(pipeline, fetch_manifest.model_id)
     reference = (
         _pinned_hub_reference(source.repo_id, source.revision, pipeline)
         if not cfg.save_pretrained

@@ -48,6 +48,15 @@ def test_log_transformers_model_answers_openai_chat_in_a_fresh_process(
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
 
 
+def test_both_logged_models_name_the_checkpoint_they_came_from(transformers_model_uri,
+                                                               onnx_model_uri):
+    """A completion's `model` is the checkpoint's model_id for both models, not the temporary
+    folder the transformers model was staged in."""
+    for uri in (transformers_model_uri, onnx_model_uri):
+        (answer,) = mlflow.pyfunc.load_model(uri).predict({**QUESTION, "max_tokens": 8})
+        assert answer["model"] == str(FIXTURE), uri
+
+
 def test_log_transformers_tags_lineage_and_pins_requirements(fetch_run_id, transformers_model_uri):
     # The run that logged the fixture's model (other tests leave FAILED log_transformers runs).
     run = mlflow.get_run(
