@@ -39,7 +39,7 @@ from mlflow.types.chat import ChatCompletionRequest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from phi3flow import names
+from phi3flow import names, system_messages
 from phi3flow.onnx_chat_model import (
     MAX_CHARS_PER_TOKEN,
     BadRequest,
@@ -83,6 +83,7 @@ class ServedModel:
     context_length: int
     count_tokens: Any  # messages -> prompt tokens, with the model's own chat template
     streams: bool  # the model streams token by token (else: one chunk with the whole answer)
+    keeps_system: bool  # its chat template shows system messages (else they are folded in)
     lock: threading.Lock | None = field(default=None)  # a model that must answer one at a time
 
     def complete(self, messages: list[dict], options: dict[str, Any]) -> dict[str, Any]:
@@ -119,20 +120,26 @@ def load(name: str, uri: str) -> ServedModel:
                                                      tokenize=True, return_dict=False))
 
         context = int(pipeline.model.config.max_position_embeddings)
+        keeps = system_messages.probe(lambda messages: tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True), name)
         # A transformers pipeline is not safe to call from several threads at once.
         return ServedModel(name, uri, model, context, count, streams=False,
-                           lock=threading.Lock())
+                           keeps_system=keeps == system_messages.KEPT, lock=threading.Lock())
     inner = model.unwrap_python_model()
     if not hasattr(inner, "tokenizer") or getattr(inner, "interface", "chat") != "chat":
         raise SystemExit(f"{uri} is not a chat model of this project (log it with "
                          "log_transformers, or log_onnx_pyfunc with interface=chat).")
 
-    def count_onnx(messages: list[dict]) -> int:
-        prompt = inner.tokenizer.apply_chat_template(json.dumps(messages),
-                                                     add_generation_prompt=True)
-        return len(inner.tokenizer.encode(prompt))
+    def render(messages: list[dict]) -> str:
+        return inner.tokenizer.apply_chat_template(json.dumps(messages),
+                                                   add_generation_prompt=True)
 
-    return ServedModel(name, uri, model, inner.context_length, count_onnx, streams=True)
+    def count_onnx(messages: list[dict]) -> int:
+        return len(inner.tokenizer.encode(render(messages)))
+
+    keeps = system_messages.probe(render, name) == system_messages.KEPT
+    return ServedModel(name, uri, model, inner.context_length, count_onnx, streams=True,
+                       keeps_system=keeps)
 
 
 def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dict, dict, bool]:
@@ -155,6 +162,8 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
     model = _model(data.get("model"), models)
     try:
         messages = _messages(data.get("messages"))
+        if not model.keeps_system:  # the template would drop them: fold them in (documented)
+            messages = system_messages.fold(messages)
         if request.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (one answer per request), got {request.n}.",
                            param="n")

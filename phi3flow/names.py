@@ -67,6 +67,9 @@ TAG_ONNX_SOURCE = TAG_PREFIX + "onnx_source"
 TAG_ONNX_PRECISION = TAG_PREFIX + "onnx_precision"
 TAG_ONNX_EXECUTION_PROVIDER = TAG_PREFIX + "onnx_execution_provider"
 TAG_INTERFACE = TAG_PREFIX + "interface"
+# What the checkpoint's chat template does with system messages: kept or dropped (a logged
+# model's and its run's tag; phi3flow/system_messages.py).
+TAG_SYSTEM_MESSAGES = TAG_PREFIX + "system_messages"
 TAG_EVAL_DATA_SHA256 = TAG_PREFIX + "eval_data_sha256"
 TAG_EVALUATE_RUN_ID = TAG_PREFIX + "evaluate_run_id"
 TAG_LOG_RUN_ID = TAG_PREFIX + "log_run_id"

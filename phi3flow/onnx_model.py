@@ -7,6 +7,7 @@ folder as its artifact, and pinned requirements without torch.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from phi3flow import manifest, model_uris, names
+from phi3flow import manifest, model_uris, names, system_messages
 from phi3flow.config import LogOnnxPyfuncConfig
 from phi3flow.manifest import Manifest
 from phi3flow.onnx_chat_model import ONNX_ARTIFACT
@@ -65,6 +66,9 @@ def model_options(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, model_id: str) ->
 def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: Manifest,
         tags: dict[str, str]) -> str:
     logger.info("logging the ONNX %s model from %s", cfg.interface, MODEL_CODE.name)
+    system = _probe_system_messages(onnx_folder, fetch_manifest.model_id)
+    tags = {**tags, names.TAG_SYSTEM_MESSAGES: system}
+    mlflow.set_tag(names.TAG_SYSTEM_MESSAGES, system)
     options = model_options(cfg, onnx_folder, fetch_manifest.model_id)
     uri = model_uris.log_model_or_fallback(
         lambda: mlflow.pyfunc.log_model(name=names.ONNX_MODEL_NAME, tags=tags, **options),
@@ -73,6 +77,19 @@ def log(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, fetch_manifest: Manifest,
     )
     verify_logged(uri, fetch_manifest)
     return uri
+
+
+def _probe_system_messages(onnx_folder: Path, what: str) -> str:
+    """system_messages.probe with onnxruntime-genai's own tokenizer and the folder's template
+    (the model is loaded for its tokenizer, then let go before the model is logged)."""
+    import onnxruntime_genai as og
+
+    tokenizer = og.Tokenizer(og.Model(str(onnx_folder)))
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+
+    return system_messages.probe(render, what)  # the model goes with this frame
 
 
 def verify_logged(model_uri: str, fetch_manifest: Manifest) -> None:

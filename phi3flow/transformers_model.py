@@ -18,7 +18,7 @@ from unittest import mock
 import mlflow
 import yaml
 
-from phi3flow import model_uris, names
+from phi3flow import model_uris, names, system_messages
 from phi3flow.config import LogTransformersConfig
 from phi3flow.errors import StepError
 from phi3flow.manifest import Manifest
@@ -115,6 +115,10 @@ def log(cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: Manifest,
         )
     pipeline = load_pipeline(checkpoint, cfg.torch_dtype, cfg.trust_remote_code)
     _name(pipeline, fetch_manifest.model_id)
+    system = system_messages.probe(lambda messages: pipeline.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), fetch_manifest.model_id)
+    tags = {**tags, names.TAG_SYSTEM_MESSAGES: system}
+    mlflow.set_tag(names.TAG_SYSTEM_MESSAGES, system)
     reference = (
         _pinned_hub_reference(source.repo_id, source.revision, pipeline)
         if not cfg.save_pretrained

@@ -9,10 +9,12 @@ import time
 import urllib.error
 import urllib.request
 
+import mlflow
 import openai
 import pytest
 
-from tests.conftest import FRONT_DOOR_NAMES, QUESTION, front_door
+from phi3flow import names
+from tests.conftest import FIXTURE, FRONT_DOOR_NAMES, QUESTION, front_door
 from tests.e2e.test_load import REQUESTS_PER_CLIENT, run_load
 
 pytestmark = pytest.mark.e2e
@@ -163,3 +165,56 @@ def test_front_door_under_concurrent_load(door):
     assert not result["errors"], result["errors"][:5]
     assert not result["mismatches"], result["mismatches"][:5]
     assert result["pings"] >= 5 and not result["ping_failures"], result["ping_failures"][:5]
+
+
+@pytest.fixture(scope="module")
+def dropping(tmp_path_factory):
+    """Both models of the fixture logged with Phi-3-mini-4k's original chat template (from the
+    real vocabulary fixture), which drops system messages: {kind: model URI}."""
+    import shutil
+
+    import transformers
+
+    from steps import fetch_model, log_onnx_pyfunc, log_transformers
+
+    real = transformers.AutoTokenizer.from_pretrained(
+        FIXTURE.parent / "phi3-vocab", gguf_file="ggml-vocab-phi-3.gguf")
+    checkpoint = tmp_path_factory.mktemp("real-template") / "checkpoint"
+    shutil.copytree(FIXTURE, checkpoint)
+    (checkpoint / "chat_template.jinja").write_text(real.chat_template)
+    fetch = fetch_model.main(["--model_id", str(checkpoint), "--onnx_source", "build",
+                              "--precision", "fp32"])
+    args = ["--fetch_run_id", fetch, "--max_new_tokens", "16"]
+    return {"transformers": log_transformers.main(args), "onnx": log_onnx_pyfunc.main(args)}
+
+
+def test_system_messages_are_tagged_and_folded_in_where_the_template_drops_them(
+        dropping, transformers_model_uri, onnx_model_uri):
+    """Logged with a template that drops system messages, both models are tagged `dropped`
+    (the fixture's own template keeps them: `kept`); behind the front door a system message
+    is folded into the first user turn, so it reaches both models' prompts."""
+    for uri, expected in ((dropping["transformers"], "dropped"), (dropping["onnx"], "dropped"),
+                          (transformers_model_uri, "kept"), (onnx_model_uri, "kept")):
+        model = mlflow.get_logged_model(uri.split("/")[-1])
+        assert model.tags[names.TAG_SYSTEM_MESSAGES] == expected, uri
+    pirate = [{"role": "system", "content": "You are a pirate who answers in rhymes."},
+              *MESSAGES]
+    folded = [{"role": "user", "content": "You are a pirate who answers in rhymes.\n\n"
+               + MESSAGES[0]["content"]}]
+    with front_door(*(a for kind, uri in dropping.items()
+                      for a in ("--model", f"{kind}={uri}"))) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)
+
+        def prompt_tokens(kind: str, messages: list[dict]) -> int:
+            return client.chat.completions.create(
+                model=kind, messages=messages, max_tokens=4).usage.prompt_tokens
+
+        for kind in dropping:
+            alone, with_system = prompt_tokens(kind, MESSAGES), prompt_tokens(kind, pirate)
+            assert with_system > alone, kind  # not dropped...
+            assert with_system == prompt_tokens(kind, folded), kind  # ...but folded in
+    # Served directly, the template drops it: the same prompt with or without it.
+    direct = mlflow.pyfunc.load_model(dropping["onnx"])
+    (alone,) = direct.predict({"messages": MESSAGES, "max_tokens": 4})
+    (with_system,) = direct.predict({"messages": pirate, "max_tokens": 4})
+    assert with_system["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
