@@ -182,10 +182,11 @@ def onnx_model_uri(fetch_run_id):
     return log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--max_new_tokens", "32"])
 
 
-def post(url: str, body: bytes | dict | list, timeout: float = 120) -> tuple[int, bytes]:
-    """POST to a served model's /invocations; (HTTP status, raw response body)."""
+def post(url: str, body: bytes | dict | list, timeout: float = 120,
+         path: str = "/invocations") -> tuple[int, bytes]:
+    """POST to a served model (MLflow's /invocations by default); (HTTP status, raw body)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=data,
+    request = urllib.request.Request(f"{url}{path}", data=data,
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

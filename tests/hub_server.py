@@ -130,19 +130,19 @@ class LocalHub:
                 out.append(unquote(rest.partition("/")[2]))
         return out
 
-    def _take_corruption(self, path: str) -> int | None:
+    def _take(self, left: dict[str, int], values: dict[str, int], path: str) -> int | None:
+        """values[path] while `left` allows it (counting this use), else None."""
         with self._lock:
-            if self.corrupt_left.get(path, 0) > 0:
-                self.corrupt_left[path] -= 1
-                return self.corrupt[path]
+            if left.get(path, 0) > 0:
+                left[path] -= 1
+                return values[path]
         return None
 
+    def _take_corruption(self, path: str) -> int | None:
+        return self._take(self.corrupt_left, self.corrupt, path)
+
     def _take_fault(self, path: str) -> int | None:
-        with self._lock:
-            if self.faults_left.get(path, 0) > 0:
-                self.faults_left[path] -= 1
-                return self.fail_after_bytes[path]
-        return None
+        return self._take(self.faults_left, self.fail_after_bytes, path)
 
 
 class _Handler(BaseHTTPRequestHandler):

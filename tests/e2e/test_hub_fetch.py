@@ -41,13 +41,23 @@ def onnx_repo(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def hub(onnx_repo):
-    repos = {
+def _repos(onnx_repo: Path) -> dict:
+    """The stand-in's two repositories, at the pinned commits."""
+    return {
         names.DEFAULT_MODEL_ID: {"dir": FIXTURE, "commit": names.DEFAULT_MODEL_REVISION},
         names.ONNX_HUB_REPO: {"dir": onnx_repo, "commit": ONNX_COMMIT},
     }
-    with LocalHub(repos, require_token=TOKEN) as server:
+
+
+def _snapshot(tmp_path: Path) -> Path:
+    """Where the hub cache keeps the default model's files (HF_HOME = tmp_path/hf-home)."""
+    return (tmp_path / "hf-home" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"
+            / "snapshots" / names.DEFAULT_MODEL_REVISION)
+
+
+@pytest.fixture
+def hub(onnx_repo):
+    with LocalHub(_repos(onnx_repo), require_token=TOKEN) as server:
         yield server
 
 
@@ -137,13 +147,8 @@ def test_download_cut_mid_file_fails_cleanly_and_a_rerun_completes_verified(
     """The hub delivers model.safetensors only partly once (a well-formed but short answer, as a
     dropped proxy would): fetch_model fails naming the download, logs nothing, leaves no partial
     file where a later step could pick it up; the re-run downloads it whole and verifies."""
-    repos = {
-        names.DEFAULT_MODEL_ID: {"dir": FIXTURE, "commit": names.DEFAULT_MODEL_REVISION},
-        names.ONNX_HUB_REPO: {"dir": onnx_repo, "commit": ONNX_COMMIT},
-    }
+    repos, snapshot = _repos(onnx_repo), _snapshot(tmp_path)
     weights = FIXTURE / "model.safetensors"
-    snapshot = (tmp_path / "hf-home" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"
-                / "snapshots" / names.DEFAULT_MODEL_REVISION)
     with LocalHub(repos, require_token=TOKEN, fault="short",
                   fail_after_bytes={"model.safetensors": weights.stat().st_size // 2}) as hub:
         env = _hub_env(hub, tmp_path)
@@ -185,13 +190,8 @@ def test_a_corrupted_download_of_the_right_size_fails_named_and_a_rerun_complete
     """The stand-in serves model.safetensors once with one byte flipped (same size, as a
     corrupting proxy or a swapped file would): huggingface_hub accepts it, fetch_model does not.
     It names the file, logs nothing, drops the bad copy from the cache; the re-run completes."""
-    repos = {
-        names.DEFAULT_MODEL_ID: {"dir": FIXTURE, "commit": names.DEFAULT_MODEL_REVISION},
-        names.ONNX_HUB_REPO: {"dir": onnx_repo, "commit": ONNX_COMMIT},
-    }
+    repos, snapshot = _repos(onnx_repo), _snapshot(tmp_path)
     weights = FIXTURE / "model.safetensors"
-    snapshot = (tmp_path / "hf-home" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"
-                / "snapshots" / names.DEFAULT_MODEL_REVISION)
     with LocalHub(repos, require_token=TOKEN, corrupt={"model.safetensors": 1000}) as hub:
         env = _hub_env(hub, tmp_path)
         first = run_project("-e", "fetch_model", cwd=tmp_path, env=env)

@@ -15,7 +15,6 @@ import platform
 import statistics
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,14 +76,8 @@ class Endpoint:
     def post(self, request: dict, timeout: float = 120) -> tuple[int, bytes]:
         if self.model is None:
             return post(self.url, request, timeout=timeout)
-        data = json.dumps({"model": self.model, **request}).encode()
-        call = urllib.request.Request(f"{self.url}/v1/chat/completions", data=data,
-                                      headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(call, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
+        return post(self.url, {"model": self.model, **request}, timeout=timeout,
+                    path="/v1/chat/completions")
 
     def answer(self, raw: bytes) -> tuple[str, int]:
         body = json.loads(raw)
