@@ -170,17 +170,23 @@ def _runs(client=None, **filters) -> list:
     return client.search_runs(experiments, " and ".join(clauses))
 
 
+# A line each step logs in the middle of its work, with seconds of work still after it.
+MID_STEP = {names.LOG_TRANSFORMERS: "logging the chat model",
+            names.EVALUATE: "in a fresh process"}
+
+
 def _wait_for_step(step: str, proc: subprocess.Popen, tmp_path: Path, log: str,
                    client=None) -> None:
-    """Until `step`'s process has started its run (it tags it as it starts), then a little more,
-    so the kill lands in the middle of the step's work."""
+    """Until `step`'s process has started its run (it tags it as it starts) and logged its
+    mid-work line, so the kill lands in the middle of the step's work: a fixed wait after the
+    run started sometimes landed after a fast step had already finished."""
     deadline = time.monotonic() + 600
-    while not _runs(client, step=step, status="RUNNING"):
+    while not _runs(client, step=step, status="RUNNING") or (
+            MID_STEP[step] not in (tmp_path / log).read_text()):
         if proc.poll() is not None:
             pytest.fail(f"main ended before {step} started: {(tmp_path / log).read_text()[-3000:]}")
         assert time.monotonic() < deadline, f"{step} did not start in 600 s"
-        time.sleep(0.5)
-    time.sleep(1.0)
+        time.sleep(0.2)
 
 
 def _wait_until_no_run_is_running(seconds: float = 60) -> list:
