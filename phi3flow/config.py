@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from phi3flow import names
+from phi3flow import eval_data, names
 from phi3flow.errors import StepError
-from phi3flow.names import PROJECT_ROOT
 
 CHALLENGER = "challenger"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -258,9 +257,12 @@ class LogOnnxPyfuncConfig(Inputs, LogOnnxPyfuncOptions):
 @dataclass
 class EvaluateOptions:
     eval_data: str = _param(
-        "data/eval.jsonl",
-        "JSONL eval set, one {\"messages\": [...], \"expected\": \"...\"} per line; relative "
-        "paths are relative to the project directory.",
+        eval_data.AUTO,
+        "The eval set: a JSONL file, one {\"messages\": [...], \"expected\": \"...\", "
+        "\"category\": \"...\"} per line (relative paths are relative to the project "
+        "directory); or the name or ID (d-...) of an MLflow evaluation dataset; or auto: "
+        f"{eval_data.FULL_SET} for a checkpoint of 1 GB or more, {eval_data.SMOKE_SET} for a "
+        "smaller (test-sized) one.",
     )
     max_new_tokens: int = _param(256, "Cap on generated tokens per answer, for both models.")
     # The gate. Defaults suit Phi-3-mini on a CPU; see docs/parameters.md, "The decision file".
@@ -285,14 +287,27 @@ class EvaluateOptions:
         if self.judge_model_uri and not re.match(r"^(models|runs):/.+", self.judge_model_uri):
             raise ConfigError(f"judge_model_uri={self.judge_model_uri!r} is not a models:/ or "
                               "runs:/ URI of an MLflow chat model.")
-        if not self.eval_data_path.is_file():
+        if (self.eval_data != eval_data.AUTO and eval_data.is_file_value(self.eval_data)
+                and not self.eval_data_path.is_file()):
             raise ConfigError(f"eval_data={self.eval_data!r} does not exist (resolved to "
-                              f"{self.eval_data_path}): pass a JSONL file.")
+                              f"{self.eval_data_path}): pass a JSONL file, the name or ID of an "
+                              f"MLflow evaluation dataset, or {eval_data.AUTO}.")
 
     @property
     def eval_data_path(self) -> Path:
-        path = Path(self.eval_data)
-        return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
+        return eval_data.resolve_path(self.eval_data)
+
+    @property
+    def eval_data_files(self) -> list[Path]:
+        """The local files evaluate may read: main's reuse keys on their contents."""
+        if self.eval_data == eval_data.AUTO:
+            return [eval_data.resolve_path(p) for p in (eval_data.SMOKE_SET, eval_data.FULL_SET)]
+        return [self.eval_data_path] if eval_data.is_file_value(self.eval_data) else []
+
+    @property
+    def eval_data_is_dataset(self) -> bool:
+        """An MLflow evaluation dataset can gain records under the same name: never reused."""
+        return self.eval_data != eval_data.AUTO and not eval_data.is_file_value(self.eval_data)
 
     def thresholds(self) -> dict[str, float]:
         return {"min_quality": self.min_quality, "max_quality_drop": self.max_quality_drop,

@@ -8,10 +8,14 @@ validated, by register.
 
 from __future__ import annotations
 
+import dataclasses
+
 from phi3flow import names
 from phi3flow.record import Record, record
 
 MODELS = ("transformers", "onnx")
+# The metrics the gate reads (thresholds min_quality, max_quality_drop, max_p95_latency_s).
+GATED_ON = ("quality_contains", "latency_p95_s")
 
 
 @record
@@ -40,8 +44,14 @@ class Decision(Record):
     models: dict[str, ModelRef]
     metrics: dict[str, dict[str, float]]
     agreement: float  # share of rows where both models gave the same answer
-    eval_data: str
+    eval_data: str  # the file or MLflow evaluation dataset read (eval_data=auto resolved)
     eval_data_sha256: str
+    gated_on: tuple[str, ...] = GATED_ON
+    # {model: {category: {"rows": n, "quality_contains": share, "quality_exact": share}}}
+    quality_by_category: dict[str, dict[str, dict[str, float]]] = dataclasses.field(
+        default_factory=dict)
+    # {model: run ID of its MLflow GenAI evaluation run, a child of the evaluate run}
+    eval_runs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for part in ("verdicts", "models", "metrics"):
@@ -83,7 +93,8 @@ def choose(verdicts: list[Verdict], metrics: dict[str, dict[str, float]]) -> tup
 
 def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],
            models: dict[str, ModelRef], agreement: float, eval_data: str,
-           eval_data_sha256: str) -> Decision:
+           eval_data_sha256: str, quality_by_category: dict | None = None,
+           eval_runs: dict[str, str] | None = None) -> Decision:
     verdicts = gate(metrics, thresholds)
     chosen, why = choose(verdicts, metrics)
     return Decision(
@@ -97,4 +108,7 @@ def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],
         agreement=agreement,
         eval_data=eval_data,
         eval_data_sha256=eval_data_sha256,
+        gated_on=GATED_ON,
+        quality_by_category=quality_by_category or {},
+        eval_runs=eval_runs or {},
     )

@@ -1,8 +1,11 @@
-"""evaluate's worker: one model, one fresh process, every row answered and timed.
+"""evaluate's worker: one model, one fresh process, every row answered, timed and traced.
 
-`python -m phi3flow.eval_worker MODEL_URI ROWS_JSON MAX_NEW_TOKENS RESULT_JSON`, started by
+`python -m phi3flow.eval_worker SPEC_JSON RESULT_JSON`, started by
 `evaluation.evaluate_in_fresh_process`: a process of its own, so the model's load time and peak
-memory are not the other model's leftovers.
+memory are not the other model's leftovers. Each answer is an MLflow trace (request, response,
+token usage, latency) in the model's evaluation run, linked to its logged model; evaluate then
+scores those traces with MLflow's GenAI evaluation. A row the model fails on is a trace with the
+error, and the other rows go on.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from phi3flow.names import TRACE_TAG_CATEGORY, TRACE_TAG_ROW
+
+logger = logging.getLogger(__name__)
+
+# Span attributes MLflow reads: token usage (shown in the UI's trace view) and our TTFT.
+TOKEN_USAGE = "mlflow.chat.tokenUsage"
+ATTR_TTFT = "phi3flow.ttft_s"
+
 
 def _answer(model, messages: list[dict], max_tokens: int) -> tuple[dict, float]:
     started = time.perf_counter()
@@ -22,27 +33,56 @@ def _answer(model, messages: list[dict], max_tokens: int) -> tuple[dict, float]:
     return response, time.perf_counter() - started
 
 
-def run_worker(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict[str, Any]:
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the model once, answer every row, and time each answer and its first token."""
     import mlflow
+    from mlflow.entities import SpanType
 
+    rows, max_new_tokens = spec["rows"], spec["max_new_tokens"]
+    mlflow.set_experiment(experiment_id=spec["experiment_id"])
+    if spec["model_id"]:  # a models:/m-... model: its traces link to it
+        mlflow.set_active_model(model_id=spec["model_id"])
     started = time.perf_counter()
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = mlflow.pyfunc.load_model(spec["model_uri"])
     load_seconds = time.perf_counter() - started
     _answer(model, rows[0]["messages"], 1)  # warm-up, not measured
-    results = []
-    for row in rows:
-        # Time to first token, measured the same way for both models: a 1-token request
-        # (the transformers pyfunc has no streaming to time the first chunk of).
-        _, ttft = _answer(model, row["messages"], 1)
-        response, latency = _answer(model, row["messages"], max_new_tokens)
+    results, clock = [], time.perf_counter()
+    for index, row in enumerate(rows):
+        request = {"messages": row["messages"], "max_tokens": max_new_tokens}
+        with mlflow.start_span(name=spec["name"], span_type=SpanType.CHAT_MODEL,
+                               run_id=spec["run_id"]) as span:
+            span.set_inputs(request)
+            mlflow.update_current_trace(tags={TRACE_TAG_ROW: str(index),
+                                               TRACE_TAG_CATEGORY: row["category"]})
+            try:
+                # Time to first token, measured the same way for both models: a 1-token request
+                # (the transformers pyfunc has no streaming to time the first chunk of).
+                _, ttft = _answer(model, row["messages"], 1)
+                response, latency = _answer(model, row["messages"], max_new_tokens)
+            except Exception as exc:  # noqa: BLE001 - one row's failure is that row's result
+                logger.warning("row %d: the model raised %s: %s; the row counts as wrong",
+                               index, type(exc).__name__, exc)
+                span.record_exception(exc)
+                results.append({"trace_id": span.trace_id, "answer": "", "error":
+                                f"{type(exc).__name__}: {exc}"[:2000]})
+                continue
+            usage = response["usage"]
+            span.set_outputs(response)
+            span.set_attributes({TOKEN_USAGE: {"input_tokens": usage["prompt_tokens"],
+                                               "output_tokens": usage["completion_tokens"],
+                                               "total_tokens": usage["total_tokens"]},
+                                 ATTR_TTFT: ttft})
         results.append({
+            "trace_id": span.trace_id,
             "answer": response["choices"][0]["message"]["content"],
             "finish_reason": response["choices"][0]["finish_reason"],
-            "completion_tokens": response["usage"]["completion_tokens"],
+            "completion_tokens": usage["completion_tokens"],
             "latency_s": latency,
             "ttft_s": ttft,
         })
+        if (index + 1) % 10 == 0 or index + 1 == len(rows):
+            logger.info("%s: %d/%d rows answered (%.0f s)", spec["name"], index + 1, len(rows),
+                        time.perf_counter() - clock)
     return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results}
 
 
@@ -65,11 +105,12 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 def main(argv: list[str]) -> None:
-    model_uri, data, max_new_tokens, out = argv  # positional: only evaluate starts this
-    result = run_worker(model_uri, json.loads(Path(data).read_text()), int(max_new_tokens))
+    spec, out = argv  # positional: only evaluate starts this
+    result = run_worker(json.loads(Path(spec).read_text()))
     Path(out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", stream=sys.stderr)
     main(sys.argv[1:])

@@ -1,10 +1,11 @@
 """evaluate's measurements: both models on the same rows, measured the same way (the gate and the
 written decision are phi3flow/decision.py).
 
-Each model runs in a fresh Python process (phi3flow/eval_worker.py), so its load time and peak
-memory are its own and not the other model's leftovers. Quality scorers
-are offline (the expected answer contained in the reply, exact match); MLflow's
-question-answering metrics and LLM judges need downloads.
+Each model answers every row in a fresh Python process (phi3flow/eval_worker.py), so its load
+time and peak memory are its own and not the other model's leftovers; each answer is a trace in
+that model's evaluation run. Quality is then scored on those traces by MLflow's GenAI evaluation
+(`mlflow.genai.evaluate`) with the scorers of phi3flow/scorers.py, so every answer's assessments
+and rationales are in the MLflow UI, where the two models' runs compare answer by answer.
 """
 
 from __future__ import annotations
@@ -17,73 +18,93 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from phi3flow import eval_data, model_uris, scorers
 from phi3flow.decision import MODELS
 from phi3flow.errors import StepError
 from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
-class EvalDataError(StepError):
-    """The eval file is missing, empty or malformed; the message names the line."""
+def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_new_tokens: int,
+                              run_id: str) -> dict:
+    """Answer every row with one model in a process of its own; the answers' traces go to
+    `run_id` (the model's evaluation run)."""
+    import mlflow
 
+    from phi3flow import tracking
 
-def load_eval_data(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise EvalDataError(f"eval_data {path} does not exist: pass a JSONL file of "
-                            "{\"messages\": [...], \"expected\": \"...\"} rows.")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalDataError(f"{path} line {number} is not valid JSON: {exc.msg}.") from None
-        if not isinstance(row, dict):
-            raise EvalDataError(f"{path} line {number} must be a JSON object.")
-        missing = [k for k in ("messages", "expected") if k not in row]
-        if missing:
-            raise EvalDataError(f"{path} line {number} has no {' or '.join(missing)} field; "
-                                "each row needs messages (a chat) and expected (a string).")
-        messages = row["messages"]
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise EvalDataError(f"{path} line {number}: messages must be a non-empty list of "
-                                "{\"role\": ..., \"content\": ...} objects with string values.")
-        if not isinstance(row["expected"], str) or not row["expected"].strip():
-            raise EvalDataError(f"{path} line {number}: expected must be a non-empty string.")
-        rows.append({"messages": messages, "expected": row["expected"]})
-    if not rows:
-        raise EvalDataError(f"{path} holds no rows: an empty eval set cannot judge a model.")
-    return rows
-
-
-def evaluate_in_fresh_process(model_uri: str, rows: list[dict], max_new_tokens: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="phi3flow-eval-") as tmp:
-        data, out = Path(tmp) / "rows.json", Path(tmp) / "result.json"
-        data.write_text(json.dumps(rows))
-        command = [sys.executable, "-m", "phi3flow.eval_worker", model_uri, str(data),
-                   str(max_new_tokens), str(out)]
-        logger.info("evaluating %s on %d rows in a fresh process", model_uri, len(rows))
-        import mlflow
-
-        from phi3flow import tracking
-
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({
+            "name": name, "model_uri": model_uri, "model_id": model_uris.logged_model_id(model_uri),
+            "experiment_id": mlflow.active_run().info.experiment_id, "run_id": run_id,
+            "max_new_tokens": max_new_tokens, "rows": rows}))
+        command = [sys.executable, "-m", "phi3flow.eval_worker", str(spec), str(out)]
+        logger.info("evaluating %s (%s) on %d rows in a fresh process", name, model_uri,
+                    len(rows))
         env = {
             **tracking.child_environment(),
             # The same store as ours, even when ours is MLflow's relative default.
             "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
             "PYTHONPATH": os.pathsep.join(
                 [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            # Each trace is written when its answer's span ends, outside the timed calls, not by
+            # a background thread that would compete with the next answer for the CPU.
+            "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false",
         }
         done = subprocess.run(command, env=env)
         if done.returncode != 0:
             raise StepError(f"evaluating {model_uri} failed (exit code {done.returncode}); "
                             "its log is above.")
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+    if all("error" in answer for answer in result["rows"]):
+        raise StepError(f"{name} ({model_uri}) failed on every row, e.g. "
+                        f"{result['rows'][0]['error']}: fix the model or the eval set.")
+    return result
+
+
+# --- scoring, with MLflow's GenAI evaluation ----------------------------------------------------
+
+
+def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str,
+          quality_scorers: list) -> dict[str, list[bool | None]]:
+    """Score one model's answer traces with `mlflow.genai.evaluate` in its evaluation run.
+
+    Each trace gets one assessment per scorer (and the expected answer as an expectation), shown
+    in the MLflow UI. Returns {scorer: [value per row]}, None where the scorer raised on a row
+    (MLflow records the error on that trace and goes on with the other rows).
+    """
+    import mlflow
+
+    experiment_id = mlflow.active_run().info.experiment_id
+    found = mlflow.search_traces(locations=[experiment_id], run_id=run_id)
+    ids = [answer["trace_id"] for answer in result["rows"]]
+    missing = set(ids) - set(found["trace_id"])
+    if missing:
+        raise StepError(f"{name}: {len(missing)} answer traces are not in the tracking store "
+                        f"(e.g. {sorted(missing)[0]}); re-run evaluate.")
+    data = found.set_index("trace_id").loc[ids].reset_index()
+    data["expectations"] = [{"expected_response": row["expected"]} for row in rows]
+    with mlflow.start_run(run_id=run_id, nested=True):
+        evaluated = mlflow.genai.evaluate(data=data, scorers=quality_scorers,
+                                          model_id=model_uris.logged_model_id(model_uri))
+    by_trace = evaluated.result_df.set_index("trace_id")
+    values: dict[str, list[bool | None]] = {}
+    for scorer in quality_scorers:
+        column = by_trace.get(f"{scorer.name}/value")
+        errors = by_trace.get(f"{scorer.name}/error_message")
+        values[scorer.name] = []
+        for index, trace_id in enumerate(ids):
+            error = errors[trace_id] if errors is not None else None
+            if isinstance(error, str) and error:
+                logger.warning("%s row %d (%s): scorer %s raised: %s; the row counts as wrong "
+                               "(the trace shows the error)", name, index, rows[index]["category"],
+                               scorer.name, error.splitlines()[0][:300])
+                values[scorer.name].append(None)
+            else:
+                values[scorer.name].append(bool(column[trace_id]))
+    return values
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -96,26 +117,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def contains(answer: str, expected: str) -> bool:
-    return expected.strip().lower() in answer.lower()
+def share(values: list[bool | None]) -> float:
+    """The share of rows scored true; a row the scorer failed on counts as false."""
+    return sum(v is True for v in values) / len(values)
 
 
-def exact(answer: str, expected: str) -> bool:
-    return answer.strip().strip(".").lower() == expected.strip().strip(".").lower()
-
-
-def model_metrics(rows: list[dict], result: dict, size_mb: float) -> dict[str, float]:
-    answers = result["rows"]
-    tokens = sum(a["completion_tokens"] for a in answers)
-    seconds = sum(a["latency_s"] for a in answers)
+def model_metrics(result: dict, scores: dict[str, list], size_mb: float) -> dict[str, float]:
+    answered = [a for a in result["rows"] if "error" not in a]
+    tokens = sum(a["completion_tokens"] for a in answered)
+    seconds = sum(a["latency_s"] for a in answered)
     return {
-        "quality_contains": sum(contains(a["answer"], r["expected"])
-                                for a, r in zip(answers, rows)) / len(rows),
-        "quality_exact": sum(exact(a["answer"], r["expected"])
-                             for a, r in zip(answers, rows)) / len(rows),
-        "latency_p50_s": percentile([a["latency_s"] for a in answers], 0.5),
-        "latency_p95_s": percentile([a["latency_s"] for a in answers], 0.95),
-        "ttft_p50_s": percentile([a["ttft_s"] for a in answers], 0.5),
+        **{name: share(values) for name, values in scores.items()},
+        "failed_rows": float(len(result["rows"]) - len(answered)),
+        "scorer_errors": float(sum(v is None for values in scores.values() for v in values)),
+        "latency_p50_s": percentile([a["latency_s"] for a in answered], 0.5),
+        "latency_p95_s": percentile([a["latency_s"] for a in answered], 0.95),
+        "ttft_p50_s": percentile([a["ttft_s"] for a in answered], 0.5),
         "output_tokens_per_s": tokens / seconds if seconds else 0.0,
         "load_s": result["load_s"],
         "peak_rss_mb": result["peak_rss_mb"],
@@ -123,96 +140,74 @@ def model_metrics(rows: list[dict], result: dict, size_mb: float) -> dict[str, f
     }
 
 
-def eval_table(rows: list[dict], results: dict[str, dict], grades: dict[str, list]) -> dict:
-    """Per row: the question, the expected answer, and each model's answer, score and timings."""
+def by_category(rows: list[dict], scores: dict[str, list]) -> dict[str, dict[str, float]]:
+    """{category: {"rows": n, quality_contains: share, quality_exact: share}}, in CATEGORIES
+    order, for the categories the eval set has."""
+    report = {}
+    for category in eval_data.CATEGORIES:
+        picked = [i for i, row in enumerate(rows) if row["category"] == category]
+        if picked:
+            report[category] = {"rows": float(len(picked))} | {
+                name: share([scores[name][i] for i in picked])
+                for name in (scorers.CONTAINS, scorers.EXACT)}
+    return report
+
+
+def eval_table(rows: list[dict], results: dict[str, dict], scores: dict[str, dict]) -> dict:
+    """Per row: the question, its category, the expected answer, and each model's answer, scores,
+    timings and trace."""
     table = {
         "question": [r["messages"][-1]["content"] for r in rows],
+        "category": [r["category"] for r in rows],
         "expected": [r["expected"] for r in rows],
     }
     for name, result in results.items():
         answers = result["rows"]
         table[f"{name}_answer"] = [a["answer"] for a in answers]
-        table[f"{name}_contains"] = [contains(a["answer"], r["expected"])
-                                     for a, r in zip(answers, rows)]
-        table[f"{name}_latency_s"] = [a["latency_s"] for a in answers]
-        table[f"{name}_ttft_s"] = [a["ttft_s"] for a in answers]
-        table[f"{name}_completion_tokens"] = [a["completion_tokens"] for a in answers]
-        if name in grades:
-            table[f"{name}_judge"] = grades[name]
-    table["agree"] = [same_answer(a, b) for a, b in
-                      zip(results["transformers"]["rows"], results["onnx"]["rows"])]
+        for scorer, values in scores[name].items():
+            if scorer != scorers.AGREEMENT:
+                table[f"{name}_{scorer}"] = values
+        for key in ("latency_s", "ttft_s", "completion_tokens"):
+            table[f"{name}_{key}"] = [a.get(key) for a in answers]
+        table[f"{name}_error"] = [a.get("error", "") for a in answers]
+        table[f"{name}_trace_id"] = [a["trace_id"] for a in answers]
+    table[scorers.AGREEMENT] = scores[MODELS[0]][scorers.AGREEMENT]
     return table
-
-
-def same_answer(first: dict, second: dict) -> bool:
-    return first["answer"].strip() == second["answer"].strip()
-
-
-def agreement(first: dict, second: dict) -> float:
-    pairs = list(zip(first["rows"], second["rows"]))
-    return sum(same_answer(a, b) for a, b in pairs) / len(pairs)
 
 
 def folder_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-# --- optional LLM judge -------------------------------------------------------------------------
-
-JUDGE_PROMPT = (
-    "You are grading an answer to a question.\nQuestion: {question}\nReference answer: "
-    "{expected}\nCandidate answer: {answer}\nDoes the candidate answer agree with the reference "
-    "answer? Reply with one word: yes or no."
-)
-
-
-def judge_answers(judge_uri: str, rows: list[dict], results: dict[str, dict]) -> dict[str, list]:
-    """Ask a chat model (any MLflow model that takes {"messages": ...}) to grade each answer.
-
-    Off unless the user names a judge: useful judges are large hosted models, which need network
-    access and credentials this project never assumes.
-    """
-    import mlflow
-
-    logger.info("grading answers with the judge %s", judge_uri)
-    judge = mlflow.pyfunc.load_model(judge_uri)
-    grades: dict[str, list] = {}
-    for name, result in results.items():
-        grades[name] = []
-        for row, answer in zip(rows, result["rows"]):
-            prompt = JUDGE_PROMPT.format(question=row["messages"][-1]["content"],
-                                         expected=row["expected"], answer=answer["answer"])
-            reply = judge.predict({"messages": [{"role": "user", "content": prompt}],
-                                   "max_tokens": 4})
-            text = reply[0]["choices"][0]["message"]["content"]
-            grades[name].append(text.strip().lower().startswith("yes"))
-    return grades
-
-
 # --- chart ------------------------------------------------------------------------------------
 
 
-def chart(metrics: dict[str, dict[str, float]], agree: float, verdict: str, path: Path) -> None:
+def chart(metrics: dict[str, dict[str, float]], categories: dict[str, dict[str, dict]],
+          agree: float, verdict: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Quality: every category and all rows, under the metric the gate uses.
+    quality = {name: {**{c: v[scorers.CONTAINS] for c, v in categories[name].items()},
+                      "all rows": metrics[name][scorers.CONTAINS]} for name in MODELS}
     panels = [
-        ("Quality (share of rows)", ["quality_contains", "quality_exact"], "{:.0%}"),
-        ("Latency (s)", ["ttft_p50_s", "latency_p50_s", "latency_p95_s"], "{:.3g}"),
-        ("Throughput (output tokens/s)", ["output_tokens_per_s"], "{:.3g}"),
-        ("Footprint (MB)", ["peak_rss_mb", "size_mb"], "{:.0f}"),
+        (f"Quality per category ({scorers.CONTAINS})", quality, "{:.0%}"),
+        ("Latency (s)", _pick(metrics, ["ttft_p50_s", "latency_p50_s", "latency_p95_s"]),
+         "{:.3g}"),
+        ("Throughput (output tokens/s)", _pick(metrics, ["output_tokens_per_s"]), "{:.3g}"),
+        ("Footprint (MB)", _pick(metrics, ["peak_rss_mb", "size_mb"]), "{:.0f}"),
     ]
     colors = {"transformers": "#4c72b0", "onnx": "#dd8452"}
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    for ax, (title, keys, fmt) in zip(axes, panels):
-        width = 0.38
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), gridspec_kw={"width_ratios": [2, 1.2, 0.7, 1]})
+    for ax, (title, values, fmt) in zip(axes, panels):
+        keys, width = list(values[MODELS[0]]), 0.38
         for i, name in enumerate(MODELS):
             xs = [k + (i - 0.5) * width for k in range(len(keys))]
-            values = [metrics[name][key] for key in keys]
-            bars = ax.bar(xs, values, width, label=name, color=colors[name])
-            ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+            heights = [values[name][key] for key in keys]
+            bars = ax.bar(xs, heights, width, label=name, color=colors[name])
+            ax.bar_label(bars, labels=[fmt.format(v) for v in heights], fontsize=7)
         ax.set_xticks(range(len(keys)), [k.replace("_", " ") for k in keys], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.2)
@@ -222,3 +217,7 @@ def chart(metrics: dict[str, dict[str, float]], agree: float, verdict: str, path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _pick(metrics: dict[str, dict[str, float]], keys: list[str]) -> dict[str, dict[str, float]]:
+    return {name: {key: metrics[name][key] for key in keys} for name in MODELS}

@@ -59,3 +59,8 @@ def model_location(model_uri: str) -> str:
     if model_uri.startswith("models:/m-"):
         return mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
     return model_uri
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The logged model's ID (m-...) of a models:/m-... URI; None for a runs:/ fallback model."""
+    return model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None

@@ -71,6 +71,12 @@ TAG_INTERFACE = TAG_PREFIX + "interface"
 # model's and its run's tag; phi3flow/system_messages.py).
 TAG_SYSTEM_MESSAGES = TAG_PREFIX + "system_messages"
 TAG_EVAL_DATA_SHA256 = TAG_PREFIX + "eval_data_sha256"
+TAG_EVAL_DATA = TAG_PREFIX + "eval_data"  # the set evaluate read (eval_data=auto resolved)
+# evaluate's child runs, one per model (MLflow GenAI evaluation runs): which model each scores.
+TAG_EVALUATES = TAG_PREFIX + "evaluates"
+# On each answer's trace: its row in the eval set and the row's category.
+TRACE_TAG_ROW = TAG_PREFIX + "row"
+TRACE_TAG_CATEGORY = "category"
 TAG_EVALUATE_RUN_ID = TAG_PREFIX + "evaluate_run_id"
 TAG_LOG_RUN_ID = TAG_PREFIX + "log_run_id"
 TAG_CHOSEN = TAG_PREFIX + "chosen"

@@ -58,7 +58,8 @@ PIPELINE = (
     Stage(names.LOG_TRANSFORMERS, config.LogTransformersConfig, "transformers_run_id"),
     Stage(names.LOG_ONNX_PYFUNC, config.LogOnnxPyfuncConfig, "onnx_run_id"),
     Stage(names.EVALUATE, config.EvaluateConfig, "evaluate_run_id",
-          local_inputs=lambda options: [options.eval_data_path]),
+          local_inputs=lambda options: options.eval_data_files,
+          reusable=lambda options: not options.eval_data_is_dataset),
     Stage(names.REGISTER, config.RegisterConfig, "register_run_id"),
 )
 

@@ -20,24 +20,10 @@ from tests.conftest import (
     created_run,
     predict_in_fresh_process,
 )
+from tests.steps.conftest import evaluate_args
 
 METRICS = ("quality_contains", "quality_exact", "latency_p50_s", "latency_p95_s", "ttft_p50_s",
            "output_tokens_per_s", "load_s", "peak_rss_mb", "size_mb")
-
-
-def run_of(model_uri: str) -> str:
-    return mlflow.get_logged_model(model_uri.split("/")[-1]).source_run_id
-
-
-@pytest.fixture(scope="module")
-def log_runs(transformers_model_uri, onnx_model_uri):
-    return {"transformers_run_id": run_of(transformers_model_uri),
-            "onnx_run_id": run_of(onnx_model_uri)}
-
-
-def evaluate_args(log_runs, *extra) -> list[str]:
-    return ["--transformers_run_id", log_runs["transformers_run_id"],
-            "--onnx_run_id", log_runs["onnx_run_id"], "--max_new_tokens", "32", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +52,8 @@ def test_evaluate_writes_table_chart_and_decision(evaluated):
     rows = table["data"]
     assert len(rows) == len(EVAL_DATA.read_text().splitlines())
     for column in ("question", "expected", "transformers_answer", "onnx_answer",
-                   "transformers_latency_s", "onnx_ttft_s", "agree"):
+                   "transformers_latency_s", "onnx_ttft_s", "agreement", "category",
+                   "onnx_trace_id"):
         assert column in table["columns"]
     png = (store / names.EVAL_CHART).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -99,8 +86,8 @@ def test_metrics_are_attached_to_the_logged_models(evaluated, transformers_model
     [
         ('{"messages": [{"role": "user", "content": "hi"}], "expected": "x"}\n{oops\n',
          "line 2 is not valid JSON"),
-        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1 has no expected field"),
-        ('{"expected": "x"}\n', "line 1 has no messages field"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: has no expected field"),
+        ('{"expected": "x"}\n', "line 1: has no messages field"),
         ('{"messages": "hi", "expected": "x"}\n', "line 1: messages must be a non-empty list"),
         ("\n\n", "holds no rows"),
     ],
@@ -140,7 +127,7 @@ def test_an_optional_llm_judge_grades_every_answer(log_runs, transformers_model_
         assert 0 <= metrics[f"{model}_judge_correct"] <= 1
     table = json.loads(mlflow.artifacts.load_text(
         f"{mlflow.get_run(run_id).info.artifact_uri}/{names.EVAL_TABLE}"))
-    assert {"transformers_judge", "onnx_judge"} <= set(table["columns"])
+    assert {"transformers_judge_correct", "onnx_judge_correct"} <= set(table["columns"])
     assert len(table["data"]) == 3
 
 

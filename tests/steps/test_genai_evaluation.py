@@ -1,0 +1,221 @@
+"""evaluate through MLflow's GenAI evaluation, checked through MLflow's API (not the UI): a trace
+per answer with its assessments, each model's evaluation run linked to its logged model, quality
+per category, eval sets from MLflow evaluation datasets, and judges that fail."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+
+import mlflow
+import pytest
+
+from phi3flow import eval_data, names, scorers
+from phi3flow.decision import GATED_ON, MODELS, Decision
+from phi3flow.errors import StepError
+from steps import evaluate
+from tests.conftest import EVAL_DATA, created_run, eval_rows
+from tests.steps.conftest import evaluate_args
+
+SCORERS = (scorers.CONTAINS, scorers.EXACT, scorers.AGREEMENT)
+
+
+@pytest.fixture(scope="module")
+def genai_evaluated(log_runs):
+    decision = evaluate.main(evaluate_args(log_runs))
+    return created_run(), decision
+
+
+def traces_of(run_id: str) -> list:
+    run = mlflow.get_run(run_id)
+    return mlflow.search_traces(locations=[run.info.experiment_id], run_id=run_id,
+                                return_type="list")
+
+
+def assessments(trace) -> dict:
+    return {a.name: a for a in trace.info.assessments}
+
+
+def test_each_model_has_an_evaluation_run_with_a_trace_per_answer(genai_evaluated):
+    """One child run per model; each row is one trace: the request, the chat.completion answer,
+    token usage, latency, linked to the model's logged model, in the eval set's row order."""
+    run, decision = genai_evaluated
+    rows = eval_rows()
+    assert set(decision.eval_runs) == set(MODELS)
+    for name, child_id in decision.eval_runs.items():
+        child = mlflow.get_run(child_id)
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
+        assert child.data.tags[names.TAG_EVALUATES] == name
+        assert child.info.run_name == f"evaluate/{name}"
+        model_id = decision.models[name].model_uri.split("/")[-1]
+        traces = sorted(traces_of(child_id), key=lambda t: int(t.info.tags[names.TRACE_TAG_ROW]))
+        assert len(traces) == len(rows)
+        for trace, row in zip(traces, rows):
+            assert trace.info.request_metadata["mlflow.modelId"] == model_id
+            assert trace.info.tags[names.TRACE_TAG_CATEGORY] == row["category"]
+            assert json.loads(trace.data.request)["messages"] == row["messages"]
+            response = json.loads(trace.data.response)
+            assert response["object"] == "chat.completion"
+            usage = trace.info.token_usage
+            assert usage["output_tokens"] == response["usage"]["completion_tokens"] > 0
+            assert trace.info.execution_duration > 0  # ms, the answer's latency
+
+
+def test_every_answer_has_an_assessment_per_scorer_with_a_rationale(genai_evaluated):
+    run, decision = genai_evaluated
+    rows = eval_rows()
+    for name, child_id in decision.eval_runs.items():
+        other = next(m for m in MODELS if m != name)
+        for trace in traces_of(child_id):
+            row = rows[int(trace.info.tags[names.TRACE_TAG_ROW])]
+            found = assessments(trace)
+            assert found["expected_response"].value == row["expected"]
+            # the fixture answers in sentences: the expected word is in each, never all of it
+            for scorer, value in zip(SCORERS, (True, False, True)):
+                assert found[scorer].value is value, (name, scorer, found[scorer].rationale)
+                assert found[scorer].rationale
+                assert found[scorer].metadata["mlflow.assessment.sourceRunId"] == child_id
+            assert found[scorers.AGREEMENT].rationale.startswith(
+                f"{other} answered")
+        # MLflow's own aggregate of each scorer, on the evaluation run
+        metrics = mlflow.get_run(child_id).data.metrics
+        assert metrics[f"{scorers.CONTAINS}/mean"] == 1.0
+        assert metrics["latency_p95_s"] == decision.metrics[name]["latency_p95_s"]
+
+
+def test_the_decision_names_its_gate_and_reports_quality_per_category(genai_evaluated):
+    run, decision = genai_evaluated
+    assert Decision.read(mlflow.get_run(run.info.run_id)) == decision
+    assert decision.gated_on == GATED_ON
+    assert decision.eval_data == str(EVAL_DATA)  # auto on the 1 MB fixture: the smoke set
+    assert run.data.tags[names.TAG_EVAL_DATA] == str(EVAL_DATA)
+    for name in MODELS:
+        assert decision.quality_by_category[name] == {
+            "facts": {"rows": 12.0, scorers.CONTAINS: 1.0, scorers.EXACT: 0.0}}
+        assert mlflow.get_run(run.info.run_id).data.metrics[
+            f"{name}_{scorers.CONTAINS}_facts"] == 1.0
+
+
+def test_the_full_set_gates_the_fixture_out_and_reports_every_category(log_runs):
+    """The 120-row set is beyond what the 0.2 M-parameter fixture learned: both models fail the
+    gate on quality, and quality is reported for each of the five categories."""
+    decision = evaluate.main(evaluate_args(log_runs, "--eval_data", eval_data.FULL_SET))
+    assert decision.eval_data == str(eval_data.resolve_path(eval_data.FULL_SET))
+    assert not decision.chosen_passed
+    for name in MODELS:
+        assert decision.metrics[name][scorers.CONTAINS] < 0.8
+        assert decision.verdicts[name].reasons[0].startswith("quality ")
+        per = decision.quality_by_category[name]
+        assert list(per) == list(eval_data.CATEGORIES)
+        assert all(values["rows"] == 24.0 for values in per.values())
+        assert len(traces_of(decision.eval_runs[name])) == 120
+
+
+def write_judge(tmp_path, body: str) -> str:
+    """A judge logged from code: a stand-in for a real judge model, saying what it is told."""
+    code = tmp_path / "judge.py"
+    code.write_text(textwrap.dedent("""
+        import mlflow
+        from mlflow.pyfunc import PythonModel
+
+        class Judge(PythonModel):
+            def predict(self, context, model_input, params=None):
+                prompt = model_input["messages"][0][-1]["content"] if hasattr(
+                    model_input, "columns") else model_input["messages"][-1]["content"]
+        """) + textwrap.indent(textwrap.dedent(body), " " * 8) + "\nmlflow.models.set_model(Judge())\n")
+    with mlflow.start_run(run_name="judge stand-in"):
+        return mlflow.pyfunc.log_model(name="judge", python_model=str(code)).model_uri
+
+
+def chat(text: str) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+
+def test_a_judge_that_fails_on_one_row_loses_only_that_row(log_runs, tmp_path):
+    """A stand-in judge that raises on one question: that row's judge assessment is the error,
+    counted as wrong; every other row keeps its scores, and the step finishes."""
+    judge = write_judge(tmp_path, f"""
+        if "capital of Spain" in prompt:
+            raise RuntimeError("judge overloaded")
+        return [{chat('yes')!r}]
+        """)
+    subset = tmp_path / "eval.jsonl"
+    subset.write_text("".join(EVAL_DATA.read_text().splitlines(keepends=True)[:3]))
+    decision = evaluate.main(evaluate_args(log_runs, "--eval_data", str(subset),
+                                           "--judge_model_uri", judge))
+    for name in MODELS:
+        assert decision.metrics[name][scorers.JUDGE] == pytest.approx(2 / 3)
+        assert decision.metrics[name]["scorer_errors"] == 1.0
+        assert decision.metrics[name][scorers.CONTAINS] == 1.0  # untouched by the judge
+        by_row = {int(t.info.tags[names.TRACE_TAG_ROW]): assessments(t)
+                  for t in traces_of(decision.eval_runs[name])}
+        assert "judge overloaded" in by_row[0][scorers.JUDGE].error.error_message
+        assert by_row[1][scorers.JUDGE].value is True
+        assert by_row[1][scorers.JUDGE].rationale == "the judge replied 'yes'"
+    assert mlflow.get_run(created_run().info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("return 'yes'", "is not a chat model.*is not a chat.completion"),
+    ("raise ValueError('needs a prompt column')", "is not a chat model.*needs a prompt column"),
+])
+def test_a_judge_that_is_not_a_chat_model_is_refused_before_any_work(log_runs, tmp_path, body,
+                                                                      message):
+    judge = write_judge(tmp_path, body)
+    with pytest.raises(StepError, match=message):
+        evaluate.main(evaluate_args(log_runs, "--judge_model_uri", judge))
+    failed = mlflow.get_run(created_run().info.run_id)
+    assert failed.info.status == "FAILED"
+    assert not mlflow.search_runs([failed.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = "
+                                                f"'{failed.info.run_id}'")
+
+
+def test_a_judge_that_cannot_load_is_refused(log_runs):
+    with pytest.raises(StepError, match="judge_model_uri=models:/m-0000 could not be loaded"):
+        evaluate.main(evaluate_args(log_runs, "--judge_model_uri", "models:/m-0000"))
+
+
+@pytest.fixture
+def dataset():
+    """An MLflow evaluation dataset with the first three rows of the smoke set."""
+    made = mlflow.genai.datasets.create_dataset(name=f"phi3-eval-{id(object())}")
+    made.merge_records([{"inputs": {"messages": row["messages"]},
+                         "expectations": {"expected_response": row["expected"]},
+                         "tags": {"category": row["category"]}} for row in eval_rows()[:3]])
+    return made
+
+
+@pytest.mark.parametrize("by", ["name", "dataset_id"])
+def test_eval_data_can_be_an_mlflow_evaluation_dataset(log_runs, dataset, by):
+    decision = evaluate.main(evaluate_args(log_runs, "--eval_data", getattr(dataset, by)))
+    assert decision.eval_data == f"MLflow evaluation dataset {dataset.name} ({dataset.dataset_id})"
+    assert decision.quality_by_category["onnx"]["facts"]["rows"] == 3.0
+    assert len(traces_of(decision.eval_runs["onnx"])) == 3
+
+
+def test_a_malformed_evaluation_dataset_names_each_bad_record(log_runs, dataset):
+    dataset.merge_records([
+        {"inputs": {"question": "What is 2+2?"}, "expectations": {"expected_response": "4"}},
+        {"inputs": {"messages": [{"role": "user", "content": "2+2?"}]},
+         "expectations": {"expected_response": "4"}, "tags": {"category": "maths"}},
+    ])
+    with pytest.raises(StepError, match="2 malformed records: record ") as refused:
+        evaluate.main(evaluate_args(log_runs, "--eval_data", dataset.dataset_id))
+    assert re.search(r"record \d \(dr-\w+\): has no inputs.messages field", str(refused.value))
+    assert re.search(r"record \d \(dr-\w+\): unknown category 'maths': use one of facts, "
+                     "arithmetic, units, reasoning, format", str(refused.value))
+    assert "nothing was evaluated" in str(refused.value)
+
+
+def test_an_unknown_dataset_name_says_how_to_make_one(log_runs):
+    with pytest.raises(StepError, match="no MLflow evaluation dataset of that name.*"
+                                        "create_dataset"):
+        evaluate.main(evaluate_args(log_runs, "--eval_data", "no-such-set"))
+
+
+def test_auto_picks_the_full_set_for_a_real_sized_checkpoint():
+    assert eval_data.choose_auto(7_600_000_000)[0] == eval_data.FULL_SET
+    assert eval_data.choose_auto(1_000_000)[0] == eval_data.SMOKE_SET
