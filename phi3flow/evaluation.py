@@ -82,8 +82,11 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
     ids = [answer["trace_id"] for answer in result["rows"]]
     missing = set(ids) - set(found["trace_id"])
     if missing:
-        raise StepError(f"{name}: {len(missing)} answer traces are not in the tracking store "
-                        f"(e.g. {sorted(missing)[0]}); re-run evaluate.")
+        raise StepError(f"{name}: {len(missing)} of {len(ids)} answer traces are not in the "
+                        f"tracking store {mlflow.get_tracking_uri()} (e.g. {sorted(missing)[0]}):"
+                        " the worker could not write them (its log above says why; a tracking "
+                        "server without MLflow 3's trace API cannot store them). Point "
+                        "MLFLOW_TRACKING_URI at an MLflow 3 server or database and re-run.")
     data = found.set_index("trace_id").loc[ids].reset_index()
     data["expectations"] = [{"expected_response": row["expected"]} for row in rows]
     with mlflow.start_run(run_id=run_id, nested=True):

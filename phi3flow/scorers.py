@@ -25,10 +25,13 @@ CONTAINS, EXACT, AGREEMENT, JUDGE = "quality_contains", "quality_exact", "agreem
 
 def answer_of(outputs: Any) -> str:
     """The reply text of a chat.completion response (what both models return)."""
-    if outputs is None:  # the model raised on this row: its trace holds the exception
-        raise ValueError("no answer to score: the model failed on this row (its trace shows "
-                         "the error); the row counts as wrong")
     return outputs["choices"][0]["message"]["content"]
+
+
+# A row the model raised on has a trace with the exception and no outputs: wrong, not an error
+# of the scorer.
+NO_ANSWER = Feedback(value=False, rationale="no answer: the model raised on this row (the "
+                                            "trace shows the exception)")
 
 
 _NUMBER_WORDS = {word: str(n) for n, word in enumerate(
@@ -55,6 +58,8 @@ def exact(answer: str, expected: str) -> bool:
 
 @scorer(name=CONTAINS)
 def quality_contains(outputs: Any, expectations: dict[str, Any]) -> Feedback:
+    if outputs is None:
+        return NO_ANSWER
     expected = expectations["expected_response"]
     found = contains(answer_of(outputs), expected)
     return Feedback(value=found, rationale=f"{expected!r} is {'' if found else 'not '}a word of "
@@ -63,6 +68,8 @@ def quality_contains(outputs: Any, expectations: dict[str, Any]) -> Feedback:
 
 @scorer(name=EXACT)
 def quality_exact(outputs: Any, expectations: dict[str, Any]) -> Feedback:
+    if outputs is None:
+        return NO_ANSWER
     expected = expectations["expected_response"]
     same = exact(answer_of(outputs), expected)
     return Feedback(value=same, rationale=f"the answer is {'' if same else 'not '}exactly "
@@ -74,6 +81,8 @@ def agreement(other: str, other_answers: dict[int, str]) -> Scorer:
 
     @scorer(name=AGREEMENT)
     def agrees(outputs: Any, trace) -> Feedback:
+        if outputs is None:
+            return NO_ANSWER
         theirs = other_answers[int(trace.info.tags[TRACE_TAG_ROW])]
         same = answer_of(outputs).strip() == theirs.strip()
         return Feedback(value=same, rationale=f"{other} answered {theirs!r}"
@@ -135,6 +144,8 @@ def judge(judge_model) -> Scorer:
 
     @scorer(name=JUDGE)
     def judge_correct(inputs: dict, outputs: Any, expectations: dict[str, Any]) -> Feedback:
+        if outputs is None:
+            return NO_ANSWER
         prompt = JUDGE_PROMPT.format(question=inputs["messages"][-1]["content"],
                                      expected=expectations["expected_response"],
                                      answer=answer_of(outputs))

@@ -96,6 +96,9 @@ def child_environment() -> dict[str, str]:
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    # Once: a second SIGTERM (main's cancel follows the one sent to the whole process tree)
+    # would interrupt the cleanup that ends this step's runs FAILED. SIGKILL still works.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

@@ -172,7 +172,7 @@ def _runs(client=None, **filters) -> list:
 
 # A line each step logs in the middle of its work, with seconds of work still after it.
 MID_STEP = {names.LOG_TRANSFORMERS: "logging the chat model",
-            names.EVALUATE: "in a fresh process"}
+            names.EVALUATE: "in a fresh process"}  # then two models load, answer and are scored
 
 
 def _wait_for_step(step: str, proc: subprocess.Popen, tmp_path: Path, log: str,
@@ -242,14 +242,22 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
 
 @pytest.mark.e2e
 def test_main_killed_mid_step_leaves_no_run_running_and_a_rerun_completes(tracking, tmp_path):
-    # 1. SIGTERM while log_transformers works: every run it touched ends FAILED at once.
+    # 1. SIGTERM while evaluate works (its longest step on the fixture: log_transformers was
+    # sometimes done before the signal landed): every run it touched ends FAILED at once, the
+    # evaluate run and its two evaluation runs included.
     proc = _start_main(tmp_path, "sigterm.log")
-    _wait_for_step(names.LOG_TRANSFORMERS, proc, tmp_path, "sigterm.log")
+    _wait_for_step(names.EVALUATE, proc, tmp_path, "sigterm.log")
     _signal_tree(proc.pid, signal.SIGTERM)
     proc.wait(120)
-    assert not _wait_until_no_run_is_running(), (tmp_path / "sigterm.log").read_text()[-3000:]
-    (terminated,) = _runs(step=names.LOG_TRANSFORMERS)
+    running = _wait_until_no_run_is_running()
+    assert not running, ([(r.info.run_name, r.data.tags.get(names.TAG_STEP)) for r in running],
+                         (tmp_path / "sigterm.log").read_text()[-3000:])
+    (terminated,) = _runs(step=names.EVALUATE)
     assert terminated.info.status == "FAILED"
+    children = mlflow.search_runs(
+        [terminated.info.experiment_id], output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{terminated.info.run_id}'")
+    assert len(children) == 2 and {run.info.status for run in children} == {"FAILED"}
     assert _runs(step=names.MAIN)[0].info.status == "FAILED"
 
     # 2. SIGKILL while evaluate works: nothing can end those runs now...

@@ -87,6 +87,12 @@ STEP_CASES = [
     ("evaluate", "nonexistent path", ["--transformers_run_id", T, "--onnx_run_id", ONNX,
                                       "--eval_data", "/nonexistent/eval.jsonl"],
      "eval_data='/nonexistent/eval.jsonl' does not exist"),
+    ("evaluate", "nonexistent dataset", ["--transformers_run_id", T, "--onnx_run_id", ONNX,
+                                         "--eval_data", "no-such-eval-set"],
+     "eval_data='no-such-eval-set' is not a file (no "),
+    ("evaluate", "nonexistent model", ["--transformers_run_id", T, "--onnx_run_id", ONNX,
+                                       "--judge_model_uri", "models:/no-such-judge/1"],
+     "judge_model_uri=models:/no-such-judge/1 could not be loaded"),
     ("evaluate", "nonexistent run ID",
      ["--transformers_run_id", MISSING_RUN, "--onnx_run_id", ONNX],
      "no such run in the tracking store"),
@@ -140,7 +146,8 @@ def _stable(text: str, run_ids: dict[str, str]) -> str:
     for name, run_id in run_ids.items():
         text = text.replace(run_id, f"<{steps[name]} run ID>")
     text = text.replace(mlflow.get_tracking_uri(), "sqlite:///<session store>/mlflow.db")
-    return text.replace(FX, "tests/fixtures/tiny-phi3")
+    return text.replace(FX, "tests/fixtures/tiny-phi3").replace(str(names.PROJECT_ROOT),
+                                                                 "<project>")
 
 
 @pytest.mark.parametrize(("order", "case"), list(enumerate(STEP_CASES)),

@@ -113,6 +113,26 @@ def test_the_full_set_gates_the_fixture_out_and_reports_every_category(log_runs)
         assert len(traces_of(decision.eval_runs[name])) == 120
 
 
+def test_a_row_the_model_fails_on_loses_only_that_row(log_runs, tmp_path):
+    """A prompt longer than the ONNX model's 4,096-token context: that row's trace holds the
+    error and the row counts as wrong; the other rows are answered and scored."""
+    rows = EVAL_DATA.read_text().splitlines(keepends=True)[:3]
+    too_long = {"messages": [{"role": "user", "content": "word " * 5000}], "expected": "x"}
+    subset = tmp_path / "eval.jsonl"
+    subset.write_text("".join(rows) + json.dumps(too_long) + "\n")
+    decision = evaluate.main(evaluate_args(log_runs, "--eval_data", str(subset)))
+    onnx = decision.metrics["onnx"]
+    assert onnx["failed_rows"] == 1.0 and onnx["scorer_errors"] == 0.0
+    assert onnx[scorers.CONTAINS] == 0.75  # 3 of 4: the failed row counts as wrong
+    failed = next(t for t in traces_of(decision.eval_runs["onnx"])
+                  if t.info.tags[names.TRACE_TAG_ROW] == "3")
+    assert failed.info.state == "ERROR"
+    assert "context window" in failed.data.spans[0].events[0].attributes["exception.message"]
+    assert assessments(failed)[scorers.CONTAINS].rationale.startswith("no answer")
+    table = mlflow.load_table(names.EVAL_TABLE, run_ids=[created_run().info.run_id])
+    assert "context window" in table["onnx_error"][3] and table["onnx_error"][0] == ""
+
+
 def write_judge(tmp_path, body: str) -> str:
     """A judge logged from code: a stand-in for a real judge model, saying what it is told."""
     code = tmp_path / "judge.py"
