@@ -22,6 +22,16 @@ from typing import Any
 from phi3flow.eval_worker import peak_rss_mb
 
 LONG_PROMPT = 256  # tokens; longer prompts are timed once, not `repeats` times
+# Set by benchmarks.run when it starts (seconds since the epoch), inherited by every probe: the
+# progress lines of all processes count from the start of the whole run.
+STARTED = "PHI3FLOW_BENCH_STARTED"
+
+
+def progress(message: str) -> None:
+    """One line on stderr: minutes:seconds since the run started, then what is happening."""
+    elapsed = time.time() - float(os.environ.get(STARTED) or time.time())
+    print(f"[{int(elapsed // 60):3d}:{int(elapsed % 60):02d}] {message}", file=sys.stderr,
+          flush=True)
 
 
 def raw_runtime(onnx_folder: str):
@@ -108,16 +118,18 @@ def measure(generate, prompts: dict[str, list[dict]], new_tokens: int, repeats: 
             stream: bool, name: str) -> dict:
     rows = {}
     for length, messages in prompts.items():
-        runs = [once(generate, messages, new_tokens, stream) for _ in range(runs_for(length, repeats))]
+        runs, count = [], runs_for(length, repeats)
+        for index in range(count):
+            progress(f"{name}: prompt {length} tokens, run {index + 1}/{count}")
+            runs.append(once(generate, messages, new_tokens, stream))
         rows[length] = summary(runs)
         log(name, length, rows[length])
     return rows
 
 
 def log(name: str, length: str, row: dict) -> None:
-    print(f"  {name} prompt {length}: TTFT {row['ttft_s']:.3f} s, {row['new_tokens']} tokens in "
-          f"{row['latency_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} tokens/s",
-          file=sys.stderr, flush=True)
+    progress(f"{name} prompt {length}: TTFT {row['ttft_s']:.3f} s, {row['new_tokens']} tokens "
+             f"in {row['latency_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import build as build_mod
+from benchmarks.probe import STARTED, progress
 from phi3flow.eval_worker import peak_rss_mb
 from phi3flow.evaluation import percentile
 from tests.ports import free_port
@@ -46,6 +47,10 @@ from tests.ports import free_port
 ROOT = build_mod.ROOT
 WORDS = ("the quick brown fox jumps over the lazy dog while a small model answers questions "
          "about capitals rivers and numbers").split()
+# Progress bars off in every process of the run: with stderr in a log file each redraw is a line
+# (artifact downloads, weight loading, shard writes), burying the progress lines.
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 VERSIONS = ("onnxruntime-genai", "onnxruntime", "mlflow", "transformers", "torch", "numpy")
 
 
@@ -129,7 +134,7 @@ def save_models(checkpoint: Path, onnx: Path, cache: Path, plan: Plan) -> dict[s
 
 def probe(name: str, runtime: str, model: Path, prompts: dict, plan: Plan, repeats: int,
           stream: bool = False) -> dict:
-    print(f"{name}: loading {model}", file=sys.stderr, flush=True)
+    progress(f"{name}: loading {model}")
     with tempfile.TemporaryDirectory(prefix="phi3flow-bench-") as tmp:
         spec, out = _spec(Path(tmp), name, runtime, model, prompts, plan, repeats, stream)
         subprocess.run([sys.executable, "-m", "benchmarks.probe", str(spec), str(out)],
@@ -148,7 +153,7 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
     with tempfile.TemporaryDirectory(prefix="phi3flow-bench-") as tmp:
         procs, outs = {}, {}
         for key, (name, runtime, model) in runtimes.items():
-            print(f"{name}: loading {model}", file=sys.stderr, flush=True)
+            progress(f"{name}: loading {model}")
             spec, outs[key] = _spec(Path(tmp) / key, name, runtime, model, prompts, plan,
                                     plan.repeats, stream=True, paired=True)
             procs[key] = subprocess.Popen(
@@ -162,8 +167,11 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
             _read_line(proc, _is_json)
         runs: dict[str, dict[str, list]] = {key: {n: [] for n in prompts} for key in runtimes}
         for length in prompts:
-            for _ in range(runs_for(length, plan.repeats)):
+            count = runs_for(length, plan.repeats)
+            for index in range(count):
                 for key, proc in procs.items():
+                    progress(f"{runtimes[key][0]}: prompt {length} tokens, run {index + 1}/"
+                             f"{count} (alternating with the other runtime)")
                     proc.stdin.write(length + "\n")
                     proc.stdin.flush()
                     runs[key][length].append(json.loads(_read_line(proc, _is_json)))
@@ -261,6 +269,7 @@ def _tree(pid: int) -> list[int]:
 def served(model: Path, prompts: dict, plan: Plan, port: int) -> dict:
     from benchmarks.probe import measure
 
+    progress(f"served ONNX pyfunc: starting mlflow models serve on port {port}")
     server = Server(model, port)
     try:
         server.chat(prompts[min(prompts, key=int)], 2)  # warm-up
@@ -277,6 +286,7 @@ def served(model: Path, prompts: dict, plan: Plan, port: int) -> dict:
 
 def clients(server: Server, messages: list[dict], plan: Plan, n: int) -> dict:
     """n closed-loop clients, each sending requests_per_client requests one after another."""
+    progress(f"served, {n} client(s): {plan.requests_per_client} requests each")
 
     def client(_: int) -> list[tuple[float, int]]:
         done = []
@@ -296,8 +306,8 @@ def clients(server: Server, messages: list[dict], plan: Plan, n: int) -> dict:
         "tokens_per_s": sum(tokens for _, tokens in results) / wall,
         "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
     }
-    print(f"  served, {n} client(s): {row['tokens_per_s']:.2f} tokens/s, p50 {row['p50_s']:.2f} s, "
-          f"p95 {row['p95_s']:.2f} s", file=sys.stderr, flush=True)
+    progress(f"served, {n} client(s): {row['tokens_per_s']:.2f} tokens/s, p50 "
+             f"{row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s")
     return row
 
 
@@ -312,8 +322,8 @@ def head_of_line(server: Server, short: list[dict], long: list[dict], plan: Plan
     background.join()
     row = {"short_alone_s": alone, "short_during_long_s": during,
            "long_still_running": long_still_running}
-    print(f"  head of line: short request {alone:.2f} s alone, {during:.2f} s beside a long one "
-          f"(long still running when it returned: {long_still_running})", file=sys.stderr)
+    progress(f"head of line: short request {alone:.2f} s alone, {during:.2f} s beside a long one "
+             f"(long still running when it returned: {long_still_running})")
     return row
 
 
@@ -336,10 +346,11 @@ def pipeline() -> dict:
         command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
                    "-P", f"model_id={build_mod.FIXTURE}", "-P", "onnx_source=build"]
         for label in ("cold", "reused"):
+            progress(f"main, {label}: running")
             started = time.perf_counter()
             subprocess.run(command, cwd=tmp, env=env, check=True, capture_output=True)
             times[f"main_{label}_s"] = time.perf_counter() - started
-            print(f"  main, {label}: {times[f'main_{label}_s']:.1f} s", file=sys.stderr)
+            progress(f"main, {label}: {times[f'main_{label}_s']:.1f} s")
     return times
 
 
@@ -395,6 +406,37 @@ def weight_bytes(onnx_folder: Path) -> int:
         if "embed_tokens" not in tensor.name:
             total += length
     return total
+
+
+def kv_bytes_per_token(onnx_folder: Path) -> int:
+    """Bytes of KV cache one token adds, which every later decode step reads: keys and values of
+    every layer, in the cache's dtype (fp32 in the CPU int4 build)."""
+    import onnx
+
+    decoder = json.loads((onnx_folder / "genai_config.json").read_text())["model"]["decoder"]
+    model = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False)
+    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
+    return (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"]
+            * decoder["head_size"] * np.dtype(dtype).itemsize)
+
+
+def decode_limits(results: dict) -> list[dict]:
+    """Per prompt length: the bytes one ONNX decode step reads (weights, plus the KV cache at the
+    mean context of the answer), times the measured tokens/s, against the bandwidth probe."""
+    if "kv_bytes_per_token" not in results:  # a run from before this was measured
+        return []
+    rows, new_tokens = [], results["plan"]["new_tokens"]
+    bandwidth = results["machine"]["read_bandwidth_gbs"] * 1e9
+    for length, row in results["runtimes"]["onnx_pyfunc"]["prompts"].items():
+        kv = results["kv_bytes_per_token"] * (int(length) + new_tokens / 2)
+        step = results["weight_bytes"] + kv
+        achieved = step * row["decode_tokens_per_s"]
+        rows.append({"prompt": length, "weights_gb": results["weight_bytes"] / 1e9,
+                     "kv_gb": kv / 1e9, "tokens_per_s": row["decode_tokens_per_s"],
+                     "achieved_gbs": achieved / 1e9, "of_probe": achieved / bandwidth,
+                     "met": achieved / bandwidth >= 0.8})
+    return rows
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -505,6 +547,20 @@ def markdown(results: dict, command: str) -> str:
         p = results["pipeline"]
         lines += ["## Pipeline", "", f"`main` on the fixture: {p['main_cold_s']:.1f} s cold, "
                   f"{p['main_reused_s']:.1f} s with every step reused.", ""]
+    if results.get("decode_limits"):
+        lines += ["## Decode against the machine's limit (issue 15)", "",
+                  "Bytes one ONNX pyfunc decode step reads: the int4 weights (embedding table "
+                  f"aside) plus the KV cache ({results['kv_bytes_per_token'] / 1e6:.3f} MB per "
+                  "token of context, at the answer's mean context), times decode tokens/s, "
+                  "against the read-bandwidth probe. Target: >= 0.8x the probe.", "",
+                  "| prompt | weights (GB) | KV (GB) | decode (tokens/s) | read (GB/s) | "
+                  "x probe | met |", "|---:|---:|---:|---:|---:|---:|---|"]
+        for row in results["decode_limits"]:
+            met = "yes" if row["met"] else f"**no**, by {(1 - row['of_probe'] / 0.8) * 100:.0f}%"
+            lines.append(f"| {row['prompt']} | {row['weights_gb']:.2f} | {row['kv_gb']:.2f} | "
+                         f"{row['tokens_per_s']:.2f} | {row['achieved_gbs']:.1f} | "
+                         f"{row['of_probe']:.2f} | {met} |")
+        lines.append("")
     lines += ["## Targets (issue 7)", "", "| target | measured | bound | met |", "|---|---:|---|---|"]
     for row in results["targets"]:
         met = "yes" if row["met"] else (
@@ -575,13 +631,19 @@ def main(argv: list[str] | None = None) -> dict:
         # Static facts of the build (not measurements) are taken afresh from the cache.
         onnx = build_mod.onnx_folder(args.cache, "--smoke" in results["command"])
         results["weight_bytes"] = weight_bytes(onnx)
+        results["kv_bytes_per_token"] = kv_bytes_per_token(onnx)
         return report(results, results["command"], args.out)
+    os.environ.setdefault(STARTED, str(time.time()))
+    os.environ.update(QUIET)  # inherited by every process the run starts
     plan = SMOKE if args.smoke else Plan()
     if args.no_pipeline:
         plan.pipeline = False
     command = "python -m benchmarks.run" + (" --smoke" if args.smoke else "")
 
+    progress("the checkpoint and its ONNX build (built once, then cached in "
+             f"{args.cache})")
     checkpoint, onnx = build_mod.build(args.cache, args.smoke)
+    progress("the two MLflow models (saved once, then cached)")
     models = save_models(checkpoint, onnx, args.cache, plan)
     os.sync()  # a freshly saved model's pages would otherwise be written back while we measure
     prompts = chat_prompts(checkpoint, plan.prompt_lengths)
@@ -589,7 +651,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "tiny fixture (tests/fixtures/tiny-phi3)" if args.smoke
         else "full-size Phi-3-mini-4k architecture, random weights (3.8 B parameters)",
         "plan": plan.__dict__, "machine": machine(), "weight_bytes": weight_bytes(onnx),
+        "kv_bytes_per_token": kv_bytes_per_token(onnx),
     }
+    progress("the machine's read bandwidth")
     results["machine"]["read_bandwidth_gbs"] = read_bandwidth_gbs()
     results["runtimes"] = paired_probes({
         "raw": ("raw onnxruntime-genai", "raw", onnx),
@@ -601,13 +665,16 @@ def main(argv: list[str] | None = None) -> dict:
                                      prompts, plan, plan.transformers_repeats),
     }
     if plan.pipeline:
+        progress("the pipeline: main on the fixture, cold and reused")
         results["pipeline"] = pipeline()
     results["command"] = command
+    progress("done measuring; writing the report")
     return report(results, command, args.out)
 
 
 def report(results: dict, command: str, out: Path) -> dict:
     results["targets"] = targets(results)
+    results["decode_limits"] = decode_limits(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "performance.json").write_text(json.dumps(results, indent=1))
     (out / "performance.md").write_text(markdown(results, command))
