@@ -119,8 +119,10 @@ def main() -> None:
         driver.get(f"{url}/#/experiments/{run.info.experiment_id}/traces?"
                    f"selectedEvaluationId={trace_id}")
         missing += wait_for_text(driver, ["Assessments", "expected_response"], seconds=30)
-        for button in driver.find_elements(By.XPATH, "//button[text()='Got it']"):
-            button.click()  # a one-time "new feature" tooltip over the assessments
+        for button in driver.find_elements(By.XPATH, "//button[normalize-space(.)='Got it']"):
+            # one-time "new feature" tooltips, one over the assessments (some hidden: clicked
+            # through the page's script, which does not care whether they are on top)
+            driver.execute_script("arguments[0].click()", button)
         for button in driver.find_elements(By.CSS_SELECTOR, EXPAND_ASSESSMENT):
             button.click()
         missing += wait_for_text(driver, ["is a word of the answer", "transformers answered"],
