@@ -49,15 +49,22 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     results, clock = [], time.perf_counter()
     for index, row in enumerate(rows):
         request = {"messages": row["messages"], "max_tokens": max_new_tokens}
+        failure = None
+        try:
+            # Time to first token, measured the same way for both models: a 1-token request
+            # (the transformers pyfunc has no streaming to time the first chunk of). Outside
+            # the answer's span, so the trace's latency is the answer's own.
+            _, ttft = _answer(model, row["messages"], 1)
+        except Exception as exc:  # noqa: BLE001 - one row's failure is that row's result
+            failure = exc
         with mlflow.start_span(name=spec["name"], span_type=SpanType.CHAT_MODEL,
                                run_id=spec["run_id"]) as span:
             span.set_inputs(request)
             mlflow.update_current_trace(tags={TRACE_TAG_ROW: str(index),
                                                TRACE_TAG_CATEGORY: row["category"]})
             try:
-                # Time to first token, measured the same way for both models: a 1-token request
-                # (the transformers pyfunc has no streaming to time the first chunk of).
-                _, ttft = _answer(model, row["messages"], 1)
+                if failure is not None:
+                    raise failure
                 response, latency = _answer(model, row["messages"], max_new_tokens)
             except Exception as exc:  # noqa: BLE001 - one row's failure is that row's result
                 logger.warning("row %d: the model raised %s: %s; the row counts as wrong",
