@@ -56,24 +56,26 @@ def exact(answer: str, expected: str) -> bool:
     return answer.strip().strip(".").lower() == expected.strip().strip(".").lower()
 
 
-@scorer(name=CONTAINS)
-def quality_contains(outputs: Any, expectations: dict[str, Any]) -> Feedback:
-    if outputs is None:
-        return NO_ANSWER
-    expected = expectations["expected_response"]
-    found = contains(answer_of(outputs), expected)
-    return Feedback(value=found, rationale=f"{expected!r} is {'' if found else 'not '}a word of "
-                                           "the answer")
+def _against_expected(name: str, matches, says: str) -> Scorer:
+    """A scorer comparing the answer with the row's expected answer; `says` is the rationale,
+    with {expected!r} and {not_} ("" when it matches, "not " when it does not)."""
+
+    @scorer(name=name)
+    def check(outputs: Any, expectations: dict[str, Any]) -> Feedback:
+        if outputs is None:
+            return NO_ANSWER
+        expected = expectations["expected_response"]
+        matched = matches(answer_of(outputs), expected)
+        return Feedback(value=matched,
+                        rationale=says.format(expected=expected, not_="" if matched else "not "))
+
+    return check
 
 
-@scorer(name=EXACT)
-def quality_exact(outputs: Any, expectations: dict[str, Any]) -> Feedback:
-    if outputs is None:
-        return NO_ANSWER
-    expected = expectations["expected_response"]
-    same = exact(answer_of(outputs), expected)
-    return Feedback(value=same, rationale=f"the answer is {'' if same else 'not '}exactly "
-                                          f"{expected!r} (case and a final '.' aside)")
+quality_contains = _against_expected(CONTAINS, contains,
+                                     "{expected!r} is {not_}a word of the answer")
+quality_exact = _against_expected(EXACT, exact, "the answer is {not_}exactly {expected!r} (case "
+                                                "and a final '.' aside)")
 
 
 def agreement(other: str, other_answers: dict[int, str]) -> Scorer:

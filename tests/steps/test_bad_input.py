@@ -28,6 +28,7 @@ from tests.conftest import (
     post,
     serve,
 )
+from tests.steps.conftest import run_of
 
 STEPS_MATRIX = "Entry points (exit code and the one line the step logs; the run ends FAILED)"
 HTTP_MATRIX = ("Served models (`mlflow models serve -m models:/<name>@champion`; HTTP status "
@@ -133,11 +134,8 @@ bad_input_table.EXPECTED[STEPS_MATRIX] = len(STEP_CASES)
 
 @pytest.fixture(scope="module")
 def run_ids(fetch_run_id, transformers_model_uri, onnx_model_uri) -> dict[str, str]:
-    def source_run(uri: str) -> str:
-        return mlflow.get_logged_model(uri.split("/")[-1]).source_run_id
-
-    return {"fetch": fetch_run_id, "transformers": source_run(transformers_model_uri),
-            "onnx": source_run(onnx_model_uri)}
+    return {"fetch": fetch_run_id, "transformers": run_of(transformers_model_uri),
+            "onnx": run_of(onnx_model_uri)}
 
 
 def _stable(text: str, run_ids: dict[str, str]) -> str:
