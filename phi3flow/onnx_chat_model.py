@@ -28,11 +28,19 @@ Design, for serving (`mlflow models serve` calls predict from several threads at
   allocates it up front; the 4096 default would cost about 3 GiB per request on Phi-3-mini).
 - Responsiveness: a Generator call holds the GIL for its whole duration, so a 2,000-token prompt
   fed in one call froze every other thread (the server's /ping included) for seconds, and in a
-  scheduler it would stall every other request too. A row alone is fed PREFILL_CHUNK tokens per
-  turn (16: as fast in total as one call, and no call over about 0.3 s on the full-size model);
-  a batch's prompts must go in one call, so a batch's prefill is capped at MAX_BATCH_PREFILL
-  tokens. Between calls other threads get the GIL for a switch interval (5 ms) each, so a request
-  arriving beside a long prefill is parsed in seconds, not after it.
+  scheduler it would stall every other request too. So a row's prompt goes in chunks, one per
+  scheduler turn, sized by who else is there (adaptive prefill): while other requests are active
+  or waiting, PREFILL_CHUNK tokens (16: no call over about 0.3 s on the full-size model, so they
+  keep decoding); while the row is the scheduler's only work, ALONE_PREFILL_CHUNK (256,
+  PHI3FLOW_ONNX_PREFILL_CHUNK overrides). Small chunks are slow: a lone 2,048-token prompt took
+  50.7 s in 16- or 64-token calls, 45.9 s in 128, 40.2 s in 256 and 42.4 s in one call (2 AMD
+  EPYC cores, full size). The price: between seconds-long calls other threads get the GIL only
+  for a switch interval (5 ms) each, so a request arriving beside a long lone prefill reaches
+  the scheduler after a few such calls (in process: at the next call; served over HTTP, whose
+  parsing takes several turns: 13-29 s into a 2,048-token prefill, against 3.6 s with 16-token
+  calls). Set PHI3FLOW_ONNX_PREFILL_CHUNK=16 for a server where newcomers beside long prompts
+  matter more than a long prompt's own first token. A batch's prompts must go in one call, so
+  a batch's prefill is capped at MAX_BATCH_PREFILL tokens.
 - Threads: onnxruntime gets every core this process may use (see _threads). The Engine API releases the GIL but, on the CPU build, runs fixed
   batches that queued requests wait for (docs/decisions.md); this scheduler does not make a
   request wait for an unrelated one to finish.
@@ -59,7 +67,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 ONNX_ARTIFACT = "onnx"
-PREFILL_CHUNK = 16  # prompt tokens per call: about 0.3 s on the full-size model (2 cores)
+PREFILL_CHUNK = 16  # prompt tokens per call beside other requests: ~0.3 s, full size, 2 cores
+ALONE_PREFILL_CHUNK = 256  # prompt tokens per call while nothing else is queued or running
+ALONE_CHUNK_ENV = "PHI3FLOW_ONNX_PREFILL_CHUNK"  # overrides ALONE_PREFILL_CHUNK
 THREADS_ENV = "PHI3FLOW_ONNX_THREADS"
 MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
@@ -210,6 +220,7 @@ class OnnxChatModel(PythonModel):
             og_config.overlay(json.dumps(
                 {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(og_config)
+        self.alone_chunk = _alone_chunk()
         self.tokenizer = og.Tokenizer(self.model)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self._inbox: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
@@ -330,9 +341,10 @@ class OnnxChatModel(PythonModel):
                     for job in group:
                         job.put(exc)
             for batch in list(active):
+                alone = len(active) == 1 and self._inbox.empty()
                 try:
-                    decoding, started = not batch.chunks, time.perf_counter()
-                    finished = self._step(batch)
+                    decoding, started = batch.prompt is None, time.perf_counter()
+                    finished = self._step(batch, alone)
                     if decoding:
                         step_seconds = time.perf_counter() - started
                 except Exception as exc:  # noqa: BLE001
@@ -348,19 +360,26 @@ class OnnxChatModel(PythonModel):
         params = self._search_options(options, longest + options["max_tokens"], len(jobs))
         generator = self.og.Generator(self.model, params)
         if len(jobs) == 1:  # fed in chunks, one per scheduler turn: other batches go on meanwhile
-            ids = jobs[0].ids
-            chunks = [ids[i:i + PREFILL_CHUNK] for i in range(0, len(ids), PREFILL_CHUNK)]
-        else:  # onnxruntime-genai takes a batch's prompts in one call (right-padded)
-            padded = np.full((len(jobs), longest), self.pad_token_id, dtype=np.int32)
-            for row, job in enumerate(jobs):
-                padded[row, : len(job.ids)] = job.ids
-            chunks = [padded]
-        return _Batch(jobs, generator, chunks)
+            return _Batch(jobs, generator, list(jobs[0].ids))
+        # onnxruntime-genai takes a batch's prompts in one call (right-padded)
+        padded = np.full((len(jobs), longest), self.pad_token_id, dtype=np.int32)
+        for row, job in enumerate(jobs):
+            padded[row, : len(job.ids)] = job.ids
+        return _Batch(jobs, generator, padded)
 
-    def _step(self, batch: _Batch) -> bool:
-        """One Generator call for the batch; True when the batch is done."""
-        if batch.chunks:
-            batch.generator.append_tokens(batch.chunks.pop(0))
+    def _step(self, batch: _Batch, alone: bool) -> bool:
+        """One Generator call for the batch; True when the batch is done.
+
+        `alone`: no other batch is running or waiting, so a row's prompt may go in large chunks.
+        """
+        if batch.prompt is not None:
+            if isinstance(batch.prompt, list):  # one row: the next chunk
+                size = self.alone_chunk if alone else PREFILL_CHUNK
+                chunk, rest = batch.prompt[:size], batch.prompt[size:]
+            else:  # a padded batch: all of it
+                chunk, rest = batch.prompt, []
+            batch.generator.append_tokens(chunk)
+            batch.prompt = rest or None
             return False
         batch.generator.generate_next_token()
         for job, token in zip(batch.jobs, batch.generator.get_next_tokens()):
@@ -480,6 +499,17 @@ def _threads(genai_config: dict[str, Any]) -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def _alone_chunk() -> int:
+    """Prompt tokens per call for a request alone: PHI3FLOW_ONNX_PREFILL_CHUNK, else 256."""
+    value = os.environ.get(ALONE_CHUNK_ENV, "")
+    if not value:
+        return ALONE_PREFILL_CHUNK
+    if not value.isdigit() or int(value) < 1:
+        raise MlflowException(f"{ALONE_CHUNK_ENV}={value!r} must be a whole number of tokens "
+                              f">= 1; unset it for {ALONE_PREFILL_CHUNK}.")
+    return int(value)
+
+
 class _Job:
     """One request row on its way through the scheduler: its tokens arrive on a queue."""
 
@@ -500,8 +530,10 @@ class _Job:
 
 
 class _Batch:
-    def __init__(self, jobs: list[_Job], generator: Any, chunks: list[Any]):
-        self.jobs, self.generator, self.chunks = jobs, generator, chunks
+    def __init__(self, jobs: list[_Job], generator: Any, prompt: list[int] | np.ndarray):
+        # prompt: what is still to be fed (a row's token ids, or a padded batch); None once fed.
+        self.jobs, self.generator = jobs, generator
+        self.prompt: list[int] | np.ndarray | None = prompt
 
 
 def _drain(inbox: queue.SimpleQueue, block: bool) -> list[Any]:

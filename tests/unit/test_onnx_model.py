@@ -93,32 +93,74 @@ def test_every_row_of_a_batch_is_answered_as_if_alone(onnx_model):
     assert mixed[0]["usage"]["completion_tokens"] == 2 and content(mixed[1]) == singles[1]
 
 
-def test_chunked_prompt_feeding_gives_the_same_answers(onnx_model, monkeypatch):
-    """The prompt goes in PREFILL_CHUNK-token calls (GIL released between them), same output."""
+@pytest.fixture
+def prefill_calls(onnx_model, monkeypatch) -> list[list[int]]:
+    """The size of every prompt chunk each new Generator is fed (a wrapper around the real one)."""
     import onnxruntime_genai as og
 
-    python_model = onnx_model.unwrap_python_model()
-    calls: list[int] = []
+    calls: list[list[int]] = []
 
-    class CountingGenerator:  # a recording wrapper around the real Generator
+    class RecordingGenerator:
         def __init__(self, *args):
             self.inner = og.Generator(*args)
-            calls.append(0)
+            self.calls: list[int] = []
+            calls.append(self.calls)
 
         def append_tokens(self, tokens):
-            calls[-1] += 1
+            self.calls.append(len(tokens) if isinstance(tokens, list) else tokens.size)
             self.inner.append_tokens(tokens)
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
+    monkeypatch.setattr(onnx_model.unwrap_python_model(), "og", types.SimpleNamespace(
+        GeneratorParams=og.GeneratorParams, Generator=RecordingGenerator))
+    return calls
+
+
+def test_chunked_prompt_feeding_gives_the_same_answers(onnx_model, prefill_calls, monkeypatch):
+    """The prompt goes in chunks, one call each (GIL released between them), same output."""
+    module = loaded_module(onnx_model)
     whole = [ask(onnx_model, row) for row in ROWS[:4]]
-    monkeypatch.setattr(python_model, "og", types.SimpleNamespace(
-        GeneratorParams=og.GeneratorParams, Generator=CountingGenerator))
-    monkeypatch.setattr(loaded_module(onnx_model), "PREFILL_CHUNK", 1)
+    prefill_calls.clear()
+    monkeypatch.setattr(module, "PREFILL_CHUNK", 1)
+    monkeypatch.setattr(onnx_model.unwrap_python_model(), "alone_chunk", 1)
     chunked = [ask(onnx_model, row) for row in ROWS[:4]]
     assert [content(r) for r in chunked] == [content(r) for r in whole]
-    assert calls == [r["usage"]["prompt_tokens"] for r in whole]  # one call per token
+    # one call per token
+    assert prefill_calls == [[1] * r["usage"]["prompt_tokens"] for r in whole]
+
+
+def test_a_request_alone_prefills_in_large_chunks_and_beside_others_in_small_ones(
+        onnx_model, prefill_calls, monkeypatch):
+    """Adaptive prefill: ALONE_PREFILL_CHUNK tokens per call while a row is the only work,
+    PREFILL_CHUNK while another batch runs beside it, so that one keeps decoding."""
+    module = loaded_module(onnx_model)
+    monkeypatch.setattr(onnx_model.unwrap_python_model(), "alone_chunk", 8)
+    monkeypatch.setattr(module, "PREFILL_CHUNK", 2)
+    alone = ask(onnx_model, ROWS[0])
+    tokens = alone["usage"]["prompt_tokens"]
+    assert tokens > 8  # else this checks nothing
+    assert prefill_calls == [[8] * (tokens // 8) + ([tokens % 8] if tokens % 8 else [])]
+    prefill_calls.clear()
+    # Different options: two batches started in the same turn, each fed beside the other.
+    both = onnx_model.predict([{"messages": ROWS[0]["messages"], "max_tokens": 3},
+                               {"messages": ROWS[0]["messages"], "max_tokens": 4}])
+    assert [r["usage"]["completion_tokens"] for r in both] == [3, 4]
+    assert len(prefill_calls) == 2
+    for calls in prefill_calls:
+        assert sum(calls) == tokens and calls[0] == 2  # the first chunks went in beside the other
+
+
+def test_the_lone_prefill_chunk_is_256_unless_the_environment_says(onnx_model, monkeypatch):
+    module = loaded_module(onnx_model)
+    monkeypatch.delenv(module.ALONE_CHUNK_ENV, raising=False)
+    assert module._alone_chunk() == 256
+    monkeypatch.setenv(module.ALONE_CHUNK_ENV, "16")
+    assert module._alone_chunk() == 16
+    monkeypatch.setenv(module.ALONE_CHUNK_ENV, "lots")
+    with pytest.raises(MlflowException, match="PHI3FLOW_ONNX_PREFILL_CHUNK='lots' must be a whole"):
+        module._alone_chunk()
 
 
 def test_concurrent_predicts_on_one_model_match_sequential_answers(onnx_model):
