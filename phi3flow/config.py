@@ -31,8 +31,10 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 
 ONNX_SOURCES = ("hub", "build")  # or a local directory
-PRECISIONS = ("int4", "fp16", "fp32")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
+KV_CACHES = ("fp32", "int8")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits supports
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INTERFACES = ("chat", "prompt")
 
@@ -116,9 +118,21 @@ class FetchModelConfig:
     onnx_revision: str = _param(
         "", f"Revision of {names.ONNX_HUB_REPO} for onnx_source=hub. Empty: the pinned commit."
     )
-    precision: str = _param("int4", "Builder precision for onnx_source=build: int4|fp16|fp32.")
+    precision: str = _param("int4",
+                            "Builder precision for onnx_source=build: int4|int8|fp16|fp32.")
     execution_provider: str = _param(
         "cpu", "Builder execution provider for onnx_source=build: cpu|cuda."
+    )
+    kv_cache: str = _param(
+        "fp32", "KV cache dtype for onnx_source=build: fp32|int8. int8 (scales calibrated by "
+        "the builder's own tool) reads less per decode step at long contexts but prefills more "
+        "slowly: docs/speed.md.",
+    )
+    block_size: int = _param(
+        32, "Weights per quantization block for onnx_source=build with int4/int8: 16|32|64|128|"
+        "256. 32 is Microsoft's published CPU build; 128 prefilled a third faster on the "
+        "benchmark machine (docs/onnx-options.md), accuracy untested here: let evaluate's "
+        "max_quality_drop judge it on the real checkpoint.",
     )
     log_weights: bool = _param(
         True,
@@ -159,6 +173,23 @@ class FetchModelConfig:
         self.onnx_revision = self.onnx_revision or names.DEFAULT_ONNX_REVISION
         _choice("precision", self.precision, PRECISIONS)
         _choice("execution_provider", self.execution_provider, EXECUTION_PROVIDERS)
+        _choice("kv_cache", self.kv_cache, KV_CACHES)
+        if self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"block_size={self.block_size} is not one of "
+                              f"{', '.join(map(str, BLOCK_SIZES))}.")
+        if self.block_size != 32 and (self.onnx_source != "build"
+                                      or self.precision not in ("int4", "int8")):
+            raise ConfigError(
+                f"block_size={self.block_size} needs onnx_source=build with precision int4 or "
+                "int8: only a quantized build of ours has blocks to size. Pass -P "
+                "onnx_source=build, or leave block_size=32."
+            )
+        if self.kv_cache != "fp32" and self.onnx_source != "build":
+            raise ConfigError(
+                f"kv_cache={self.kv_cache} needs onnx_source=build: a published or local ONNX "
+                "model keeps the KV cache it was built with. Pass -P onnx_source=build, or "
+                "leave kv_cache=fp32."
+            )
 
     @property
     def is_local_model(self) -> bool:

@@ -96,12 +96,15 @@ def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, Sourc
 def _fetch_onnx(cfg: FetchModelConfig, checkpoint: Path, workdir: Path) -> tuple[Path, Source]:
     target = workdir / names.ONNX_DIR
     if cfg.onnx_source == "build":
+        quantized = cfg.precision in ("int4", "int8")  # what has blocks to size
         onnx_build.build(checkpoint, workdir / "onnx-build", cfg.precision, cfg.execution_provider,
-                         cfg.trust_remote_code)
+                         cfg.trust_remote_code, cfg.kv_cache,
+                         extra_options=(f"block_size={cfg.block_size}",) if quantized else ())
         # A build exists nowhere else: always logged.
         source = Source("build", True, precision=cfg.precision,
-                        execution_provider=cfg.execution_provider,
-                        builder=f"onnxruntime-genai {_genai_version()}")
+                        execution_provider=cfg.execution_provider, kv_cache=cfg.kv_cache,
+                        block_size=cfg.block_size if quantized else None,
+                        builder=f"onnxruntime-genai {onnx_build.genai_version()}")
         return stage(workdir / "onnx-build", target), source
     if cfg.onnx_source == "hub":
         snapshot, commit = hub.download(
@@ -117,12 +120,6 @@ def _fetch_onnx(cfg: FetchModelConfig, checkpoint: Path, workdir: Path) -> tuple
         source = Source("local", cfg.log_weights, path=str(path))
     onnx_build.check_onnx_folder(path)
     return stage(path, target), source
-
-
-def _genai_version() -> str:
-    import onnxruntime_genai
-
-    return onnxruntime_genai.__version__
 
 
 def log_fetched(fetched: Fetched) -> str:

@@ -74,6 +74,8 @@ class Source:
     path: str | None = None
     precision: str | None = None
     execution_provider: str | None = None
+    kv_cache: str | None = None  # for kind=build: fp32 | int8 (None: built before it was a choice)
+    block_size: int | None = None  # for kind=build: weights per quantization block
     builder: str | None = None  # onnxruntime-genai version, for kind=build
 
     def __post_init__(self) -> None:

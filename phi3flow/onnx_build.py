@@ -8,6 +8,7 @@ progress.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -26,8 +27,76 @@ class BuildError(StepError):
 
 
 def build(checkpoint: Path, output: Path, precision: str, execution_provider: str,
-          trust_remote_code: bool = False) -> Path:
+          trust_remote_code: bool = False, kv_cache: str = "fp32",
+          baseline: Path | None = None, extra_options: tuple[str, ...] = ()) -> Path:
+    """Build `checkpoint` into `output`. kv_cache=int8: a KV cache quantized per channel.
+
+    extra_options: more of the builder's `--extra_options key=value` (benchmarks/onnx_options.py
+    compares some); the builder ignores keys it does not know, so check what a build has.
+
+    int8 takes three builder runs' worth of work: the fp32-cache build (or `baseline`, one that
+    exists already), the builder's own calibration of per-layer scales over that build's KV
+    values (onnxruntime_genai.models.quantization.kv_cache_calibration, its default corpus),
+    then the build with those scales.
+    """
     output.mkdir(parents=True, exist_ok=True)
+    options = list(extra_options) + (["hf_remote=true"] if trust_remote_code else [])
+    if kv_cache == "fp32":
+        _builder(checkpoint, output, precision, execution_provider, options)
+        check_onnx_folder(output)
+        return output
+    with tempfile.TemporaryDirectory(prefix="onnx-kv-calibration-") as tmp:
+        if baseline is None:
+            baseline = Path(tmp) / "fp32-kv"
+            _builder(checkpoint, baseline, precision, execution_provider, options)
+        scales = Path(tmp) / "kv_scales.json"
+        _run([sys.executable, "-m", "onnxruntime_genai.models.quantization.kv_cache_calibration",
+              "--model", str(baseline), "--tokenizer", str(checkpoint), "--out", str(scales)],
+             "the KV-cache calibration")
+        _builder(checkpoint, output, precision, execution_provider, options + [
+            f"kv_cache_quant_scheme={kv_cache}_per_channel", f"kv_cache_scale_file={scales}"])
+    check_onnx_folder(output)
+    # The builder turns the shared past/present buffer off for a quantized cache; onnxruntime's
+    # CPU attention supports it, and without it every decode step copies the whole cache.
+    path = output / GENAI_CONFIG
+    genai_config = json.loads(path.read_text())
+    genai_config["search"]["past_present_share_buffer"] = True
+    path.write_text(json.dumps(genai_config, indent=4))
+    found = kv_cache_dtype(output)
+    if found != kv_cache:  # the builder ignores options it does not know, silently
+        raise BuildError(f"asked the builder for a {kv_cache} KV cache, got {found}: this "
+                         f"onnxruntime-genai ({genai_version()}) does not support it here.")
+    return output
+
+
+def kv_cache_dtype(folder: Path) -> str:
+    """The dtype of a build's KV cache, from its graph's past_key_values inputs."""
+    import onnx
+
+    genai_config = json.loads((folder / GENAI_CONFIG).read_text())
+    model = onnx.load(str(folder / genai_config["model"]["decoder"]["filename"]),
+                      load_external_data=False)
+    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
+    return onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name.replace(
+        "float", "fp")
+
+
+def block_size(folder: Path) -> int | None:
+    """Weights per quantization block of a build's MatMulNBits nodes (None: not quantized)."""
+    import onnx
+
+    genai_config = json.loads((folder / GENAI_CONFIG).read_text())
+    model = onnx.load(str(folder / genai_config["model"]["decoder"]["filename"]),
+                      load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            return next(onnx.helper.get_attribute_value(a) for a in node.attribute
+                        if a.name == "block_size")
+    return None
+
+
+def _builder(checkpoint: Path, output: Path, precision: str, execution_provider: str,
+             extra_options: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="onnx-builder-cache-") as cache:
         command = [
             sys.executable, "-m", "onnxruntime_genai.models.builder",
@@ -37,26 +106,33 @@ def build(checkpoint: Path, output: Path, precision: str, execution_provider: st
             "-e", execution_provider,
             "-c", cache,
         ]
-        if trust_remote_code:  # the builder's own switch; off unless asked
-            command += ["--extra_options", "hf_remote=true"]
-        logger.info("building the ONNX model: %s", " ".join(command))
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        ) as proc:
-            tail: list[str] = []
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip()
-                logger.info("builder: %s", line)
-                tail = (tail + [line])[-20:]
-        if proc.returncode != 0:
-            raise BuildError(
-                f"the onnxruntime-genai model builder exited with code {proc.returncode} "
-                f"(precision={precision}, execution_provider={execution_provider}). Its last "
-                "lines:\n" + "\n".join(tail)
-            )
-    check_onnx_folder(output)
-    return output
+        if extra_options:
+            command += ["--extra_options", *extra_options]
+        _run(command, f"the onnxruntime-genai model builder (precision={precision}, "
+             f"execution_provider={execution_provider})")
+
+
+def _run(command: list[str], what: str) -> None:
+    """Run a converter, its output streamed to our log as it goes (a long build shows progress)."""
+    logger.info("running %s: %s", what, " ".join(command))
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            logger.info("builder: %s", line)
+            tail = (tail + [line])[-20:]
+    if proc.returncode != 0:
+        raise BuildError(f"{what} exited with code {proc.returncode}. Its last lines:\n"
+                         + "\n".join(tail))
+
+
+def genai_version() -> str:
+    import onnxruntime_genai
+
+    return onnxruntime_genai.__version__
 
 
 def check_onnx_folder(folder: Path) -> None:

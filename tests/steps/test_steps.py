@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import manifest, names
+from phi3flow import manifest, names, onnx_build
 from phi3flow.errors import StepError
 from phi3flow.manifest import Manifest
 from steps import fetch_model, log_transformers
@@ -123,6 +123,17 @@ def test_unknown_onnx_source_fails_before_any_work():
 
 def _artifact_dir(run_id: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=""))
+
+
+def test_fetch_model_builds_the_kv_cache_and_block_size_asked_and_records_them():
+    run_id = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
+                               "--kv_cache", "int8", "--block_size", "16"])
+    source = Manifest.read(mlflow.get_run(run_id)).sources[names.ONNX_DIR]
+    assert (source.kind, source.precision, source.kv_cache, source.block_size) == (
+        "build", "int4", "int8", 16)
+    built = _artifact_dir(run_id) / names.ONNX_DIR
+    assert onnx_build.kv_cache_dtype(built) == "int8"
+    assert onnx_build.block_size(built) == 16  # read from the graph: the builder took it
 
 
 def test_tampered_weights_are_refused_by_file_name():

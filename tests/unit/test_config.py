@@ -44,6 +44,12 @@ def test_other_hub_models_default_to_main_and_local_folders_have_no_revision():
         (["--model_id", "not a model"], "model_id='not a model'"),
         (["--model_id", "/no/such/dir/at/all"], "model_id='/no/such/dir/at/all'"),
         (["--model_id", "org/other"], "onnx_source=hub provides the ONNX build"),
+        (["--kv_cache", "fp8", "--onnx_source", "build"], "kv_cache='fp8' is not one of fp32, int8"),
+        (["--kv_cache", "int8"], "kv_cache=int8 needs onnx_source=build"),
+        (["--block_size", "48", "--onnx_source", "build"], "block_size=48 is not one of 16, 32"),
+        (["--block_size", "128"], "block_size=128 needs onnx_source=build"),
+        (["--block_size", "128", "--onnx_source", "build", "--precision", "fp32"],
+         "block_size=128 needs onnx_source=build with precision int4 or int8"),
     ],
 )
 def test_fetch_model_bad_values_are_named(argv, named):
