@@ -52,6 +52,10 @@ class Decision(Record):
         default_factory=dict)
     # {model: run ID of its MLflow GenAI evaluation run, a child of the evaluate run}
     eval_runs: dict[str, str] = dataclasses.field(default_factory=dict)
+    # {prompt tokens: the model whose first token came first}, at the eval rows' median prompt
+    # and at a long one: which model answers a long (RAG-style) prompt sooner is not the gate's
+    # latency winner on every CPU
+    faster_first_token: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for part in ("verdicts", "models", "metrics"):
@@ -91,6 +95,18 @@ def choose(verdicts: list[Verdict], metrics: dict[str, dict[str, float]]) -> tup
     return best, "no model passed the gate; best quality chosen, it will not become champion"
 
 
+# (TTFT metric, its prompt length metric): the eval rows' median, and the long prompt
+FIRST_TOKEN = (("ttft_p50_s", "prompt_tokens_p50"), ("ttft_long_prompt_s", "long_prompt_tokens"))
+
+
+def faster_first_token(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
+    found = {}
+    for ttft, tokens in FIRST_TOKEN:
+        if all(ttft in metrics[m] and tokens in metrics[m] for m in MODELS):
+            found[str(int(metrics[MODELS[0]][tokens]))] = min(MODELS, key=lambda m: metrics[m][ttft])
+    return found
+
+
 def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],
            models: dict[str, ModelRef], agreement: float, eval_data: str,
            eval_data_sha256: str, quality_by_category: dict | None = None,
@@ -111,4 +127,5 @@ def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],
         gated_on=GATED_ON,
         quality_by_category=quality_by_category or {},
         eval_runs=eval_runs or {},
+        faster_first_token=faster_first_token(metrics),
     )

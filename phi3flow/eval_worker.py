@@ -25,12 +25,37 @@ logger = logging.getLogger(__name__)
 # Span attributes MLflow reads: token usage (shown in the UI's trace view) and our TTFT.
 TOKEN_USAGE = "mlflow.chat.tokenUsage"
 ATTR_TTFT = "phi3flow.ttft_s"
+# A RAG-style prompt, for the time to first token at length: prefill speed is where the two
+# models differ most (the int4 ONNX model can take longer than bf16 torch; docs/speed.md).
+LONG_PROMPT_TOKENS = 1024
+FILLER = ("The report covers rivers, capitals, numbers and the weather of many small towns "
+          "across the northern provinces during the last ten years. ")
 
 
 def _answer(model, messages: list[dict], max_tokens: int) -> tuple[dict, float]:
     started = time.perf_counter()
     (response,) = model.predict({"messages": messages, "max_tokens": max_tokens})
     return response, time.perf_counter() - started
+
+
+def long_prompt_ttft(model, tokens: int) -> dict[str, float] | None:
+    """Time to first token of a `tokens`-token prompt (a 1-token request), or None if the model
+    cannot take it. The text is sized in two tries: tokens per word differ between vocabularies."""
+    words = FILLER.split()
+    count = tokens
+    try:
+        for _ in range(2):
+            text = " ".join(words[i % len(words)] for i in range(count))
+            response, seconds = _answer(model, [{"role": "user", "content": text}], 1)
+            used = response["usage"]["prompt_tokens"]
+            if abs(used - tokens) <= tokens // 10:
+                break
+            count = max(1, count * tokens // used)
+    except Exception as exc:  # noqa: BLE001 - a measurement, not a row: the run goes on
+        logger.warning("the %d-token prompt's first token could not be timed: %s: %s", tokens,
+                       type(exc).__name__, exc)
+        return None
+    return {"prompt_tokens": float(used), "ttft_s": seconds}
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -84,13 +109,17 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "answer": response["choices"][0]["message"]["content"],
             "finish_reason": response["choices"][0]["finish_reason"],
             "completion_tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"],
             "latency_s": latency,
             "ttft_s": ttft,
         })
         if (index + 1) % 10 == 0 or index + 1 == len(rows):
             logger.info("%s: %d/%d rows answered (%.0f s)", spec["name"], index + 1, len(rows),
                         time.perf_counter() - clock)
-    return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results}
+    logger.info("%s: timing the first token of a %d-token prompt", spec["name"],
+                LONG_PROMPT_TOKENS)
+    return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results,
+            "long_prompt": long_prompt_ttft(model, LONG_PROMPT_TOKENS)}
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:

@@ -129,6 +129,7 @@ def model_metrics(result: dict, scores: dict[str, list], size_mb: float) -> dict
     answered = [a for a in result["rows"] if "error" not in a]
     tokens = sum(a["completion_tokens"] for a in answered)
     seconds = sum(a["latency_s"] for a in answered)
+    long = result.get("long_prompt") or {}
     return {
         **{name: share(values) for name, values in scores.items()},
         "failed_rows": float(len(result["rows"]) - len(answered)),
@@ -136,6 +137,10 @@ def model_metrics(result: dict, scores: dict[str, list], size_mb: float) -> dict
         "latency_p50_s": percentile([a["latency_s"] for a in answered], 0.5),
         "latency_p95_s": percentile([a["latency_s"] for a in answered], 0.95),
         "ttft_p50_s": percentile([a["ttft_s"] for a in answered], 0.5),
+        "prompt_tokens_p50": percentile([a["prompt_tokens"] for a in answered], 0.5),
+        # the first token of a long prompt: where prefill speed shows
+        **({"long_prompt_tokens": long["prompt_tokens"], "ttft_long_prompt_s": long["ttft_s"]}
+           if long else {}),
         "output_tokens_per_s": tokens / seconds if seconds else 0.0,
         "load_s": result["load_s"],
         "peak_rss_mb": result["peak_rss_mb"],

@@ -96,6 +96,13 @@ def test_the_decision_names_its_gate_and_reports_quality_per_category(genai_eval
             "facts": {"rows": 12.0, scorers.CONTAINS: 1.0, scorers.EXACT: 0.0}}
         assert mlflow.get_run(run.info.run_id).data.metrics[
             f"{name}_{scorers.CONTAINS}_facts"] == 1.0
+    # First tokens at the rows' median prompt and at a long one, each a measured length.
+    onnx = decision.metrics["onnx"]
+    assert abs(onnx["long_prompt_tokens"] - 1024) <= 102 and onnx["prompt_tokens_p50"] < 200
+    assert all(decision.metrics[m]["ttft_long_prompt_s"] > 0 for m in MODELS)
+    assert set(decision.faster_first_token) == {
+        str(int(onnx["prompt_tokens_p50"])), str(int(onnx["long_prompt_tokens"]))}
+    assert set(decision.faster_first_token.values()) <= set(MODELS)
 
 
 def test_the_full_set_gates_the_fixture_out_and_reports_every_category(log_runs):

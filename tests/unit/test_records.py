@@ -40,6 +40,18 @@ def test_the_gate_chooses_the_fastest_model_that_passed_and_says_why():
     assert slow.chosen == "onnx" and not slow.chosen_passed  # best quality, not champion
 
 
+def test_the_decision_says_which_model_answers_first_at_each_prompt_length():
+    """The gate's latency winner need not be first to answer a long prompt (prefill speed)."""
+    timing = {"transformers": {"ttft_p50_s": 0.2, "prompt_tokens_p50": 38.0,
+                               "ttft_long_prompt_s": 12.0, "long_prompt_tokens": 1024.0},
+              "onnx": {"ttft_p50_s": 0.1, "prompt_tokens_p50": 38.0,
+                       "ttft_long_prompt_s": 20.0, "long_prompt_tokens": 1024.0}}
+    metrics = {name: _metrics(1.0, 1.0) | timing[name] for name in timing}
+    decided = decision.decide(metrics, THRESHOLDS, _decision().models, 1.0, "e", "ab" * 32)
+    assert decided.faster_first_token == {"38": "onnx", "1024": "transformers"}
+    assert _decision().faster_first_token == {}  # not measured: nothing claimed
+
+
 @pytest.mark.parametrize("record", [
     _decision(),
     registry.registration("phi3", "3", "champion", "passed the gate", reused=False),
