@@ -1,8 +1,9 @@
 """One runtime, measured in its own fresh process: `python -m benchmarks.probe SPEC.json OUT.json`.
 
 A fresh process per runtime makes load time and peak RSS (VmHWM) its own. Timing, per prompt:
-- runtimes that stream (raw onnxruntime-genai, the ONNX pyfunc's predict_stream): one request of
-  N new tokens; TTFT = time to the first token, decode tokens/s = (N - 1) / (last - first token);
+- runtimes that stream (raw onnxruntime-genai, the ONNX pyfunc's predict_stream, llama.cpp's
+  generate loop): one request of N new tokens; TTFT = time to the first token, decode tokens/s =
+  (N - 1) / (last - first token);
 - runtimes that cannot (the transformers pyfunc, MLflow's REST server): TTFT = latency of a
   1-token request, decode tokens/s = (N - 1) / (latency of N tokens - TTFT);
 each the median of `repeats` runs, except for prompts over LONG_PROMPT tokens, timed once.
@@ -14,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 from phi3flow.eval_worker import peak_rss_mb
 
+HEAD_OF_LINE = "head-of-line"  # the paired protocol's line that asks for head_of_line()
 LONG_PROMPT = 256  # tokens; longer prompts are timed once, not `repeats` times
 # Set by benchmarks.run when it starts (seconds since the epoch), inherited by every probe: the
 # progress lines of all processes count from the start of the whole run.
@@ -58,6 +61,32 @@ def raw_runtime(onnx_folder: str):
         while not generator.is_done():
             generator.generate_next_token()
             yield text.decode(int(generator.get_next_tokens()[0]))  # as a caller would
+
+    return stream
+
+
+def llama_runtime(gguf: str):
+    """llama.cpp through llama-cpp-python, settings as benchmarks/llamacpp.py says."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    # The other runtimes' prompt token ids exactly: the same checkpoint's tokenizer and template.
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    cores = len(os.sched_getaffinity(0))
+    # use_mmap=False: weights in the process's own memory, as onnxruntime holds them, so peak
+    # RSS compares (mapped from the file, the default, they are page cache the kernel may drop).
+    llm = Llama(gguf, n_ctx=spec["n_ctx"], n_batch=spec["n_ctx"], n_threads=cores,
+                n_threads_batch=cores, flash_attn=True, use_mmap=False, verbose=False)
+
+    def stream(messages: list[dict], new_tokens: int) -> Iterator[bytes]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        llm.reset()  # else generate() reuses the KV cache of a repeated prompt: no prefill
+        # generate() never stops by itself (create_completion checks for eos): N tokens exactly.
+        for count, token in enumerate(llm.generate(ids, temp=0.0, reset=True), start=1):
+            yield llm.detokenize([token])  # as a caller would
+            if count == new_tokens:
+                return
 
     return stream
 
@@ -110,6 +139,31 @@ def summary(runs: list[dict[str, float]]) -> dict[str, Any]:
     return row
 
 
+def head_of_line(stream, prompts: dict[str, list[dict]], delay_s: float) -> dict[str, float]:
+    """A 1-token request sent delay_s after the longest prompt's request, in one process: does it
+    come back before the long one's prefill ends (its first token)? Streaming shows that moment,
+    which the REST server cannot."""
+    before = peak_rss_mb()  # two requests at once hold more: kept apart from single requests'
+    started = time.perf_counter()
+    first: list[float] = []
+
+    def long() -> None:
+        for _ in stream(prompts[max(prompts, key=int)], 2):
+            first.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    time.sleep(delay_s)
+    sent = time.perf_counter() - started
+    for _ in stream(prompts[min(prompts, key=int)], 1):
+        pass
+    returned = time.perf_counter() - started
+    thread.join()
+    return {"short_sent_at_s": sent, "short_returned_at_s": returned,
+            "long_first_token_at_s": first[0], "peak_rss_before_mb": before,
+            "peak_rss_after_mb": peak_rss_mb()}
+
+
 def runs_for(length: str, repeats: int) -> int:
     return repeats if int(length) <= LONG_PROMPT else 1  # a 2048-token prefill takes a minute
 
@@ -137,15 +191,19 @@ if __name__ == "__main__":
     # of stdin (its length), answering a JSON line each, so the harness can alternate runtimes.
     spec: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
     started = time.perf_counter()
-    runtime = raw_runtime if spec["runtime"] == "raw" else pyfunc_runtime
+    runtime = {"raw": raw_runtime, "llama_cpp": llama_runtime}.get(spec["runtime"], pyfunc_runtime)
     generate = runtime(spec["model"])
     load_s = time.perf_counter() - started
-    stream = spec["runtime"] == "raw" or spec.get("stream", False)
+    stream = spec["runtime"] in ("raw", "llama_cpp") or spec.get("stream", False)
     once(generate, spec["warmup"], 2, stream)  # first-call costs are not the steady state
     result: dict[str, Any] = {"load_s": load_s}
     if spec.get("paired"):
         print("ready", flush=True)
         for line in sys.stdin:
+            if line.startswith(HEAD_OF_LINE):  # "head-of-line DELAY_S"
+                print(json.dumps(head_of_line(generate, spec["prompts"], float(line.split()[1]))),
+                      flush=True)
+                continue
             print(json.dumps(once(generate, spec["prompts"][line.strip()], spec["new_tokens"],
                                   stream)), flush=True)
     else:
