@@ -85,6 +85,17 @@ def int4_onnx(checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
+def tensors(checkpoint: Path) -> dict[str, dict]:
+    """{name: {"dtype", "shape", "data_offsets"}} of every tensor, from the safetensors headers
+    (the weights themselves are not read)."""
+    found = {}
+    for shard in checkpoint.glob("*.safetensors"):
+        with shard.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {k: v for k, v in header.items() if k != "__metadata__"}
+    return found
+
+
 def mark_done(folder: Path, **facts) -> None:
     (folder / DONE).write_text(json.dumps(facts, indent=1))
 

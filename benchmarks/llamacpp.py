@@ -130,7 +130,9 @@ def quantize(source_file: Path, out: Path, quant: str) -> None:
 
 def weight_bytes(gguf: Path) -> int:
     """Bytes of every tensor but the token embedding table (a decode step reads one row of it)."""
-    sys.path.insert(0, str(next(gguf.parent.glob("llama-cpp-python-*/vendor/llama.cpp/gguf-py"))))
+    reader = str(next(gguf.parent.glob("llama-cpp-python-*/vendor/llama.cpp/gguf-py")))
+    if reader not in sys.path:  # called once per quantization
+        sys.path.insert(0, reader)
     from gguf import GGUFReader
 
     tensors = GGUFReader(gguf).tensors

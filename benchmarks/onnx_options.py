@@ -73,11 +73,7 @@ def variants(cache: Path, checkpoint: Path, default: Path, names: list[str]) -> 
 
 def facts(folder: Path) -> dict:
     """What the build really has (the builder ignores options it does not know, silently)."""
-    import onnx
-
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+    attributes = onnx_build.quantization(folder)
     return {"kv_cache": onnx_build.kv_cache_dtype(folder), "bits": attributes.get("bits"),
             "block_size": attributes.get("block_size"),
             "accuracy_level": attributes.get("accuracy_level"),
@@ -109,13 +105,13 @@ def logits(folder: Path, ids: list[int], out: Path) -> None:
 
 def agreement(folders: dict[str, Path], ids: list[int]) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="phi3flow-options-") as tmp:
-        found = {}
+        found, sequence = {}, Path(tmp) / "ids.json"
+        sequence.write_text(json.dumps(ids))
         for name, folder in folders.items():
             progress(f"{name}: logits over a fixed {len(ids)}-token sequence")
             path = Path(tmp) / f"{name}.npy"
-            (Path(tmp) / "ids.json").write_text(json.dumps(ids))
             subprocess.run([sys.executable, "-m", "benchmarks.onnx_options", "logits", str(folder),
-                            str(Path(tmp) / "ids.json"), str(path)], check=True)
+                            str(sequence), str(path)], check=True)
             found[name] = np.load(path)
     base = found["int4"]
     return {name: {
@@ -227,8 +223,8 @@ def markdown(results: dict) -> str:
             for i, (length, row) in enumerate(runtime["prompts"].items()):
                 head = (f"| {name} | {runtime['load_s']:.1f} | {runtime['peak_rss_mb']:.0f} "
                         if i == 0 else "| | | ")
-                ttft = run_mod._paired(runtimes, name, "int4", length, "ttft_s")
-                decode = run_mod._paired(runtimes, name, "int4", length, "decode_tokens_per_s")
+                ttft = run_mod.paired_ratio(runtimes, name, "int4", length, "ttft_s")
+                decode = run_mod.paired_ratio(runtimes, name, "int4", length, "decode_tokens_per_s")
                 acc = results["agreement"][name] if i == 0 else None
                 tail = (f"{acc['next_token_agreement']:.3f} | {acc['logits_relative_l2']:.4f} |"
                         if acc else "| |")
@@ -296,24 +292,14 @@ def main(argv: list[str] | None = None) -> dict:
     text = " ".join(run_mod.WORDS * 64)
     ids = AutoTokenizer.from_pretrained(checkpoint)(text)["input_ids"][:AGREEMENT_TOKENS]
     results["agreement"] = agreement(folders, ids)
-    config = json.loads((checkpoint / "config.json").read_text())
-    weight_params = (sum(int(np.prod(shape)) for shape in _shapes(checkpoint))
-                     - config["vocab_size"] * config["hidden_size"])  # the embedding: a gather
+    weight_params = sum(int(np.prod(t["shape"])) for name, t in build_mod.tensors(checkpoint)
+                        .items() if "embed_tokens" not in name)  # the embedding: a gather
     results["profiles"] = profiles(folders, weight_params)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "onnx-options.json").write_text(json.dumps(results, indent=1))
     (args.out / "onnx-options.md").write_text(markdown(results))
     print(markdown(results))
     return results
-
-
-def _shapes(checkpoint: Path) -> list[list[int]]:
-    shapes = []
-    for shard in checkpoint.glob("*.safetensors"):
-        with shard.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        shapes += [t["shape"] for k, t in header.items() if k != "__metadata__"]
-    return shapes
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import numpy as np
 from benchmarks import build as build_mod
 from benchmarks import llamacpp
 from benchmarks.probe import HEAD_OF_LINE, STARTED, progress
+from phi3flow import onnx_build
 from phi3flow.eval_worker import peak_rss_mb
 from phi3flow.evaluation import percentile
 from tests.ports import free_port
@@ -456,14 +457,9 @@ def weight_bytes(onnx_folder: Path) -> int:
 def kv_bytes_per_token(onnx_folder: Path) -> int:
     """Bytes of KV cache one token adds, which every later decode step reads: keys and values of
     every layer, in the cache's dtype (fp32 in the CPU int4 build)."""
-    import onnx
-
     decoder = json.loads((onnx_folder / "genai_config.json").read_text())["model"]["decoder"]
-    model = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False)
-    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
     return (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"]
-            * decoder["head_size"] * np.dtype(dtype).itemsize)
+            * decoder["head_size"] * onnx_build.kv_cache_numpy_dtype(onnx_folder).itemsize)
 
 
 def step_bytes(checkpoint: Path, onnx: Path, ggufs: dict[str, Path]) -> dict[str, dict]:
@@ -473,11 +469,7 @@ def step_bytes(checkpoint: Path, onnx: Path, ggufs: dict[str, Path]) -> dict[str
     kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     kv_per_token = 2 * config["num_hidden_layers"] * kv_heads * (
         config["hidden_size"] // config["num_attention_heads"])  # elements, keys and values
-    tensors = {}
-    for shard in checkpoint.glob("*.safetensors"):  # the header says every tensor's size
-        with shard.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        tensors |= {k: v for k, v in header.items() if k != "__metadata__"}
+    tensors = build_mod.tensors(checkpoint)
     torch_weights = sum(end - begin for name, t in tensors.items()
                         for begin, end in [t["data_offsets"]] if "embed_tokens" not in name)
     torch_kv = 4 if {t["dtype"] for t in tensors.values()} == {"F32"} else 2  # the weights' dtype
@@ -532,7 +524,7 @@ def measured(results: dict) -> dict[str, str]:
     return {k: label for k, label in RUNTIMES.items() if k in results["runtimes"]}
 
 
-def _paired(runtimes: dict, a: str, b: str, length: str, field: str) -> float:
+def paired_ratio(runtimes: dict, a: str, b: str, length: str, field: str) -> float:
     """Median over alternating pairs of runs of a's field / b's (both from paired_probes)."""
     pairs = zip(runtimes[a]["prompts"][length]["runs"], runtimes[b]["prompts"][length]["runs"])
     return statistics.median(x[field] / y[field] for x, y in pairs)
@@ -559,17 +551,17 @@ def targets_15(results: dict) -> list[dict]:
           {r["prompt"]: r["of_probe"] for r in limits}, 0.8, True)
     if "llama_cpp_Q4_0" in runtimes:
         worst("ONNX pyfunc / llama.cpp Q4_0 decode tokens/s, paired runs",
-              {n: _paired(runtimes, "onnx_pyfunc", "llama_cpp_Q4_0", n, "decode_tokens_per_s")
+              {n: paired_ratio(runtimes, "onnx_pyfunc", "llama_cpp_Q4_0", n, "decode_tokens_per_s")
                for n in lengths}, 1.0, True)
         worst("ONNX pyfunc / llama.cpp Q4_0 TTFT, paired runs",
-              {n: _paired(runtimes, "onnx_pyfunc", "llama_cpp_Q4_0", n, "ttft_s")
+              {n: paired_ratio(runtimes, "onnx_pyfunc", "llama_cpp_Q4_0", n, "ttft_s")
                for n in lengths}, 1.0, False)
     long = [n for n in lengths if int(n) >= 256]
     worst("ONNX pyfunc / transformers pyfunc TTFT",
           {n: runtimes["onnx_pyfunc"]["prompts"][n]["ttft_s"]
            / runtimes["transformers_pyfunc"]["prompts"][n]["ttft_s"] for n in long}, 1.0, False)
     worst("A request alone: ONNX pyfunc / raw TTFT, paired runs",
-          {n: _paired(runtimes, "onnx_pyfunc", "raw", n, "ttft_s") for n in lengths}, 1.05, False)
+          {n: paired_ratio(runtimes, "onnx_pyfunc", "raw", n, "ttft_s") for n in lengths}, 1.05, False)
     blocking = runtimes["onnx_pyfunc"].get("head_of_line")
     if blocking:
         rss = (f"; peak RSS {blocking['peak_rss_before_mb']:.0f} MB before, "
@@ -607,7 +599,7 @@ def targets(results: dict) -> list[dict]:
         _target(rows, name, value, bound, at_least, unit)
 
     target("ONNX pyfunc / raw decode tokens/s, paired runs (worst prompt length)",
-           min(_paired(runtimes, "onnx_pyfunc", "raw", n, "decode_tokens_per_s")
+           min(paired_ratio(runtimes, "onnx_pyfunc", "raw", n, "decode_tokens_per_s")
                for n in lengths), 0.95, True)
     # Single requests on both sides: the pyfunc's head-of-line test (two requests at once,
     # which raw onnxruntime-genai is never asked) comes after, and is reported on its own.

@@ -32,6 +32,7 @@ COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 
 ONNX_SOURCES = ("hub", "build")  # or a local directory
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+QUANTIZED_PRECISIONS = ("int4", "int8")  # the ones with quantization blocks
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 KV_CACHES = ("fp32", "int8")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits supports
@@ -177,8 +178,7 @@ class FetchModelConfig:
         if self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"block_size={self.block_size} is not one of "
                               f"{', '.join(map(str, BLOCK_SIZES))}.")
-        if self.block_size != 32 and (self.onnx_source != "build"
-                                      or self.precision not in ("int4", "int8")):
+        if self.block_size != 32 and (self.onnx_source != "build" or not self.quantized):
             raise ConfigError(
                 f"block_size={self.block_size} needs onnx_source=build with precision int4 or "
                 "int8: only a quantized build of ours has blocks to size. Pass -P "
@@ -190,6 +190,11 @@ class FetchModelConfig:
                 "model keeps the KV cache it was built with. Pass -P onnx_source=build, or "
                 "leave kv_cache=fp32."
             )
+
+    @property
+    def quantized(self) -> bool:
+        """A build of ours with quantization blocks (what block_size sizes)."""
+        return self.precision in QUANTIZED_PRECISIONS
 
     @property
     def is_local_model(self) -> bool:

@@ -99,12 +99,15 @@ def choose(verdicts: list[Verdict], metrics: dict[str, dict[str, float]]) -> tup
 FIRST_TOKEN = (("ttft_p50_s", "prompt_tokens_p50"), ("ttft_long_prompt_s", "long_prompt_tokens"))
 
 
+def first_token_lengths(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
+    """{prompt tokens: its TTFT metric}, for the lengths both models were timed at."""
+    return {str(int(metrics[MODELS[0]][tokens])): ttft for ttft, tokens in FIRST_TOKEN
+            if all(ttft in metrics[m] and tokens in metrics[m] for m in MODELS)}
+
+
 def faster_first_token(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
-    found = {}
-    for ttft, tokens in FIRST_TOKEN:
-        if all(ttft in metrics[m] and tokens in metrics[m] for m in MODELS):
-            found[str(int(metrics[MODELS[0]][tokens]))] = min(MODELS, key=lambda m: metrics[m][ttft])
-    return found
+    return {length: min(MODELS, key=lambda m: metrics[m][ttft])
+            for length, ttft in first_token_lengths(metrics).items()}
 
 
 def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],

@@ -96,14 +96,13 @@ def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, Sourc
 def _fetch_onnx(cfg: FetchModelConfig, checkpoint: Path, workdir: Path) -> tuple[Path, Source]:
     target = workdir / names.ONNX_DIR
     if cfg.onnx_source == "build":
-        quantized = cfg.precision in ("int4", "int8")  # what has blocks to size
         onnx_build.build(checkpoint, workdir / "onnx-build", cfg.precision, cfg.execution_provider,
                          cfg.trust_remote_code, cfg.kv_cache,
-                         extra_options=(f"block_size={cfg.block_size}",) if quantized else ())
+                         extra_options=(f"block_size={cfg.block_size}",) if cfg.quantized else ())
         # A build exists nowhere else: always logged.
         source = Source("build", True, precision=cfg.precision,
                         execution_provider=cfg.execution_provider, kv_cache=cfg.kv_cache,
-                        block_size=cfg.block_size if quantized else None,
+                        block_size=cfg.block_size if cfg.quantized else None,
                         builder=f"onnxruntime-genai {onnx_build.genai_version()}")
         return stage(workdir / "onnx-build", target), source
     if cfg.onnx_source == "hub":

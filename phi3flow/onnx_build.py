@@ -69,30 +69,42 @@ def build(checkpoint: Path, output: Path, precision: str, execution_provider: st
     return output
 
 
-def kv_cache_dtype(folder: Path) -> str:
-    """The dtype of a build's KV cache, from its graph's past_key_values inputs."""
+def _graph(folder: Path):
+    """A build's decoder graph, without its weights."""
     import onnx
 
     genai_config = json.loads((folder / GENAI_CONFIG).read_text())
-    model = onnx.load(str(folder / genai_config["model"]["decoder"]["filename"]),
-                      load_external_data=False)
-    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
-    return onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name.replace(
-        "float", "fp")
+    return onnx.load(str(folder / genai_config["model"]["decoder"]["filename"]),
+                     load_external_data=False).graph
+
+
+def kv_cache_numpy_dtype(folder: Path):
+    """The numpy dtype of a build's KV cache, from its graph's past_key_values inputs."""
+    import onnx
+
+    past = next(i for i in _graph(folder).input if i.name.startswith("past_key_values"))
+    return onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
+
+
+def kv_cache_dtype(folder: Path) -> str:
+    """The KV cache's dtype as kv_cache names it: fp32, int8, ..."""
+    return kv_cache_numpy_dtype(folder).name.replace("float", "fp")
+
+
+def quantization(folder: Path) -> dict[str, int]:
+    """bits, block_size and accuracy_level of a build's MatMulNBits nodes ({}: not quantized)."""
+    import onnx
+
+    node = next((n for n in _graph(folder).node if n.op_type == "MatMulNBits"), None)
+    if node is None:
+        return {}
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+            if a.name in ("bits", "block_size", "accuracy_level")}
 
 
 def block_size(folder: Path) -> int | None:
     """Weights per quantization block of a build's MatMulNBits nodes (None: not quantized)."""
-    import onnx
-
-    genai_config = json.loads((folder / GENAI_CONFIG).read_text())
-    model = onnx.load(str(folder / genai_config["model"]["decoder"]["filename"]),
-                      load_external_data=False)
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            return next(onnx.helper.get_attribute_value(a) for a in node.attribute
-                        if a.name == "block_size")
-    return None
+    return quantization(folder).get("block_size")
 
 
 def _builder(checkpoint: Path, output: Path, precision: str, execution_provider: str,

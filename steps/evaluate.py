@@ -36,7 +36,7 @@ from phi3flow import (
     tracking,
 )
 from phi3flow.config import EvaluateConfig, parse_config
-from phi3flow.decision import FIRST_TOKEN, MODELS, Decision, ModelRef, decide
+from phi3flow.decision import MODELS, Decision, ModelRef, decide, first_token_lengths
 from phi3flow.errors import StepError
 
 logger = logging.getLogger(__name__)
@@ -113,12 +113,9 @@ def main(argv: list[str] | None = None) -> Decision:
                         metrics[name][scorers.CONTAINS], len(rows), ", ".join(
                             f"{c} {v[scorers.CONTAINS]:.2f}" for c, v in categories[name].items()),
                         decided.verdicts[name].reasons[0])
-        for ttft, tokens in FIRST_TOKEN:
-            length = str(int(metrics[MODELS[0]].get(tokens, -1)))
-            if length in decided.faster_first_token:
-                logger.info("first token at %s-token prompts: %s (%s first)", length, ", ".join(
-                    f"{m} {metrics[m][ttft]:.2f} s" for m in MODELS),
-                    decided.faster_first_token[length])
+        for length, ttft in first_token_lengths(metrics).items():
+            logger.info("first token at %s-token prompts: %s (%s first)", length, ", ".join(
+                f"{m} {metrics[m][ttft]:.2f} s" for m in MODELS), decided.faster_first_token[length])
         logger.info("answer by answer: the experiment's Evaluations tab, runs %s", ", ".join(
             f"{names.EVALUATE}/{name} ({run_id})" for name, run_id in children.items()))
         return decided
