@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import shlex
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
@@ -51,7 +50,7 @@ from mlflow.projects.utils import (
     fetch_and_validate_project,
 )
 
-from phi3flow import names
+from phi3flow import names, redact
 from phi3flow.errors import StepError
 
 # Under MLflow's logger, so `mlflow run` shows our messages with its own.
@@ -217,35 +216,48 @@ def job_conda_env(conda_yaml: Path) -> dict[str, Any]:
     return env
 
 
-def job_spec(project_uri: str, project_dir: Path, entry_point: str, params: dict[str, Any],
-             version: str | None, cfg: AzureMLConfig, experiment_name: str,
+@dataclass(frozen=True)
+class GitSource:
+    """Where a git-URL project came from, recorded on the job's run as MLflow's git tags."""
+
+    url: str
+    commit: str
+
+
+def git_source(project_uri: str, project_dir: Path) -> GitSource | None:
+    """The URL and the commit MLflow checked out for a git-URL project; None for a local one."""
+    if Path(project_uri).exists():
+        return None
+    from mlflow.utils.git_utils import get_git_commit
+
+    commit = get_git_commit(str(project_dir))
+    if not commit:
+        raise AzureMLConfigError(f"{project_uri}: MLflow fetched it, but {project_dir} is not a "
+                                 "git checkout, so its commit cannot be recorded.")
+    return GitSource(project_uri.split("#")[0], commit)
+
+
+def job_spec(project_dir: Path, entry_point: str, params: dict[str, Any],
+             source: GitSource | None, cfg: AzureMLConfig, experiment_name: str,
              job_path: Path) -> dict[str, Any]:
     """The command job, as the YAML document `az ml job create --file` takes (at `job_path`).
 
-    Files it refers to are written beside it: the environment's conda file (`<name>.conda.yaml`)
-    and, for a git URL, the job module as the code to upload (`<name>.code/`).
+    The code uploaded is always a local folder: the project itself, or for a git URL the checkout
+    MLflow made here, at the commit it resolved (so the job needs neither git nor credentials for
+    the repository); the URL and commit travel as arguments and become the run's git tags. The
+    environment's conda file is written beside the YAML (`<name>.conda.yaml`).
     """
-    is_git = not Path(project_uri).exists()
     command = ["python", "-m", JOB_MODULE, "-e", shlex.quote(entry_point)]
-    if is_git:
-        command += ["--uri", shlex.quote(project_uri)]
-        if version:
-            command += ["--version", shlex.quote(version)]
+    if source:
+        command += ["--source-url", shlex.quote(source.url),
+                    "--source-commit", shlex.quote(source.commit)]
     for key, value in params.items():
         command += ["-P", shlex.quote(f"{key}={value}")]
-    if is_git:  # nothing of the project is uploaded; the job fetches the commit itself
-        code = job_path.with_name(job_path.stem + ".code")
-        package = Path(__file__).parent
-        (code / package.name).mkdir(parents=True, exist_ok=True)
-        for name in ("__init__.py", "azureml_job.py"):
-            shutil.copyfile(package / name, code / package.name / name)
-    else:
-        code = project_dir
     spec: dict[str, Any] = {
         "$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json",
         "type": "command",
         "command": " ".join(command),
-        "code": str(code),
+        "code": str(project_dir),
         "experiment_name": experiment_name,
         "display_name": cfg.display_name or f"{project_dir.name}-{entry_point}",
         "environment_variables": {"HF_HUB_DISABLE_TELEMETRY": "1", **cfg.extra_env},
@@ -300,7 +312,7 @@ def _workspace_error(what: str, exc: Exception, cfg: AzureMLConfig,
                      not_found: str = "check the name (`az ml compute list`, "
                                       "`az ml workspace show`)") -> AzureMLConfigError:
     """One line for a failed call to the workspace: what failed, why, and what to do."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    text = " ".join(redact.error_text(exc).split())[:300]
     hint = {401: "sign in (`az login`, or any credential DefaultAzureCredential accepts)",
             403: f"ask for a role on workspace {cfg.workspace} that may submit jobs and write "
                  "MLflow runs (for example AzureML Data Scientist)",
@@ -408,9 +420,10 @@ class AzureMLBackend(AbstractBackend):
         if not cfg.dry_run:
             check_tracking_uri(tracking_uri, cfg)
         project_dir = Path(fetch_and_validate_project(project_uri, version, entry_point, params))
-        if Path(project_uri).exists():
-            files, size_mb = check_snapshot(project_dir)
-            logger.info("project snapshot: %d files, %.1f MB", files, size_mb)
+        source = git_source(project_uri, project_dir)
+        files, size_mb = check_snapshot(project_dir)
+        logger.info("project snapshot: %d files, %.1f MB%s", files, size_mb,
+                    f" of {source.url} at {source.commit}" if source else "")
         client = mlflow.MlflowClient(tracking_uri)
         try:
             experiment_name = client.get_experiment(experiment_id).name
@@ -421,8 +434,7 @@ class AzureMLBackend(AbstractBackend):
                           "--experiment-name NAME` (it is created if missing)") from None
         path = (Path(cfg.dry_run_path).resolve() if cfg.dry_run
                 else Path(tempfile.mkdtemp(prefix="phi3flow-azureml-")) / "job.yml")
-        spec = job_spec(project_uri, project_dir, entry_point, params, version, cfg,
-                        experiment_name, path)
+        spec = job_spec(project_dir, entry_point, params, source, cfg, experiment_name, path)
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         from azure.ai.ml import load_job
 
@@ -466,4 +478,5 @@ class AzureMLBackend(AbstractBackend):
 
 def backend() -> AzureMLBackend:
     """The entry point MLflow loads for `--backend azureml-v2` (see pyproject.toml)."""
+    redact.install_log_filter()  # `mlflow run`'s own log lines, ours among them
     return AzureMLBackend()

@@ -1,6 +1,6 @@
 """The job's side of `mlflow run --backend azureml-v2`: run one entry point into the job's run.
 
-    python -m phi3flow.azureml_job -e main [--uri URL --version COMMIT] [-P key=value ...]
+    python -m phi3flow.azureml_job -e main [--source-url URL --source-commit COMMIT] [-P k=v ...]
 
 This is the command of the Azure ML command job that `phi3flow/azureml_backend.py` submits. Azure
 ML creates an MLflow run for every job (its run ID is the job's name) and points MLflow at it
@@ -15,8 +15,10 @@ environment cannot be fixed in the job's definition, only here:
   both ("Specify only one of ..."): the experiment is taken from the job's run and only its ID is
   kept, so every child run lands beside it.
 
-It imports nothing but the standard library and MLflow, so a git-URL job, whose uploaded code is
-only this package's `__init__.py` and this file, runs it as well as a job with the whole project.
+The project is always the uploaded code (the working directory). For a git URL the backend
+uploaded the checkout it made at the resolved commit, so the job needs neither a `git` binary
+nor the repository's credentials; `--source-url` and `--source-commit` say where it came from,
+and are recorded on the job's run as MLflow's own git tags (which `main` and `register` read).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import argparse
 import logging
 import os
 import sys
+
+from phi3flow import redact
 
 # Set by Azure ML inside every job (azureml-mlflow reads them; see docs/decisions.md).
 RUN_ID = "MLFLOW_RUN_ID"
@@ -42,8 +46,9 @@ class JobEnvironmentError(Exception):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-e", "--entry_point", required=True)
-    parser.add_argument("--uri", default=".", help="the project: . (uploaded code) or a git URL")
-    parser.add_argument("--version", default=None, help="git commit for a git URL")
+    parser.add_argument("--source-url", default="", help="the git URL the code was checked "
+                        "out from (recorded, not fetched)")
+    parser.add_argument("--source-commit", default="", help="the commit of that checkout")
     parser.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     params = {}
@@ -75,6 +80,7 @@ def job_run_id(environ: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.install_log_filter()
     args = parse_args(argv)
     try:
         run_id = job_run_id(os.environ)
@@ -87,14 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     experiment_id = client.get_run(run_id).info.experiment_id
     _log_project_params(client, run_id, args)
     normalise_environment(os.environ, experiment_id)
-    command = [sys.executable, "-m", "mlflow", "run", args.uri, "-e", args.entry_point,
+    command = [sys.executable, "-m", "mlflow", "run", ".", "-e", args.entry_point,
                "--env-manager", "local", "--run-id", run_id, "--experiment-id", experiment_id]
-    if args.version:
-        command += ["--version", args.version]
     for key, value in args.params.items():
         command += ["-P", f"{key}={value}"]
     logger.info("running entry point %s of %s into the job's run %s (experiment %s)",
-                args.entry_point, args.uri, run_id, experiment_id)
+                args.entry_point, args.source_url or "the uploaded project", run_id,
+                experiment_id)
     # Replace this process: `mlflow run` starts with the normalised environment, and nothing of
     # this process (its MLflow client, built before the normalisation) outlives the start.
     sys.stdout.flush()
@@ -104,21 +109,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _log_project_params(client, run_id: str, args: argparse.Namespace) -> None:
-    """What `mlflow run` logs on a run it creates, which it skips for a given `--run-id`."""
+    """What `mlflow run` logs on a run it creates, which it skips for a given `--run-id`: the
+    parameters, the entry point and the source, with the git tags for a git-URL project."""
     from mlflow.entities import Param
     from mlflow.projects import _project_spec
-    from mlflow.projects.utils import fetch_and_validate_project
-    from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_SOURCE_NAME
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_GIT_REPO_URL,
+        MLFLOW_PROJECT_ENTRY_POINT,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+    )
 
-    work_dir = fetch_and_validate_project(args.uri, args.version, args.entry_point, args.params)
-    entry = _project_spec.load_project(work_dir).get_entry_point(args.entry_point)
+    entry = _project_spec.load_project(".").get_entry_point(args.entry_point)
     final, extra = entry.compute_parameters(args.params, storage_dir=None)
     logged = client.get_run(run_id).data.params
     params = [Param(k, v) for k, v in {**final, **extra}.items() if k not in logged]
     if params:
         client.log_batch(run_id, params=params)
-    client.set_tag(run_id, MLFLOW_PROJECT_ENTRY_POINT, args.entry_point)
-    client.set_tag(run_id, MLFLOW_SOURCE_NAME, args.uri)
+    tags = {MLFLOW_PROJECT_ENTRY_POINT: args.entry_point, MLFLOW_SOURCE_TYPE: "PROJECT",
+            MLFLOW_SOURCE_NAME: args.source_url or "."}
+    if args.source_url:
+        tags |= {MLFLOW_GIT_REPO_URL: args.source_url, MLFLOW_GIT_COMMIT: args.source_commit}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 if __name__ == "__main__":

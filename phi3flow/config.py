@@ -35,6 +35,7 @@ PRECISIONS = ("int4", "int8", "fp16", "fp32")
 QUANTIZED_PRECISIONS = ("int4", "int8")  # the ones with quantization blocks
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 KV_CACHES = ("fp32", "int8")
+LOG_WEIGHTS = ("auto", "true", "false")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits supports
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INTERFACES = ("chat", "prompt")
@@ -135,10 +136,13 @@ class FetchModelConfig:
         "benchmark machine (docs/onnx-options.md), accuracy untested here: let evaluate's "
         "max_quality_drop judge it on the real checkpoint.",
     )
-    log_weights: bool = _param(
-        True,
-        "Copy the fetched files into the run's artifacts (true) or record only the manifest and "
-        "re-resolve the files from the hub cache or local path later (false).",
+    log_weights: str = _param(
+        "auto",
+        "Copy the fetched files into the run's artifacts: `true`; `false` (record only the "
+        "manifest; later steps re-resolve the files from the hub cache or the local path, "
+        "verified against it); or `auto`: false for files from the hub when tracking into an "
+        "Azure ML workspace (every byte is uploaded there, and each log step uploads its model's "
+        "files anyway: docs/azureml.md), true otherwise.",
     )
     trust_remote_code: bool = _param(
         False, "Fetch the checkpoint's own Python code (*.py) and let the ONNX builder run it. "
@@ -146,7 +150,9 @@ class FetchModelConfig:
     )
 
     def __post_init__(self) -> None:
-        self.log_weights = parse_bool("log_weights", self.log_weights)
+        if isinstance(self.log_weights, bool):
+            self.log_weights = str(self.log_weights).lower()
+        _choice("log_weights", self.log_weights, LOG_WEIGHTS)
         self.trust_remote_code = parse_bool("trust_remote_code", self.trust_remote_code)
         if not self.model_id:
             raise ConfigError("model_id is empty: pass a hub id (owner/name) or a local directory.")

@@ -56,6 +56,10 @@ class Decision(Record):
     # and at a long one: which model answers a long (RAG-style) prompt sooner is not the gate's
     # latency winner on every CPU
     faster_first_token: dict[str, str] = dataclasses.field(default_factory=dict)
+    # How the answers were scored (phi3flow/evaluation.py: WITH_TRACES, or WITHOUT_TRACES on a
+    # store without a trace API), and why: what evaluate's probe of the store found
+    scoring: str = ""
+    scoring_reason: str = ""
 
     def __post_init__(self) -> None:
         for part in ("verdicts", "models", "metrics"):
@@ -113,7 +117,8 @@ def faster_first_token(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
 def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],
            models: dict[str, ModelRef], agreement: float, eval_data: str,
            eval_data_sha256: str, quality_by_category: dict | None = None,
-           eval_runs: dict[str, str] | None = None) -> Decision:
+           eval_runs: dict[str, str] | None = None, scoring: str = "",
+           scoring_reason: str = "") -> Decision:
     verdicts = gate(metrics, thresholds)
     chosen, why = choose(verdicts, metrics)
     return Decision(
@@ -131,4 +136,6 @@ def decide(metrics: dict[str, dict[str, float]], thresholds: dict[str, float],
         quality_by_category=quality_by_category or {},
         eval_runs=eval_runs or {},
         faster_first_token=faster_first_token(metrics),
+        scoring=scoring,
+        scoring_reason=scoring_reason,
     )

@@ -5,7 +5,9 @@
 memory are not the other model's leftovers. Each answer is an MLflow trace (request, response,
 token usage, latency) in the model's evaluation run, linked to its logged model; evaluate then
 scores those traces with MLflow's GenAI evaluation. A row the model fails on is a trace with the
-error, and the other rows go on.
+error, and the other rows go on. On a tracking store without a trace API (an Azure ML workspace;
+evaluate probes it, `spec["tracing"]`) tracing is off and each answer comes back in the result
+with its full response, which evaluate scores itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from phi3flow import redact
 from phi3flow.names import TRACE_TAG_CATEGORY, TRACE_TAG_ROW
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import mlflow
     from mlflow.entities import SpanType
 
-    rows, max_new_tokens = spec["rows"], spec["max_new_tokens"]
+    rows, max_new_tokens, tracing = spec["rows"], spec["max_new_tokens"], spec["tracing"]
+    if not tracing:  # no span, so no call to a trace API the store does not have
+        mlflow.tracing.disable()
     mlflow.set_experiment(experiment_id=spec["experiment_id"])
     if spec["model_id"]:  # a models:/m-... model: its traces link to it
         mlflow.set_active_model(model_id=spec["model_id"])
@@ -85,8 +90,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         with mlflow.start_span(name=spec["name"], span_type=SpanType.CHAT_MODEL,
                                run_id=spec["run_id"]) as span:
             span.set_inputs(request)
-            mlflow.update_current_trace(tags={TRACE_TAG_ROW: str(index),
-                                               TRACE_TAG_CATEGORY: row["category"]})
+            if tracing:
+                mlflow.update_current_trace(tags={TRACE_TAG_ROW: str(index),
+                                                   TRACE_TAG_CATEGORY: row["category"]})
+            trace_id = span.trace_id if tracing else None
             try:
                 if failure is not None:
                     raise failure
@@ -95,8 +102,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 logger.warning("row %d: the model raised %s: %s; the row counts as wrong",
                                index, type(exc).__name__, exc)
                 span.record_exception(exc)
-                results.append({"trace_id": span.trace_id, "answer": "", "error":
-                                f"{type(exc).__name__}: {exc}"[:2000]})
+                results.append({"trace_id": trace_id, "answer": "", "error":
+                                redact.error_text(exc, 2000)})
                 continue
             usage = response["usage"]
             span.set_outputs(response)
@@ -105,7 +112,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                                                "total_tokens": usage["total_tokens"]},
                                  ATTR_TTFT: ttft})
         results.append({
-            "trace_id": span.trace_id,
+            "trace_id": trace_id,
+            "response": response,  # what a scorer reads where there is no trace
             "answer": response["choices"][0]["message"]["content"],
             "finish_reason": response["choices"][0]["finish_reason"],
             "completion_tokens": usage["completion_tokens"],
@@ -149,4 +157,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", stream=sys.stderr)
+    redact.install_log_filter()
     main(sys.argv[1:])

@@ -6,6 +6,12 @@ time and peak memory are its own and not the other model's leftovers; each answe
 that model's evaluation run. Quality is then scored on those traces by MLflow's GenAI evaluation
 (`mlflow.genai.evaluate`) with the scorers of phi3flow/scorers.py, so every answer's assessments
 and rationales are in the MLflow UI, where the two models' runs compare answer by answer.
+
+A tracking store without a trace API (an Azure ML workspace answers 403 on MLflow's trace
+endpoints: docs/decisions.md) gets the same scorers on the same rows without traces
+(`score_without_traces`): each model's evaluation run then holds a per-row table of answers and
+assessments (`eval_results.json`) and the same `<scorer>/mean` metrics. `trace_api` probes which
+of the two a store gets, once, before any model runs.
 """
 
 from __future__ import annotations
@@ -19,17 +25,42 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phi3flow import eval_data, model_uris, scorers
+from phi3flow import eval_data, model_uris, names, redact, scorers
 from phi3flow.decision import MODELS
 from phi3flow.errors import StepError
 from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
+# How the answers were scored: `decision.json`'s `scoring`.
+WITH_TRACES = "mlflow.genai.evaluate on answer traces"
+WITHOUT_TRACES = "the same scorers without traces"
+
+
+def trace_api(experiment_id: str) -> tuple[bool, str]:
+    """Whether the tracking store keeps traces, and why: one trace search, which reads nothing.
+
+    Any failure counts as no trace API (Azure ML answers 403; a server without MLflow 3's
+    endpoints, 404): evaluate then scores without traces, and the decision says why.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().search_traces(locations=[experiment_id], max_results=1,
+                                            include_spans=False)
+    except MlflowException as exc:
+        return False, (f"the tracking store has no usable trace API (a trace search answered "
+                       f"{redact.error_text(exc, 300)}): answers scored {WITHOUT_TRACES}, "
+                       f"tables {names.EVAL_RESULTS} and <scorer>/mean metrics on each model's "
+                       "evaluation run")
+    return True, "the tracking store keeps traces: a trace per answer, scored by MLflow"
+
+
 def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_new_tokens: int,
-                              run_id: str) -> dict:
+                              run_id: str, tracing: bool = True) -> dict:
     """Answer every row with one model in a process of its own; the answers' traces go to
-    `run_id` (the model's evaluation run)."""
+    `run_id` (the model's evaluation run), or, with `tracing=False`, only into the result."""
     import mlflow
 
     from phi3flow import tracking
@@ -39,7 +70,7 @@ def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_n
         spec.write_text(json.dumps({
             "name": name, "model_uri": model_uri, "model_id": model_uris.logged_model_id(model_uri),
             "experiment_id": mlflow.active_run().info.experiment_id, "run_id": run_id,
-            "max_new_tokens": max_new_tokens, "rows": rows}))
+            "max_new_tokens": max_new_tokens, "rows": rows, "tracing": tracing}))
         command = [sys.executable, "-m", "phi3flow.eval_worker", str(spec), str(out)]
         logger.info("evaluating %s (%s) on %d rows in a fresh process", name, model_uri,
                     len(rows))
@@ -107,6 +138,63 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
                 values[scorer.name].append(None)
             else:
                 values[scorer.name].append(bool(column[trace_id]))
+    return values
+
+
+def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
+                         max_new_tokens: int, quality_scorers: list) -> dict[str, list[bool | None]]:
+    """The scorers of `score`, called on each row as MLflow would call them, for a store without
+    traces; the answers and assessments are logged as a table on the evaluation run, with the
+    `<scorer>/mean` metrics MLflow's evaluation would log. Same return value as `score`.
+
+    Each scorer gets what it gets from a trace: the request as `inputs`, the chat.completion as
+    `outputs` (None where the model raised), the expected answer, and an unlogged `Trace` that
+    carries the row's tags (the agreement scorer reads the row from them).
+    """
+    import mlflow
+    from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
+
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    values: dict[str, list[bool | None]] = {scorer.name: [] for scorer in quality_scorers}
+    table: dict[str, list] = {"row": [], "category": [], "question": [], "expected": [],
+                              "answer": [], "error": []}
+    for scorer in quality_scorers:
+        table |= {f"{scorer.name}/value": [], f"{scorer.name}/rationale": []}
+    for index, (row, answer) in enumerate(zip(rows, result["rows"], strict=True)):
+        failed = "error" in answer
+        trace = Trace(TraceInfo(
+            trace_id=f"{run_id}-row-{index}", request_time=0,
+            trace_location=TraceLocation.from_experiment_id(experiment_id),
+            state=TraceState.ERROR if failed else TraceState.OK,
+            tags={names.TRACE_TAG_ROW: str(index), names.TRACE_TAG_CATEGORY: row["category"]}),
+            TraceData(spans=[]))
+        request = {"messages": row["messages"], "max_tokens": max_new_tokens}
+        for key, value in (("row", index), ("category", row["category"]),
+                           ("question", row["messages"][-1]["content"]),
+                           ("expected", row["expected"]), ("answer", answer["answer"]),
+                           ("error", answer.get("error", ""))):
+            table[key].append(value)
+        for scorer in quality_scorers:
+            try:
+                feedback = scorer.run(inputs=request, outputs=answer.get("response"),
+                                      expectations={"expected_response": row["expected"]},
+                                      trace=trace)
+                value = bool(getattr(feedback, "value", feedback))
+                rationale = getattr(feedback, "rationale", "") or ""
+            except Exception as exc:  # noqa: BLE001 - as MLflow's evaluation: that row, that scorer
+                logger.warning("%s row %d (%s): scorer %s raised: %s; the row counts as wrong",
+                               name, index, row["category"], scorer.name,
+                               redact.error_text(exc, 300))
+                value, rationale = None, f"the scorer raised {redact.error_text(exc, 300)}"
+            values[scorer.name].append(value)
+            table[f"{scorer.name}/value"].append(value)
+            table[f"{scorer.name}/rationale"].append(rationale)
+    mlflow.log_table(table, names.EVAL_RESULTS, run_id=run_id)
+    # MLflow's aggregate: the mean over the rows a scorer did not fail on.
+    mlflow.log_metrics({f"{scorer}/mean": sum(scored) / len(scored)
+                        for scorer, column in values.items()
+                        if (scored := [float(v) for v in column if v is not None])},
+                       run_id=run_id)
     return values
 
 

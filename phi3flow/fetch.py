@@ -14,11 +14,12 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import Run
 
-from phi3flow import hub, manifest, names, onnx_build
+from phi3flow import hub, manifest, names, onnx_build, tracking
 from phi3flow.config import FetchModelConfig
 from phi3flow.errors import StepError
 from phi3flow.manifest import Manifest, Source
@@ -68,6 +69,19 @@ def stage(source: Path, target: Path, patterns: tuple[str, ...] | None = None) -
     return target
 
 
+def logs_weights(cfg: FetchModelConfig, kind: str) -> bool:
+    """Whether files of this source kind ("hub", "local") go into the run's artifacts.
+
+    `auto` leaves out hub files when tracking into an Azure ML workspace: there every byte is
+    uploaded (Phi-3-mini's checkpoint and ONNX model are 10 GB), each log step uploads its
+    model's own copy anyway, and the pinned commit re-resolves them, checked against the
+    manifest (`fetched_folder`). Local folders and builds exist nowhere else: logged.
+    """
+    if cfg.log_weights != "auto":
+        return cfg.log_weights == "true"
+    return not (kind == "hub" and urlparse(mlflow.get_tracking_uri()).scheme == "azureml")
+
+
 def fetch(cfg: FetchModelConfig, workdir: Path) -> Fetched:
     checkpoint, checkpoint_source = _fetch_checkpoint(cfg, workdir)
     onnx, onnx_source = _fetch_onnx(cfg, checkpoint, workdir)
@@ -84,11 +98,11 @@ def _fetch_checkpoint(cfg: FetchModelConfig, workdir: Path) -> tuple[Path, Sourc
     if cfg.is_local_model:
         path = Path(cfg.model_id).resolve()
         check_checkpoint(path)
-        source = Source("local", cfg.log_weights, path=str(path), patterns=patterns)
+        source = Source("local", logs_weights(cfg, "local"), path=str(path), patterns=patterns)
     else:
         path, commit = hub.download(cfg.model_id, cfg.revision, list(patterns))
         check_checkpoint(path)
-        source = Source("hub", cfg.log_weights, repo_id=cfg.model_id,
+        source = Source("hub", logs_weights(cfg, "hub"), repo_id=cfg.model_id,
                         requested_revision=cfg.revision, revision=commit, patterns=patterns)
     return stage(path, workdir / names.CHECKPOINT_DIR, patterns), source
 
@@ -110,13 +124,13 @@ def _fetch_onnx(cfg: FetchModelConfig, checkpoint: Path, workdir: Path) -> tuple
             names.ONNX_HUB_REPO, cfg.onnx_revision, [f"{names.ONNX_HUB_SUBFOLDER}/*"]
         )
         path = snapshot / names.ONNX_HUB_SUBFOLDER
-        source = Source("hub", cfg.log_weights, repo_id=names.ONNX_HUB_REPO,
+        source = Source("hub", logs_weights(cfg, "hub"), repo_id=names.ONNX_HUB_REPO,
                         requested_revision=cfg.onnx_revision, revision=commit,
                         subfolder=names.ONNX_HUB_SUBFOLDER, precision="int4",
                         execution_provider="cpu")
     else:
         path = Path(cfg.onnx_source).resolve()
-        source = Source("local", cfg.log_weights, path=str(path))
+        source = Source("local", logs_weights(cfg, "local"), path=str(path))
     onnx_build.check_onnx_folder(path)
     return stage(path, target), source
 
@@ -125,8 +139,7 @@ def log_fetched(fetched: Fetched) -> str:
     """Log the files (where asked) and then the manifest, last: no manifest, no usable run."""
     for prefix, folder in fetched.folders.items():
         if fetched.manifest.sources[prefix].logged:
-            logger.info("logging %s/ to the run's artifacts", prefix)
-            mlflow.log_artifacts(str(folder), prefix)
+            tracking.log_artifacts(folder, prefix)
     fetched.manifest.log()
     return fetched.manifest.sha256()
 
@@ -143,8 +156,6 @@ class Consumed:
 
 def consume(fetch_run_id: str, prefix: str) -> Consumed:
     """What a log step needs from its fetch run, checked: run kind and status, manifest, files."""
-    from phi3flow import tracking
-
     run = tracking.upstream_run("fetch_run_id", fetch_run_id, names.FETCH_MODEL)
     data, digest = read_manifest(run)
     lineage = {

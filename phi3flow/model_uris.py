@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from phi3flow import names
+from phi3flow import names, tracking
 from phi3flow.errors import StepError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def log_model_or_fallback(log: Callable[[], Any], save: Callable[[str], None], n
                        "logging it as run artifacts instead", str(exc)[:200])
         with tempfile.TemporaryDirectory(prefix="phi3flow-model-") as tmp:
             save(f"{tmp}/{name}")
-            mlflow.log_artifacts(f"{tmp}/{name}", name)
+            tracking.log_artifacts(Path(tmp) / name, name)
         uri = f"runs:/{mlflow.active_run().info.run_id}/{name}"
     mlflow.set_tag(names.TAG_MODEL_URI, uri)
     return uri

@@ -53,6 +53,9 @@ DEFAULT_REGISTERED_MODEL = "phi3-mini-4k-instruct-chat"
 DECISION = "decision.json"  # thresholds, each model's pass/fail with reasons, the chosen one
 EVAL_TABLE = "eval_table.json"  # per row: question, expected, both answers, scores, latencies
 EVAL_CHART = "comparison.png"
+# On each model's evaluation run, where the store has no traces: per row, the answer and each
+# scorer's value and rationale (phi3flow/evaluation.py, score_without_traces).
+EVAL_RESULTS = "eval_results.json"
 
 # --- Tags. ------------------------------------------------------------------------------------
 TAG_PREFIX = "phi3flow."

@@ -5,8 +5,8 @@
 parameter that consumes it: a fetch_model run is `fetch_run_id`), and the stage says which local
 files its result depends on and whether a finished run may be reused (phi3flow/reuse.py decides).
 
-Each step runs through `mlflow.projects.run` on this same project directory, in this same
-environment (`env_manager="local"`: main already runs inside the project's environment), as a
+Each step runs as `mlflow run --env-manager local` would run it (`launch`), on this same project
+directory, in this same environment (main already runs inside the project's environment), as a
 child of the main run. Steps hand each other run IDs only.
 """
 
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.projects
+from mlflow.projects.submitted_run import SubmittedRun
 
 from phi3flow import config, names, reuse, tracking
 from phi3flow.errors import StepError
@@ -121,14 +123,7 @@ class StepRunner:
             return previous.info.run_id
         logger.info("%s: starting a child run", stage.entry_point)
         tracking.refresh_token()  # the step inherits os.environ
-        submitted = mlflow.projects.run(
-            uri=str(self.project_root),
-            entry_point=stage.entry_point,
-            parameters=params,
-            experiment_id=self.experiment_id,
-            env_manager="local",
-            synchronous=False,
-        )
+        submitted = launch(self.project_root, stage.entry_point, params, self.experiment_id)
         run_id = submitted.run_id
         try:
             succeeded = submitted.wait()
@@ -144,6 +139,42 @@ class StepRunner:
         client.set_tag(run_id, names.TAG_CACHE_KEY, key)
         client.set_tag(run_id, names.TAG_CODE_SHA256, self.code_sha256)
         return run_id
+
+
+def launch(project_root: Path, entry_point: str, params: dict[str, str],
+           experiment_id: str) -> SubmittedRun:
+    """Start one step as `mlflow run --env-manager local` starts it, with MLflow's own project
+    functions (the run, its tags and params, the entry point's command), as a child of main's run.
+
+    Not through `mlflow.projects.run(synchronous=False)`: that runs each step under an extra
+    `mlflow run` process, whose azureml-mlflow client (inside an Azure ML job) refreshes the
+    job's token for the step's nested run, which a workspace may refuse; the steps themselves
+    refresh under the job's run (tracking.step_run). The step is the leader of its own process
+    group, so `cancel()` stops it and everything it started.
+    """
+    from mlflow.projects import _project_spec
+    from mlflow.projects.submitted_run import LocalSubmittedRun
+    from mlflow.projects.utils import (
+        fetch_and_validate_project,
+        get_entry_point_command,
+        get_or_create_run,
+        get_run_env_vars,
+    )
+    from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_BACKEND, MLFLOW_PROJECT_ENV
+
+    work_dir = fetch_and_validate_project(str(project_root), None, entry_point, params)
+    project = _project_spec.load_project(work_dir)
+    run = get_or_create_run(None, str(project_root), experiment_id, work_dir, None, entry_point,
+                            params)
+    run_id = run.info.run_id
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, MLFLOW_PROJECT_ENV, "local")
+    client.set_tag(run_id, MLFLOW_PROJECT_BACKEND, "local")
+    (command,) = get_entry_point_command(project, entry_point, params, None)
+    logger.info("%s: running %r in run %s", entry_point, command, run_id)
+    process = subprocess.Popen(["bash", "-c", command], cwd=work_dir, start_new_session=True,
+                               env={**os.environ, **get_run_env_vars(run_id, experiment_id)})
+    return LocalSubmittedRun(run_id, process)
 
 
 def run_pipeline(cfg: config.MainConfig, steps: StepRunner) -> dict[str, str]:

@@ -10,12 +10,13 @@ twice returns the version made the first time.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from phi3flow import names
+from phi3flow import names, redact
 from phi3flow.config import CHALLENGER, RegisterConfig
 from phi3flow.decision import Decision
 from phi3flow.errors import StepError
@@ -39,16 +40,19 @@ class Registration(Record):
     alias: str  # "" when a re-registered version holds no alias any more
     reason: str
     reused: bool  # this evaluate run was registered before: nothing was done
-    alias_by_tag: bool  # the registry has no alias API: the alias is a tag (see set_alias)
+    alias_by_tag: bool  # the alias API did not answer: the alias is a tag (see set_alias)
     model_uri: str  # models:/NAME/VERSION
     serve_uri: str  # models:/NAME@ALIAS, or models:/NAME/VERSION where the alias is a tag
+    # What the alias API answered instead, when it could not be used ("" when it was)
+    alias_api_error: str = ""
 
 
 def registration(model_name: str, version: str, alias: str, reason: str, reused: bool,
-                 by_tag: bool = False) -> Registration:
+                 by_tag: bool = False, alias_api_error: str = "") -> Registration:
     where = f"@{alias}" if alias and not by_tag else f"/{version}"
     return Registration(model_name, str(version), alias, reason, reused, by_tag,
-                        f"models:/{model_name}/{version}", f"models:/{model_name}{where}")
+                        f"models:/{model_name}/{version}", f"models:/{model_name}{where}",
+                        alias_api_error)
 
 
 def check_registry(client: mlflow.MlflowClient) -> None:
@@ -74,47 +78,92 @@ def _existing_version(client, name: str, evaluate_run_id: str) -> ModelVersion |
     return None
 
 
-# Where a registry has no alias API, the alias is kept as a tag of the registered model, whose
-# value is the version holding it (`phi3flow.alias.champion = 3`); serve it as models:/NAME/3.
-def _no_alias_api(exc: MlflowException) -> bool:
-    """The registry lacks the alias endpoints (an empty 404), as opposed to a missing alias."""
-    return exc.error_code in ("ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED", "FEATURE_DISABLED")
+# Where the registry's alias API does not answer (nothing documents whether an Azure ML
+# workspace has it), the alias is kept as a tag of the model version holding it
+# (`phi3flow.alias.champion = true`; serve it as models:/NAME/VERSION): version tags are among
+# the registry operations Azure ML documents, registered-model tags are not (docs/decisions.md).
+# Whatever the alias endpoints answer instead (an empty 404, a 403, an Azure-shaped error body, a
+# timeout), it is never read as "no champion": the tags are read instead, and if that fails too,
+# register stops.
+HOLDS, MOVED = "true", "moved"  # a version's alias tag: holds the alias, or held it once
 
 
-def _holder(client, name: str, alias: str) -> ModelVersion | None:
+def alias_missing(exc: MlflowException) -> bool:
+    """The alias API answered, and this alias (or the model) does not exist: MLflow's stores say
+    INVALID_PARAMETER_VALUE "Registered model alias ... not found" or RESOURCE_DOES_NOT_EXIST."""
+    return (exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+            and "not found" in exc.message.lower())
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds an alias, and how that was found out."""
+
+    version: ModelVersion | None
+    alias_api_error: str = ""  # why the alias API could not be used ("": it answered)
+
+
+def _tagged_holders(client, name: str, alias: str) -> list[ModelVersion]:
+    """The versions whose tag says they hold `alias`, newest first (one, unless a register was
+    stopped between tagging the new holder and untagging the old)."""
     try:
-        return client.get_model_version_by_alias(name, alias)
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as exc:
-        if not _no_alias_api(exc):
-            return None
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    return sorted((v for v in versions if v.tags.get(names.TAG_ALIAS_PREFIX + alias) == HOLDS),
+                  key=lambda v: int(v.version), reverse=True)
+
+
+def current_holder(client, name: str, alias: str) -> Holder:
+    """The version holding `alias`: from the alias API, else from the version tags."""
+    api_error = ""
     try:
-        version = client.get_registered_model(name).tags.get(names.TAG_ALIAS_PREFIX + alias)
-    except MlflowException:
-        return None
-    return client.get_model_version(name, version) if version else None
+        return Holder(client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        if not alias_missing(exc):
+            api_error = redact.error_text(exc, 300)
+            logger.warning("the registry's alias API did not answer for %s@%s (%s): reading the "
+                           "version tags %s%s instead", name, alias, api_error,
+                           names.TAG_ALIAS_PREFIX, alias)
+    # No alias, or no usable alias API: an earlier register may have kept it as a tag.
+    try:
+        tagged = _tagged_holders(client, name, alias)
+    except MlflowException as exc:
+        raise StepError(
+            f"cannot tell which version of {name} holds @{alias}: the alias API answered "
+            f"{api_error or 'no alias'} and searching its versions failed with "
+            f"{redact.error_text(exc, 300)}. Nothing was registered; re-run register when the "
+            "registry answers.") from None
+    return Holder(tagged[0] if tagged else None, api_error)
 
 
-def _aliases_of(client, name: str, version: ModelVersion) -> list[str]:
+def aliases_of(client, name: str, version: ModelVersion) -> list[str]:
     if version.aliases:
         return list(version.aliases)
-    tags = client.get_registered_model(name).tags
-    return [k[len(names.TAG_ALIAS_PREFIX):] for k, v in tags.items()
-            if k.startswith(names.TAG_ALIAS_PREFIX) and v == str(version.version)]
+    return [k[len(names.TAG_ALIAS_PREFIX):] for k, v in version.tags.items()
+            if k.startswith(names.TAG_ALIAS_PREFIX) and v == HOLDS]
 
 
-def set_alias(client, name: str, alias: str, version: str) -> bool:
-    """Give `alias` to `version`; True if by MLflow alias, False if by tag (no alias API)."""
+def set_alias(client, name: str, alias: str, version: str) -> str:
+    """Give `alias` to `version`. Returns "" if the alias API did it; otherwise why it could
+    not, and the alias is then the version's tag (read back by `current_holder`)."""
+    tag = names.TAG_ALIAS_PREFIX + alias
     try:
         client.set_registered_model_alias(name, alias, version)
-        return True
+        error = ""
     except MlflowException as exc:
-        if not _no_alias_api(exc):
-            raise
-    logger.warning("the registry has no alias API: %s is recorded as the tag %s%s=%s of %s; "
-                   "use models:/%s/%s", alias, names.TAG_ALIAS_PREFIX, alias, version, name, name,
-                   version)
-    client.set_registered_model_tag(name, names.TAG_ALIAS_PREFIX + alias, str(version))
-    return False
+        error = redact.error_text(exc, 300)
+        logger.warning("the registry's alias API refused @%s (%s): it is recorded as the tag "
+                       "%s=%s of %s version %s; serve models:/%s/%s", alias, error, tag, HOLDS,
+                       name, version, name, version)
+        client.set_model_version_tag(name, str(version), tag, HOLDS)
+    # Earlier holders by tag give it up (also after the API worked, so no tag outlives the alias).
+    for held in _tagged_holders(client, name, alias):
+        if held.version != str(version):
+            client.set_model_version_tag(name, held.version, tag, MOVED)
+    return error
 
 
 def _beats(candidate: dict[str, float], holder: ModelVersion) -> tuple[bool, str]:
@@ -157,7 +206,8 @@ def lineage_tags(cfg: RegisterConfig, decision: Decision, evaluate_run) -> dict[
     log_run = mlflow.get_run(decision.models[chosen].run_id)
     tags = log_run.data.tags
     git_commit = (evaluate_run.data.tags.get(names.MLFLOW_GIT_COMMIT_TAG)
-                  or tags.get(names.MLFLOW_GIT_COMMIT_TAG) or "unknown")
+                  or tags.get(names.MLFLOW_GIT_COMMIT_TAG) or _main_commit(evaluate_run)
+                  or "unknown")
     lineage = {
         names.TAG_EVALUATE_RUN_ID: cfg.evaluate_run_id,
         names.TAG_LOG_RUN_ID: log_run.info.run_id,
@@ -173,6 +223,13 @@ def lineage_tags(cfg: RegisterConfig, decision: Decision, evaluate_run) -> dict[
     lineage.update({names.TAG_METRIC_PREFIX + k: repr(float(decision.metrics[chosen][k]))
                     for k in KEY_METRICS})
     return lineage
+
+
+def _main_commit(run) -> str | None:
+    """The commit on the main run above `run`: an Azure ML job runs a git project from an
+    uploaded copy (no .git), and only the job's run carries the commit it was made from."""
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return mlflow.get_run(parent).data.tags.get(names.MLFLOW_GIT_COMMIT_TAG) if parent else None
 
 
 def _register_model(client, model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
@@ -201,7 +258,7 @@ def register(cfg: RegisterConfig, decision: Decision, evaluate_run) -> Registrat
     existing = _existing_version(client, cfg.model_name, cfg.evaluate_run_id)
     if existing is not None:
         existing = client.get_model_version(cfg.model_name, existing.version)  # with aliases
-        aliases = _aliases_of(client, cfg.model_name, existing)
+        aliases = aliases_of(client, cfg.model_name, existing)
         alias = aliases[0] if aliases else ""
         logger.info("evaluate run %s is already registered as %s version %s (@%s): nothing to do",
                     cfg.evaluate_run_id, cfg.model_name, existing.version, alias or "none")
@@ -209,8 +266,8 @@ def register(cfg: RegisterConfig, decision: Decision, evaluate_run) -> Registrat
                             "already registered by an earlier register run", reused=True,
                             by_tag=bool(alias) and not existing.aliases)
 
-    holder = _holder(client, cfg.model_name, cfg.alias)
-    alias, reason = decide_alias(cfg, decision, holder)
+    holder = current_holder(client, cfg.model_name, cfg.alias)
+    alias, reason = decide_alias(cfg, decision, holder.version)
     tags = lineage_tags(cfg, decision, evaluate_run)
     if alias == cfg.alias and cfg.allow_unvalidated:
         tags[names.TAG_UNVALIDATED] = "true"
@@ -224,8 +281,16 @@ def register(cfg: RegisterConfig, decision: Decision, evaluate_run) -> Registrat
         + f". Alias {alias}: {reason}."
     )
     client.update_model_version(cfg.model_name, version.version, description=description)
-    by_alias = set_alias(client, cfg.model_name, alias, version.version)
+    refused = set_alias(client, cfg.model_name, alias, version.version)
+    api_error = refused or holder.alias_api_error
+    if refused:
+        reason += (f" (the alias API refused it: {refused}; the alias is the tag "
+                   f"{names.TAG_ALIAS_PREFIX}{alias}={version.version})")
+    elif holder.alias_api_error:
+        reason += (f" (the current {cfg.alias} was read from the tag "
+                   f"{names.TAG_ALIAS_PREFIX}{cfg.alias}: the alias API answered "
+                   f"{holder.alias_api_error})")
     logger.info("registered %s version %s as @%s: %s", cfg.model_name, version.version, alias,
                 reason)
     return registration(cfg.model_name, version.version, alias, reason, reused=False,
-                        by_tag=not by_alias)
+                        by_tag=bool(refused), alias_api_error=api_error)

@@ -17,10 +17,9 @@ import json
 import logging
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Run
 
-from phi3flow import names
+from phi3flow import names, tracking
 from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -95,17 +94,11 @@ def reusable_run(experiment_id: str, entry_point: str, key: str, force: bool,
         logger.info("%s: inputs may have moved (unpinned revision), running it again",
                     entry_point)
         return None
-    runs = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=(
-            f"tags.`{names.TAG_CACHE_KEY}` = '{key}' and attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    if runs:
+    finished = [run for run in tracking.runs_tagged(experiment_id, names.TAG_CACHE_KEY, key)
+                if run.info.status == "FINISHED"]
+    if finished:
+        newest = max(finished, key=lambda run: run.info.start_time or 0)
         logger.info("%s: reusing finished run %s (same parameters, inputs and code)",
-                    entry_point, runs[0].info.run_id)
-        return runs[0]
+                    entry_point, newest.info.run_id)
+        return newest
     return None

@@ -54,15 +54,14 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     this it would show RUNNING forever. Runs of other hosts, of live processes and runs without
     our process tags are left alone. Returns the run IDs it marked.
     """
+    from phi3flow.tracking import runs_tagged
+
     host = socket.gethostname()
     client = mlflow.MlflowClient()
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{names.TAG_HOST}` = '{host}'",
-        max_results=1000,
-    )
     marked = []
-    for run in runs:
+    for run in runs_tagged(experiment_id, names.TAG_HOST, host):
+        if run.info.status != "RUNNING":
+            continue
         tags = run.data.tags
         pid, started = tags.get(names.TAG_PID, ""), tags.get(names.TAG_PROCESS_START)
         if not pid.isdigit() or int(pid) == os.getpid():

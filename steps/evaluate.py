@@ -8,7 +8,8 @@ thresholds `min_quality`, `max_quality_drop`, `max_p95_latency_s`; an optional L
 `judge_model_uri`.
 Outputs: one child run per model (`evaluate/<model>`), an MLflow GenAI evaluation run: a trace
 per answer with its assessments (quality_contains, quality_exact, agreement, judge_correct) and
-the model's metrics, linked to its logged model; on this run, metrics `<model>_<metric>` (and per
+the model's metrics, linked to its logged model (on a store without a trace API, probed once:
+the same scorers' per-row table `eval_results.json` and `<scorer>/mean` metrics); on this run, metrics `<model>_<metric>` (and per
 category `<model>_quality_contains_<category>`) and `agreement`; artifacts `eval_table.json` (per
 row), `comparison.png`, `decision.json` (thresholds, verdicts with reasons, the chosen model, the
 metrics gated on); tags: the eval set read and its sha256, the chosen model.
@@ -31,6 +32,7 @@ from phi3flow import (
     manifest,
     model_uris,
     names,
+    redact,
     scorers,
     stale,
     tracking,
@@ -65,10 +67,13 @@ def main(argv: list[str] | None = None) -> Decision:
         mlflow.set_tags({names.TAG_EVAL_DATA_SHA256: eval_data_sha256,
                          names.TAG_EVAL_DATA: read[:5000],
                          names.TAG_FETCH_RUN_ID: fetches["onnx"]})
+        tracing, scoring_reason = evaluation.trace_api(active.info.experiment_id)
+        logger.info("scoring: %s", scoring_reason)
 
         with eval_runs(active.info.run_id, uris) as children:
             results = {name: evaluation.evaluate_in_fresh_process(
-                name, uri, rows, cfg.max_new_tokens, children[name]) for name, uri in uris.items()}
+                name, uri, rows, cfg.max_new_tokens, children[name], tracing)
+                for name, uri in uris.items()}
             answers = {name: [a["answer"] for a in result["rows"]]
                        for name, result in results.items()}
             scores, metrics, categories = {}, {}, {}
@@ -77,8 +82,10 @@ def main(argv: list[str] | None = None) -> Decision:
                 quality = [scorers.quality_contains, scorers.quality_exact,
                            scorers.agreement(other, dict(enumerate(answers[other])))]
                 quality += [scorers.judge(judge)] if judge else []
-                scores[name] = evaluation.score(name, uri, rows, results[name], children[name],
-                                                quality)
+                scores[name] = (
+                    evaluation.score(name, uri, rows, results[name], children[name], quality)
+                    if tracing else evaluation.score_without_traces(
+                        name, rows, results[name], children[name], cfg.max_new_tokens, quality))
                 stored = Path(mlflow.artifacts.download_artifacts(model_uris.model_location(uri)))
                 metrics[name] = evaluation.model_metrics(results[name], scores[name],
                                                          evaluation.folder_size_mb(stored))
@@ -98,7 +105,9 @@ def main(argv: list[str] | None = None) -> Decision:
 
         models = {name: ModelRef(uris[name], runs[name].info.run_id) for name in uris}
         decided = decide(metrics, cfg.thresholds(), models, agree, read, eval_data_sha256,
-                         categories, children)
+                         categories, children,
+                         evaluation.WITH_TRACES if tracing else evaluation.WITHOUT_TRACES,
+                         scoring_reason)
         with tempfile.TemporaryDirectory() as tmp:
             chart = Path(tmp) / names.EVAL_CHART
             passed = ", ".join(f"{v.model} {'passed' if v.passed else 'failed'}"
@@ -154,7 +163,7 @@ def eval_runs(parent_run_id: str, uris: dict[str, str]):
     except BaseException as exc:
         for run_id in children.values():
             with contextlib.suppress(Exception):
-                client.set_tag(run_id, names.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:4000])
+                client.set_tag(run_id, names.TAG_ERROR, redact.error_text(exc))
                 client.set_terminated(run_id, "FAILED")
         raise
     for run_id in children.values():

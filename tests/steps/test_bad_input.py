@@ -44,7 +44,7 @@ MISSING_RUN = "f" * 32
 STEP_CASES = [
     ("fetch_model", "missing", ["--model_id", ""], "model_id is empty: pass a hub id"),
     ("fetch_model", "wrong type", ["--model_id", FX, "--log_weights", "maybe"],
-     "log_weights='maybe' is not a boolean: pass true or false"),
+     "log_weights='maybe' is not one of auto, true, false"),
     ("fetch_model", "out of range", ["--model_id", FX, "--onnx_source", "build",
                                      "--precision", "int3"], "precision='int3' is not one of"),
     ("fetch_model", "nonexistent path", ["--model_id", "/nonexistent/checkpoint"],

@@ -11,7 +11,7 @@ import textwrap
 import mlflow
 import pytest
 
-from phi3flow import eval_data, names, scorers
+from phi3flow import eval_data, evaluation, names, scorers
 from phi3flow.decision import GATED_ON, MODELS, Decision
 from phi3flow.errors import StepError
 from steps import evaluate
@@ -246,3 +246,31 @@ def test_an_unknown_dataset_name_says_how_to_make_one(log_runs):
 def test_auto_picks_the_full_set_for_a_real_sized_checkpoint():
     assert eval_data.choose_auto(7_600_000_000)[0] == eval_data.FULL_SET
     assert eval_data.choose_auto(1_000_000)[0] == eval_data.SMOKE_SET
+
+
+def test_scoring_without_traces_gives_each_row_what_mlflow_gave_it(genai_evaluated):
+    """A store without a trace API gets the same scorers on the same rows (evaluation.
+    score_without_traces): fed the answers MLflow scored, it reaches the same value on every
+    row and the same `<scorer>/mean` metrics."""
+    run, decision = genai_evaluated
+    rows = eval_rows()
+    traces = {name: sorted(traces_of(child), key=lambda t: int(t.info.tags[names.TRACE_TAG_ROW]))
+              for name, child in decision.eval_runs.items()}
+    answers = {name: [{"answer": scorers.answer_of(json.loads(t.data.response)),
+                       "response": json.loads(t.data.response)} for t in found]
+               for name, found in traces.items()}
+    for name in MODELS:
+        other = next(m for m in MODELS if m != name)
+        quality = [scorers.quality_contains, scorers.quality_exact,
+                   scorers.agreement(other, dict(enumerate(a["answer"] for a in answers[other])))]
+        with mlflow.start_run() as scratch:
+            values = evaluation.score_without_traces(name, rows, {"rows": answers[name]},
+                                                     scratch.info.run_id, 32, quality)
+        assert values == {scorer: [assessments(t)[scorer].value for t in traces[name]]
+                          for scorer in SCORERS}
+        ours = mlflow.get_run(scratch.info.run_id).data.metrics
+        theirs = mlflow.get_run(decision.eval_runs[name]).data.metrics
+        assert {k: ours[k] for k in ours} == {k: theirs[k] for k in ours}
+        assert set(ours) == {f"{scorer}/mean" for scorer in SCORERS}
+    assert evaluation.trace_api(run.info.experiment_id)[0]  # a local store keeps traces
+    assert decision.scoring == evaluation.WITH_TRACES

@@ -76,7 +76,7 @@ def _load(spec: dict, tmp_path: Path) -> Command:
 def test_job_for_a_local_project(tmp_path):
     cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "compute": "cpu-cluster",
                                              "display_name": "try"})
-    spec = azureml_backend.job_spec(str(ROOT), ROOT, "main", PARAMS, None, cfg, "phi3",
+    spec = azureml_backend.job_spec(ROOT, "main", PARAMS, None, cfg, "phi3",
                                     tmp_path / "job.yml")
     job = _load(spec, tmp_path)
     assert job.command == ("python -m phi3flow.azureml_job -e main "
@@ -103,24 +103,30 @@ def test_job_environment_is_conda_yaml_with_the_cpu_build_of_the_same_torch():
         d for d in project["dependencies"] if not isinstance(d, dict)]
 
 
-def test_job_for_a_git_url_uploads_only_the_job_module(tmp_path):
+def test_job_for_a_git_url_uploads_the_checkout_and_names_its_source(tmp_path):
+    """The job gets the checkout made on the user's side (no git, no credentials in the job),
+    and the URL and commit to record as MLflow's git tags."""
     cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "instance_type": "Standard_E4s_v3"})
     url = "https://github.com/example/phi3-mlflow"
-    spec = azureml_backend.job_spec(url, ROOT, "fetch_model", {}, "a" * 40, cfg, "phi3",
+    source = azureml_backend.GitSource(url, "a" * 40)
+    spec = azureml_backend.job_spec(ROOT, "fetch_model", {}, source, cfg, "phi3",
                                     tmp_path / "job.yml")
     job = _load(spec, tmp_path)
-    assert job.command == (f"python -m phi3flow.azureml_job -e fetch_model --uri {url} "
-                           f"--version {'a' * 40}")
-    code = Path(job.code)
-    assert sorted(p.relative_to(code).as_posix() for p in code.rglob("*.py")) == [
-        "phi3flow/__init__.py", "phi3flow/azureml_job.py"]
+    assert job.command == (f"python -m phi3flow.azureml_job -e fetch_model --source-url {url} "
+                           f"--source-commit {'a' * 40}")
+    assert Path(job.code) == ROOT
     assert job.resources.instance_type == "Standard_E4s_v3"
 
 
-def test_job_module_needs_nothing_of_the_project_but_itself():
-    """A git-URL job uploads only phi3flow/azureml_job.py: it may import no other module of ours."""
-    source = (ROOT / "phi3flow" / "azureml_job.py").read_text()
-    assert "from phi3flow" not in source and "import phi3flow" not in source
+def test_git_source_is_the_commit_mlflow_checked_out(tmp_path):
+    assert azureml_backend.git_source(str(ROOT), ROOT) is None  # a local project
+    url = "git://127.0.0.1/phi3-mlflow.git"
+    source = azureml_backend.git_source(f"{url}#steps", ROOT / "steps")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert source == azureml_backend.GitSource(url, head)
+    with pytest.raises(AzureMLConfigError, match="is not a git checkout"):
+        azureml_backend.git_source(url, tmp_path)
 
 
 TRACKING = ("azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/"
