@@ -7,7 +7,12 @@ ML, talks to, speaking the protocol it speaks (read from its source, azureml-mlf
   `/mlflow/v2.0/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.MachineLearningServices/
   workspaces/<w>/api/2.0/mlflow/...`, over TLS (azureml-mlflow builds `https://` URLs and
   nothing overrides it), with a bearer token required (401 without one, or with an expired one);
-- `/api/2.0/mlflow/logged-models...` answers 404 with an empty body, as Azure ML does for MLflow 3;
+- it is **never more lenient than Azure ML**: it serves only the MLflow REST endpoints and the
+  search features that Microsoft documents for a workspace (or that azureml-mlflow's own code
+  calls), `ALLOWED` below, each with its source; it answers what Azure is known to answer where
+  that is known (403 on the trace API, an empty 404 on MLflow 3's logged-model API) and a 400
+  naming the feature for everything else (`Refusal`). The same table, with the sources, is in
+  docs/decisions.md ("What the workspace stand-in answers");
 - runs' artifact URIs are rewritten to Azure's form, `azureml://experiments/<name>/runs/<id>/
   artifacts`, and the run-history artifact endpoints that azureml-mlflow calls for them
   (`/history/v1.0/<scope>/experiments/<e>/runs/<r>/artifacts[/batch/metadata|/contentinfo]`)
@@ -16,6 +21,13 @@ ML, talks to, speaking the protocol it speaks (read from its source, azureml-mlf
 - the run-token refresh endpoint (`/history/v1.0/<scope>/experimentids/<e>/runs/<r>/token`)
   that azureml-mlflow calls inside a job, and a managed-identity endpoint (`/msi`, the protocol
   azure-identity's ManagedIdentityCredential speaks) that gives the user's side its token.
+
+Where Azure's behaviour is undocumented it refuses, and can be set to each of the answers a real
+workspace might give instead: the registry's alias endpoints (`alias_answer`: refused with an
+empty 404 by default; or 403, an Azure-shaped error body, a hang past the client's timeout, or
+served), the run-token refresh for runs nested under the job (`token_scope`: only the job's own
+run by default). `artifact_fault` makes every artifact upload fail with an error that quotes its
+SAS URL. Every request to the MLflow API is recorded (`requests`), refusals included.
 
 What it cannot prove: Azure's real responses beyond these shapes, RBAC, quotas, the image build,
 and real blob hostnames. azureml-mlflow downloads only from URLs that look like
@@ -120,6 +132,105 @@ class Counters:
     unauthorized: list[str] = field(default_factory=list)
     logged_models_404: int = 0
     token_refreshes: int = 0
+    refused_refreshes: list[str] = field(default_factory=list)
+    # Every call to the MLflow API: (method, path after /api/, status); refusals by feature.
+    requests: list[tuple[str, str, int]] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+
+# --- What a workspace's MLflow endpoint answers -------------------------------------------------
+# Sources (Microsoft Learn, articles/machine-learning/ in MicrosoftDocs/azure-ai-docs):
+RUNS = ("how-to-track-experiments-mlflow.md, 'Query & compare experiments and runs with MLflow' "
+        "(create, query, search experiments and runs; metrics, params, tags, artifacts)")
+LOGGING = "how-to-log-view-metrics.md, 'Log metrics, parameters, and files with MLflow'"
+MODELS = ("how-to-manage-models-mlflow.md, 'Review supported capabilities for managing models' "
+          "(the support matrix)")
+# The MLflow REST endpoints served, by path after /api/2.0/mlflow/ (any method): each with the
+# capability that documents it.
+ALLOWED = {
+    "experiments/get": RUNS + ": get_experiment",
+    "experiments/get-by-name": RUNS + ": get_experiment_by_name",
+    "experiments/create": RUNS + ": create experiments",
+    "experiments/search": RUNS + ": search_experiments",
+    "runs/create": LOGGING + ": start_run",
+    "runs/get": RUNS + ": get_run",
+    "runs/update": LOGGING + ": end_run / run status",
+    "runs/search": RUNS + ": search_runs (features: SEARCH_REFUSALS)",
+    "runs/log-batch": LOGGING + ": log_metrics, log_params, set_tags",
+    "runs/log-metric": LOGGING + ": log_metric",
+    "runs/log-parameter": LOGGING + ": log_param",
+    "runs/set-tag": LOGGING + ": set_tag",
+    "metrics/get-history": RUNS + ": get_metric_history",
+    "registered-models/create": MODELS + ": register models from runs outputs (runs:/)",
+    "registered-models/get": MODELS + ": retrieving details of registered models",
+    "registered-models/search": MODELS + ": search/list registered models (by name; no LIKE)",
+    "model-versions/create": MODELS + ": register models from runs outputs (runs:/)",
+    "model-versions/get": MODELS + ": retrieving details of registered model's versions",
+    "model-versions/search": MODELS + ": retrieving details of registered model's versions",
+    "model-versions/get-download-uri": MODELS + ": retrieving details (loading a version)",
+    "model-versions/update": MODELS + ": edit registered model's versions description",
+    "model-versions/set-tag": MODELS + ": edit registered model's versions tags",
+    "model-versions/delete-tag": MODELS + ": edit registered model's versions tags",
+    "model-versions/delete": MODELS + ": delete a registered model's version",
+    "registered-models/get-latest-versions": MODELS + ": manage MLflow model stages",
+    "model-versions/transition-stage": MODELS + ": manage MLflow model stages",
+}
+# Known answers to what a workspace does not serve.
+TRACES_403 = ("Azure/azure-sdk-for-python issue 40261 (open): `/api/2.0/mlflow/traces` failed "
+              "with error code 403; Microsoft: \"mlflow tracing is not supported in AML yet\"; "
+              "MLflow falls back from /api/3.0 to /api/2.0 only on a 404")
+LOGGED_MODELS_404 = ("MLflow 3 against a workspace: `/api/2.0/mlflow/logged-models` failed with "
+                     "error code 404 (azure-sdk-for-python issue 44896; docs/decisions.md)")
+ALIASES_UNKNOWN = ("assumed: the alias endpoints are in no support matrix (MODELS lists stages, "
+                   "not aliases); refused by default, `alias_answer` plays each other answer")
+# Run search features refused, each with its source.
+SEARCH_REFUSALS = {
+    "filter on attributes": "assumed from the 2022 page (MicrosoftDocs/azure-docs "
+                            "how-to-track-experiments-mlflow.md): \"Expressions containing "
+                            "attributes.status in the parameter filter_string are not support at "
+                            "the moment\"; the 2025 page lists attribute filters as supported, so "
+                            "this is stricter than Azure",
+    "LIKE/ILIKE": "the 2022 page: not supported (the 2025 page: supported; stricter than Azure); "
+                  "MODELS: no LIKE/ILIKE in registry searches",
+    "OR": RUNS + ", 'Filter runs': \"the syntax doesn't support OR\"",
+    "!= on tags": RUNS + ", support matrix, footnote 2: \"!= for tags not supported\"",
+    "order by metrics, params or tags": RUNS + ", 'Order runs': \"The order_by parameter doesn't "
+                                        "currently support expressions containing metrics.*, "
+                                        "params.*, or tags.*\"",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One request the stand-in refused, and which feature of Azure's it lacks."""
+    method: str
+    path: str
+    feature: str
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`")
+
+
+def search_refusal(filter_string: str, order_by: list[str] | None = None,
+                   runs: bool = True) -> str | None:
+    """The feature of SEARCH_REFUSALS a search uses, or None if a workspace answers it."""
+    from mlflow.utils.search_utils import SearchUtils
+
+    bare = _QUOTED.sub("''", filter_string or "")
+    if re.search(r"(?i)\bor\b", bare):
+        return "OR"
+    if re.search(r"(?i)\bi?like\b", bare):
+        return "LIKE/ILIKE"
+    if runs and filter_string:
+        for clause in SearchUtils.parse_search_filter(filter_string):
+            if clause["type"] == "attribute":
+                return "filter on attributes"
+            if clause["type"] == "tag" and clause["comparator"] == "!=":
+                return "!= on tags"
+    for key in order_by or []:
+        if runs and SearchUtils.parse_order_by_for_search_runs(key)[0] != "attribute":
+            return "order by metrics, params or tags"
+    return None
 
 
 class Workspace:
@@ -133,7 +244,15 @@ class Workspace:
         self.run_token_seconds = run_token_seconds
         self.counters = Counters()
         self.mode = "ok"  # "ok" | "401" (every token refused) | "403" (no role on the workspace)
-        self.alias_api = True  # False: the registry's alias endpoints answer an empty 404
+        # The registry's alias endpoints (see the module docstring): "404" (an empty 404, the
+        # default), "403", "azure-error" (500 with Azure's error body), "timeout" (no answer for
+        # `alias_hang_s`), or "serve" (MLflow's own answers).
+        self.alias_answer = "404"
+        self.alias_hang_s = 30.0
+        # Run-token refresh: "job" (only for the job's own run, the default) or "descendants"
+        # (also for runs nested under it).
+        self.token_scope = "job"
+        self.artifact_fault = False  # every artifact upload fails, quoting its SAS URL
         self.lock = threading.Lock()
         self.experiment_names: dict[str, str] = {}  # by ID; MLflow experiments keep their name
 
@@ -264,6 +383,15 @@ class Workspace:
             return self.backend("GET", f"/api/2.0/mlflow/experiments/get-by-name?"
                                        f"experiment_name={quote(id_or_name)}")["experiment"]
 
+    def artifact_bytes(self, run_id: str) -> int:
+        """The bytes stored in blob storage under a run's artifacts."""
+        prefix = self.blob_name(run_id, "")
+        container = self.blobs.get_container_client(CONTAINER)
+        return sum(b.size for b in container.list_blobs(name_starts_with=prefix))
+
+    def refused(self, *features: str) -> list[Refusal]:
+        return [r for r in self.counters.refusals if not features or r.feature in features]
+
     def descends_from(self, run_id: str, ancestor: str) -> bool:
         """A job's token may be refreshed for the job's run and the runs nested under it."""
         for _ in range(10):
@@ -364,7 +492,11 @@ class _Handler(BaseHTTPRequestHandler):
                           "resource": query.get("resource", ""), "token_type": "Bearer"})
 
     def _refresh(self, claims: dict, experiment_id: str, run_id: str) -> None:
-        if claims.get("kind") != "run" or not self.ws.descends_from(run_id, claims["run_id"]):
+        allowed = claims.get("kind") == "run" and (
+            run_id == claims["run_id"] if self.ws.token_scope == "job"
+            else self.ws.descends_from(run_id, claims["run_id"]))
+        if not allowed:
+            self.ws.counters.refused_refreshes.append(run_id)
             return self._reply(403, {"error": {"code": "Forbidden", "message": "not this run"}})
         self.ws.counters.token_refreshes += 1
         token = self.ws.run_token(run_id, experiment_id)
@@ -373,11 +505,44 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"token": token, "expiryTimeUtc": expiry.isoformat()})
 
     def _mlflow(self, rest: str, query: str, body: bytes) -> None:
-        if "/mlflow/logged-models" in rest:
+        status = self._answer_mlflow(rest, query, body)
+        with self.ws.lock:
+            self.ws.counters.requests.append((self.command, rest, status))
+
+    def _refuse(self, rest: str, feature: str, status: int = 400) -> int:
+        with self.ws.lock:
+            self.ws.counters.refusals.append(Refusal(self.command, rest, feature))
+        self._reply(status, {"error": {"code": "UserError", "message": (
+            f"{feature} is not supported by this workspace (the Azure ML stand-in serves only "
+            f"what Azure ML documents): {self.command} {rest}")}})
+        return status
+
+    def _answer_mlflow(self, rest: str, query: str, body: bytes) -> int:
+        endpoint = re.sub(r"^/api/[23]\.0/(preview/)?mlflow/", "", rest)
+        if endpoint.startswith("traces"):  # TRACES_403, both API versions
+            with self.ws.lock:
+                self.ws.counters.refusals.append(Refusal(self.command, rest, "traces"))
+            self._reply(403, b"", "text/plain")
+            return 403
+        if endpoint.startswith("logged-models"):  # LOGGED_MODELS_404
             self.ws.counters.logged_models_404 += 1
-            return self._reply(404, b"", "text/plain")  # Azure ML with MLflow 3: empty 404
-        if not self.ws.alias_api and "/mlflow/registered-models/alias" in rest:
-            return self._reply(404, b"", "text/plain")
+            self._reply(404, b"", "text/plain")
+            return 404
+        if endpoint == "registered-models/alias" and self.ws.alias_answer != "serve":
+            return self._alias(rest)  # ALIASES_UNKNOWN
+        if not rest.startswith("/api/2.0/mlflow/") or endpoint not in ALLOWED and not (
+                endpoint == "registered-models/alias"):
+            return self._refuse(rest, f"the MLflow endpoint {endpoint}")
+        if endpoint in ("runs/search", "experiments/search", "registered-models/search",
+                        "model-versions/search"):
+            request = json.loads(body or b"{}") if self.command == "POST" else {
+                k: v[0] for k, v in parse_qs(query).items()}
+            order_by = request.get("order_by")
+            refusal = search_refusal(request.get("filter", ""),
+                                     [order_by] if isinstance(order_by, str) else order_by,
+                                     runs=endpoint == "runs/search")
+            if refusal:
+                return self._refuse(rest, refusal)
         conn = http.client.HTTPConnection("127.0.0.1", self.ws.backend_port, timeout=300)
         conn.request(self.command, rest + (f"?{query}" if query else ""), body=body or None,
                      headers={"Content-Type": self.headers.get("Content-Type",
@@ -388,6 +553,28 @@ class _Handler(BaseHTTPRequestHandler):
             payload = json.dumps(self._azure_artifact_uris(json.loads(payload))).encode()
         self._reply(response.status, payload,
                     response.getheader("Content-Type") or "application/json")
+        return response.status
+
+    def _alias(self, rest: str) -> int:
+        """The alias endpoints, answered as `alias_answer` says (ALIASES_UNKNOWN)."""
+        answer = self.ws.alias_answer
+        with self.ws.lock:
+            self.ws.counters.refusals.append(Refusal(self.command, rest, f"aliases ({answer})"))
+        if answer == "timeout":
+            time.sleep(self.ws.alias_hang_s)  # past the client's timeout: it has given up
+            self._reply(504, b"", "text/plain")
+            return 504
+        if answer == "403":
+            self._reply(403, {"error": {"code": "AuthorizationFailed", "message": (
+                "The client does not have authorization to perform action 'Microsoft."
+                "MachineLearningServices/workspaces/models/write'")}})
+            return 403
+        if answer == "azure-error":
+            self._reply(500, {"error": {"code": "ServiceError", "message": (
+                "Received 500 from a service request"), "innerError": {"code": "InternalError"}}})
+            return 500
+        self._reply(404, b"", "text/plain")
+        return 404
 
     def _azure_artifact_uris(self, value):
         """Run infos carry Azure's artifact URI form, as the workspace returns them."""
@@ -405,6 +592,14 @@ class _Handler(BaseHTTPRequestHandler):
         container = f"dcid.{run_id}"
         if what == "artifacts/batch/metadata" and self.command == "POST":
             paths = [item["path"] for item in json.loads(body)["paths"]]
+            if ws.artifact_fault:  # a storage error that quotes the URL it was given
+                return self._reply(200, {"artifacts": {}, "artifactContentInformation": {},
+                                         "errors": {p: {"error": {
+                                             "code": "AuthorizationFailure", "message": (
+                                                 "This request is not authorized to perform this "
+                                                 "operation. RequestUrl: "
+                                                 f"{ws.sas_url(ws.blob_name(run_id, p))}")}}
+                                             for p in paths}})
             info = {p: {"origin": "ExperimentRun", "container": container, "path": p,
                         "contentUri": ws.sas_url(ws.blob_name(run_id, p))} for p in paths}
             artifacts = {p: {"artifactId": f"ExperimentRun/{container}/{p}",
@@ -460,8 +655,11 @@ class JobService:
 
     def __init__(self, ws: Workspace, root: Path, computes=("cpu-cluster",),
                  experiment_variables=("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"),
-                 statuses: list[str] | None = None):
+                 statuses: list[str] | None = None, image_has_git: bool = True):
         self.ws, self.root = ws, root
+        # False: no git in the job's image, as in Azure ML's openmpi4.1.0-ubuntu22.04 base image,
+        # whose Dockerfile installs none (Azure/AzureML-Containers): `git` on PATH fails.
+        self.image_has_git = image_has_git
         self.computes = set(computes)
         self.experiment_variables = experiment_variables
         self.scripted = list(statuses or [])  # fixed states to report instead of running
@@ -522,6 +720,14 @@ class JobService:
             **self.ws.tls_env(),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         })
+        if not self.image_has_git:
+            shim = self.root / f"{name}.no-git"
+            shim.mkdir(parents=True)
+            (shim / "git").write_text("#!/bin/sh\necho 'git: not installed in this image' >&2\n"
+                                      "exit 127\n")
+            (shim / "git").chmod(0o755)
+            env["PATH"] = f"{shim}{os.pathsep}{env['PATH']}"
+            env["GIT_PYTHON_GIT_EXECUTABLE"] = str(shim / "git")
         if "MLFLOW_EXPERIMENT_ID" in self.experiment_variables:
             env["MLFLOW_EXPERIMENT_ID"] = experiment["experiment_id"]
         if "MLFLOW_EXPERIMENT_NAME" in self.experiment_variables:

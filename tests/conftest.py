@@ -296,3 +296,38 @@ def created_run():
     run = mlflow.last_active_run()
     assert run is not None, "no run was started in this process"
     return run
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def git_server(tmp_path):
+    """A clone of this repository's committed HEAD, served read-only by `git daemon` on
+    127.0.0.1: yields its git:// URL, the bare repository and a working clone that can push."""
+    import socket
+
+    served = tmp_path / "served"
+    served.mkdir()
+    bare = served / "phi3-mlflow.git"
+    git("clone", "--bare", "--quiet", str(ROOT), str(bare), cwd=tmp_path)
+    work = tmp_path / "work"
+    git("clone", "--quiet", str(bare), str(work), cwd=tmp_path)
+    git("config", "user.email", "test@example.invalid", cwd=work)
+    git("config", "user.name", "test", cwd=work)
+    port = free_port()
+    daemon = subprocess.Popen(
+        ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
+         f"--port={port}", f"--base-path={served}", str(served)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"git://127.0.0.1:{port}/phi3-mlflow.git", bare, work
+    daemon.terminate()
+    daemon.wait(10)

@@ -11,17 +11,24 @@ with only the Azure ML client (`MLClient`) replaced by the job-service stand-in.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import mlflow.projects
 import pytest
 
-from phi3flow import names, registry
+from phi3flow import evaluation, names, registry, scorers, tracking
 from phi3flow.azureml_backend import AzureMLBackend, AzureMLConfigError
+from phi3flow.decision import MODELS, Decision
+from phi3flow.errors import StepError
+from phi3flow.registry import Registration
 from tests.azureml_standin import (
     JOB_ENVIRONMENT,
     RESOURCE_GROUP,
@@ -30,7 +37,7 @@ from tests.azureml_standin import (
     JobService,
     workspace,
 )
-from tests.conftest import QUESTION, ROOT, predict_in_fresh_process
+from tests.conftest import QUESTION, ROOT, eval_rows, git, predict_in_fresh_process
 
 pytestmark = pytest.mark.e2e
 
@@ -42,23 +49,30 @@ EXPERIMENT = "phi3-azureml"
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """One workspace stand-in for the module; run tokens live 100 s, so long jobs refresh them."""
+    """One workspace stand-in for the module, as strict as it comes (aliases refused, tokens
+    refreshed only for the job's own run); run tokens live 100 s, so long jobs refresh them."""
     with workspace(tmp_path_factory.mktemp("workspace"), run_token_seconds=100) as stand_in:
         yield stand_in
 
 
-@pytest.fixture
-def user_side(ws, monkeypatch):
+def _as_user(ws, patch: pytest.MonkeyPatch) -> None:
     """This process as the user's machine: tracking into the workspace, signed in."""
     for key, value in ws.client_env().items():
-        monkeypatch.setenv(key, value)
+        patch.setenv(key, value)
     for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        monkeypatch.setenv(key, "")  # recorded, so whatever MLflow sets is undone afterwards
-        monkeypatch.delenv(key)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    ws.mode = "ok"
+        patch.setenv(key, "")  # recorded, so whatever MLflow sets is undone afterwards
+        patch.delenv(key)
+    patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+
+
+@pytest.fixture
+def user_side(ws, monkeypatch):
+    _as_user(ws, monkeypatch)
+    defaults = {k: getattr(ws, k) for k in ("mode", "alias_answer", "token_scope",
+                                             "artifact_fault")}
     yield ws
-    ws.mode = "ok"
+    for key, value in defaults.items():
+        setattr(ws, key, value)
 
 
 def _jobs(ws, tmp_path, monkeypatch, **options) -> JobService:
@@ -68,41 +82,73 @@ def _jobs(ws, tmp_path, monkeypatch, **options) -> JobService:
 
 
 def _submit(entry_point: str, params: dict, config: dict = CONFIG, synchronous: bool = True,
-            **experiment):
-    return mlflow.projects.run(str(ROOT), entry_point=entry_point, parameters=params,
-                               backend="azureml-v2", backend_config=config,
+            project: str = str(ROOT), version: str | None = None, **experiment):
+    return mlflow.projects.run(project, entry_point=entry_point, parameters=params,
+                               version=version, backend="azureml-v2", backend_config=config,
                                synchronous=synchronous,
                                **(experiment or {"experiment_name": EXPERIMENT}))
 
 
-def test_main_on_the_job_service_stand_in_lands_everything_in_the_workspace_stand_in(
-        user_side, tmp_path, monkeypatch):
-    """main as an Azure ML job: the run the user gets holds main's results, all in the workspace."""
-    ws = user_side
-    jobs = _jobs(ws, tmp_path, monkeypatch)  # both MLFLOW_EXPERIMENT_ID and _NAME set
-    before = ws.counters.token_refreshes
-    submitted = _submit("main", FIXTURE_PARAMS)
+@dataclass
+class MainJob:
+    run_id: str
+    command: str
+    log: str
+    env: dict[str, str]
+    status: str
+    requests: list  # every MLflow API call the workspace saw while the job ran
+    refusals: list
+    refreshes: int  # run-token refreshes while it ran (all granted: the scope is strict)
 
-    (job,) = jobs.submitted
-    assert job.command.startswith("python -m phi3flow.azureml_job -e main")
-    assert set(JOB_ENVIRONMENT) <= set(jobs.jobs[submitted.run_id]["env"])
-    log = jobs.jobs[submitted.run_id]["log"].read_text()
-    assert jobs.jobs[submitted.run_id]["status"] == "Completed", log[-4000:]
+
+@pytest.fixture(scope="module")
+def main_job(ws, tmp_path_factory) -> MainJob:
+    """`main` on the fixture as one Azure ML job, against the strict workspace stand-in."""
+    with pytest.MonkeyPatch.context() as patch:
+        _as_user(ws, patch)
+        jobs = _jobs(ws, tmp_path_factory.mktemp("main-job"), patch)
+        seen, refused = len(ws.counters.requests), len(ws.counters.refusals)
+        refreshes = ws.counters.token_refreshes
+        submitted = _submit("main", FIXTURE_PARAMS)
+        record = jobs.jobs[submitted.run_id]
+        return MainJob(submitted.run_id, jobs.submitted[0].command, record["log"].read_text(),
+                       record["env"],
+                       record["status"], ws.counters.requests[seen:],
+                       ws.counters.refusals[refused:],
+                       ws.counters.token_refreshes - refreshes)
+
+
+def _children(client, run) -> dict[str, object]:
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    return {c.data.tags[names.TAG_PREFIX + "step"]: c for c in children}
+
+
+# A secret in any of its forms: a JWT, a bearer header, a SAS signature that is not redacted.
+SECRET = re.compile(r"eyJhbGciOi|Bearer [A-Za-z0-9]|sig=(?!\[REDACTED\])")
+
+
+def test_main_as_a_job_completes_in_the_strict_workspace_stand_in(user_side, main_job):
+    """main as an Azure ML job: the run the user gets holds main's results, all in the workspace,
+    with the aliases refused, no trace API and tokens refreshed only for the job's run."""
+    ws = user_side
+    assert main_job.status == "Completed", main_job.log[-4000:]
+    assert set(JOB_ENVIRONMENT) <= set(main_job.env)
+    assert main_job.command.startswith("python -m phi3flow.azureml_job -e main")
 
     client = mlflow.MlflowClient()
-    run = client.get_run(submitted.run_id)  # the job's own run, read back from the workspace
+    run = client.get_run(main_job.run_id)  # the job's own run, read back from the workspace
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("azureml://experiments/")
     tags = run.data.tags
     assert tags["phi3flow.azureml.job_status"] == "Completed"
-    assert tags[names.TAG_PREFIX + "registered_alias"] == "champion"
     assert run.data.params["model_id"] == FIXTURE_PARAMS["model_id"]
-    children = client.search_runs([run.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{submitted.run_id}'")
-    assert sorted(c.data.tags[names.TAG_PREFIX + "step"] for c in children) == sorted(
-        [names.FETCH_MODEL, names.LOG_TRANSFORMERS, names.LOG_ONNX_PYFUNC, names.EVALUATE,
-         names.REGISTER])
-    assert all(c.info.status == "FINISHED" for c in children)
+    children = _children(client, run)
+    assert sorted(children) == sorted([names.FETCH_MODEL, names.LOG_TRANSFORMERS,
+                                       names.LOG_ONNX_PYFUNC, names.EVALUATE, names.REGISTER])
+    assert all(c.info.status == "FINISHED" for c in children.values())
+    assert not [r for r in client.search_runs([run.info.experiment_id])
+                if r.data.tags.get(names.TAG_ERROR)]
 
     # The logged-model API answered 404, so both log steps took the save + log_artifacts path.
     assert ws.counters.logged_models_404 >= 2
@@ -111,35 +157,107 @@ def test_main_on_the_job_service_stand_in_lands_everything_in_the_workspace_stan
     # Every artifact went through the run-history API into Azurite.
     onnx_run = tags[names.TAG_PREFIX + "onnx_run_id"]
     assert any(p.endswith("MLmodel") for p in ws.artifact_paths(onnx_run))
-    assert "registration.json" in ws.artifact_paths(tags[names.TAG_PREFIX + "register_run_id"])
-    assert "produced.json" in ws.artifact_paths(submitted.run_id)
+    assert "produced.json" in ws.artifact_paths(main_job.run_id)
 
-    # The champion is in the workspace's registry and answers when loaded from it.
-    name = "phi3-mini-4k-instruct-chat"
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.source.startswith("azureml://experiments/")
-    answer = predict_in_fresh_process(f"models:/{name}@champion", QUESTION, env=ws.client_env())
-    assert answer["choices"][0]["message"]["content"]
+    # The alias endpoints refused: the champion is the version's tag, served by version.
+    registered = Registration.read(children[names.REGISTER])
+    assert registered.alias == "champion" and registered.alias_by_tag
+    assert registered.serve_uri == f"models:/{names.DEFAULT_REGISTERED_MODEL}/{registered.version}"
+    assert "the alias API refused it" in registered.reason
+    assert tags[names.TAG_PREFIX + "serve_uri"] == registered.serve_uri
+    version = client.get_model_version(names.DEFAULT_REGISTERED_MODEL, registered.version)
+    assert version.source.startswith("azureml://experiments/")
+    assert version.tags[names.TAG_ALIAS_PREFIX + "champion"] == registry.HOLDS
+    answer = predict_in_fresh_process(registered.serve_uri, QUESTION, env=ws.client_env())
+    assert "Madrid" in answer["choices"][0]["message"]["content"]
 
-    # No token (the job's, refreshed ones, the user's) in a param, tag or the job's log.
-    runs = client.search_runs([run.info.experiment_id])
-    recorded = [*log.splitlines(), *(v for r in runs for v in
-                                     [*r.data.params.values(), *r.data.tags.values()])]
-    assert not [line for line in recorded if "eyJhbGciOi" in line]  # a JWT's first bytes
+    # Each upload got azureml-mlflow's batch timeout sized for it (the fixture: the 300 s floor).
+    assert f"{tracking.ARTIFACTS_TIMEOUT}=300 for this upload" in main_job.log
+    # The job outlived its first token (100 s): it was refreshed, only ever for the job's run.
+    assert main_job.refreshes > 0 and ws.counters.refused_refreshes == []
     assert ws.counters.unauthorized == [], ws.counters.unauthorized[:5]
-    # The job outlived its first token (100 s): it was refreshed, and no request was refused.
-    assert ws.counters.token_refreshes > before
+
+
+def test_evaluate_without_traces_scores_the_same_rows_the_same_way(user_side, main_job):
+    """No trace API: the same scorers on the same rows, a per-row table and `<scorer>/mean`
+    metrics on each model's evaluation run, and the decision says which mode ran and why; the
+    fixture's answers score as they do on a local store with traces
+    (tests/steps/test_genai_evaluation.py)."""
+    client = mlflow.MlflowClient()
+    evaluate_run = _children(client, client.get_run(main_job.run_id))[names.EVALUATE]
+    decision = Decision.read(evaluate_run)
+    assert decision.scoring == evaluation.WITHOUT_TRACES
+    assert "no usable trace API" in decision.scoring_reason and "403" in decision.scoring_reason
+    rows = eval_rows()
+    for name in MODELS:
+        child = client.get_run(decision.eval_runs[name])
+        assert child.info.status == "FINISHED"
+        for scorer, expected in ((scorers.CONTAINS, 1.0), (scorers.EXACT, 0.0),
+                                 (scorers.AGREEMENT, 1.0)):
+            assert child.data.metrics[f"{scorer}/mean"] == expected, (name, scorer)
+            assert decision.metrics[name][scorer] == expected
+        table = json.loads(Path(mlflow.artifacts.download_artifacts(
+            run_id=child.info.run_id, artifact_path=names.EVAL_RESULTS)).read_text())
+        frame = dict(zip(table["columns"], zip(*table["data"])))
+        assert list(frame["expected"]) == [r["expected"] for r in rows]
+        assert all(frame[f"{scorers.CONTAINS}/value"])
+        assert all(frame[f"{scorers.AGREEMENT}/rationale"])
+    assert all(v.passed for v in decision.verdicts.values())
+    assert decision.chosen == min(MODELS, key=lambda m: decision.metrics[m]["latency_p95_s"])
+    assert names.EVAL_TABLE in [a.path for a in client.list_artifacts(evaluate_run.info.run_id)]
+
+
+def test_main_as_a_job_called_nothing_the_workspace_refuses(main_job):
+    """Only the expected refusals: evaluate's probe of the trace API and the alias endpoints,
+    each of which the project handles; no trace call succeeded."""
+    features = {r.feature for r in main_job.refusals}
+    assert features <= {"traces", "aliases (404)"}, main_job.refusals
+    traces = [r for r in main_job.refusals if r.feature == "traces"]
+    # evaluate's one probe (MLflow's client tries /api/3.0 first, /api/2.0 only after a 404)
+    assert [r.path for r in traces] == ["/api/3.0/mlflow/traces/search"]
+    assert not [r for r in main_job.requests if "/traces" in r[1] and r[2] == 200]
+
+
+def test_no_secret_reaches_a_param_tag_or_the_log_of_the_job(user_side, main_job):
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_run(main_job.run_id).info.experiment_id])
+    recorded = [*main_job.log.splitlines(), *(v for r in runs for v in
+                                              [*r.data.params.values(), *r.data.tags.values()])]
+    assert not [line for line in recorded if SECRET.search(line)]
+
+
+def test_bytes_each_step_of_the_job_uploads(user_side, main_job, capsys):
+    """What each step stores in the workspace's blob storage (the closing note scales it)."""
+    client = mlflow.MlflowClient()
+    children = _children(client, client.get_run(main_job.run_id))
+    uploaded = {step: user_side.artifact_bytes(run.info.run_id)
+                for step, run in children.items()}
+    for step, run in children.items():
+        if step == names.EVALUATE:
+            decision = Decision.read(run)
+            uploaded[step] += sum(user_side.artifact_bytes(r) for r in decision.eval_runs.values())
+    with capsys.disabled():
+        print("\nbytes uploaded per step (fixture):", json.dumps(uploaded))
+    # Every step stored something; only the two log steps store a model.
+    assert all(uploaded.values())
+    fetch_files = user_side.artifact_paths(children[names.FETCH_MODEL].info.run_id)
+    assert any(p.startswith(f"{names.ONNX_DIR}/") for p in fetch_files)
 
 
 @pytest.mark.parametrize("variables", [("MLFLOW_EXPERIMENT_NAME",), ("MLFLOW_EXPERIMENT_ID",)],
                          ids=["name-only", "id-only"])
 def test_experiment_variable_variants_on_the_job_service_stand_in(user_side, tmp_path,
                                                                   monkeypatch, variables):
-    """Azure may set either experiment variable (or both, as in the main test): all work."""
+    """Azure may set either experiment variable (or both, as in the main test): all work.
+    The user's own upload timeout (backend-config `extra_env`) reaches the job and is kept."""
     jobs = _jobs(user_side, tmp_path, monkeypatch, experiment_variables=variables)
-    submitted = _submit(names.FETCH_MODEL, FIXTURE_PARAMS)
+    config = {**CONFIG, "extra_env": {tracking.ARTIFACTS_TIMEOUT: "900"}}
+    submitted = _submit(names.FETCH_MODEL, FIXTURE_PARAMS, config)
     record = jobs.jobs[submitted.run_id]
-    assert record["status"] == "Completed", record["log"].read_text()[-4000:]
+    log = record["log"].read_text()
+    assert record["status"] == "Completed", log[-4000:]
+    assert record["env"][tracking.ARTIFACTS_TIMEOUT] == "900"
+    assert "for this upload" not in log and "uploading checkpoint/" in log
     assert not set(("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")) - set(variables) & set(
         record["env"])
     run = mlflow.MlflowClient().get_run(submitted.run_id)
@@ -198,30 +316,101 @@ def test_cancel_with_the_job_service_stand_in_stops_the_job_and_kills_the_run(
     assert mlflow.MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
 
 
-@pytest.mark.parametrize("alias_api", [True, False], ids=["aliases", "no-alias-api"])
-def test_champion_is_recorded_with_or_without_an_alias_api_on_the_workspace_stand_in(
-        user_side, monkeypatch, alias_api):
-    """Whether a real workspace accepts aliases is not verified: register works either way."""
-    monkeypatch.setattr(user_side, "alias_api", alias_api)
+ALIAS_ANSWERS = ["serve", "404", "403", "azure-error", "timeout"]
+
+
+@pytest.mark.parametrize("answer", ALIAS_ANSWERS)
+def test_register_keeps_the_champion_whatever_the_alias_endpoints_answer(
+        user_side, monkeypatch, answer):
+    """Served, an empty 404, a 403, Azure's error body, no answer in time: the champion is
+    recorded (alias or version tag), read back, moved, and never lost to an error."""
+    user_side.alias_answer = answer
+    if answer == "timeout":  # the client gives up long before the stand-in answers
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        user_side.alias_hang_s = 4
     client = mlflow.MlflowClient()
-    name = f"alias-probe-{alias_api}"
+    name = f"alias-probe-{answer}"
     client.create_registered_model(name)
     v1, v2 = (client.create_model_version(name, f"azureml://experiments/e/runs/r{i}/artifacts/m")
               for i in (1, 2))
-    assert registry.set_alias(client, name, "champion", v1.version) is alias_api
-    assert registry._holder(client, name, "champion").version == v1.version
+    assert registry.current_holder(client, name, "champion").version is None
+    refused = registry.set_alias(client, name, "champion", v1.version)
+    assert bool(refused) is (answer != "serve")
+    holder = registry.current_holder(client, name, "champion")
+    assert holder.version.version == v1.version
+    assert bool(holder.alias_api_error) is (answer != "serve")
     registry.set_alias(client, name, "champion", v2.version)
-    assert registry._holder(client, name, "champion").version == v2.version
-    assert registry._holder(client, name, "challenger") is None
-    assert registry._aliases_of(client, name, client.get_model_version(name, v1.version)) == []
-    assert registry._aliases_of(client, name, client.get_model_version(name, v2.version)) == [
+    assert registry.current_holder(client, name, "champion").version.version == v2.version
+    assert registry.current_holder(client, name, "challenger").version is None
+    assert registry.aliases_of(client, name, client.get_model_version(name, v1.version)) == []
+    assert registry.aliases_of(client, name, client.get_model_version(name, v2.version)) == [
         "champion"]
     registered = registry.registration(name, v2.version, "champion", "test", reused=False,
-                                       by_tag=not alias_api)
-    expected = f"models:/{name}@champion" if alias_api else f"models:/{name}/{v2.version}"
+                                       by_tag=bool(refused), alias_api_error=refused)
+    expected = f"models:/{name}@champion" if answer == "serve" else f"models:/{name}/{v2.version}"
     assert registered.serve_uri == expected
     # models:/NAME/VERSION resolves to that version's source.
     assert client.get_model_version_download_uri(name, v2.version).endswith("/r2/artifacts/m")
+
+
+def test_an_unanswered_alias_with_an_unreadable_registry_stops_register(user_side):
+    """Neither the alias API nor the version search answers: register does not guess."""
+    client = mlflow.MlflowClient()
+    name = "alias-probe-unreadable"
+    client.create_registered_model(name)
+    user_side.alias_answer, user_side.mode = "azure-error", "403"
+    with pytest.raises(StepError, match="cannot tell which version of alias-probe-unreadable "
+                                        "holds @champion"):
+        registry.current_holder(client, name, "champion")
+
+
+# Each feature the workspace stand-in refuses, as a call through MLflow's own client, and the
+# refusal's feature name: the stand-in must refuse it (so it cannot quietly become lenient),
+# and main as a job must not have called it.
+REFUSED = {
+    "traces": lambda c, e: c.search_traces(locations=[e], max_results=1),
+    "the MLflow endpoint logged-models/search": None,  # an empty 404, asserted below
+    "filter on attributes": lambda c, e: c.search_runs([e], "attributes.status = 'FINISHED'"),
+    "LIKE/ILIKE": lambda c, e: c.search_runs([e], "tags.`phi3flow.step` LIKE 'fetch%'"),
+    "OR": lambda c, e: c.search_runs([e], "tags.a = 'x' OR tags.b = 'y'"),
+    "!= on tags": lambda c, e: c.search_runs([e], "tags.`phi3flow.step` != 'main'"),
+    "order by metrics, params or tags": lambda c, e: c.search_runs(
+        [e], "", order_by=["tags.`phi3flow.step` DESC"]),
+    "aliases (404)": lambda c, e: c.get_model_version_by_alias("any", "champion"),
+    "the MLflow endpoint registered-models/set-tag": lambda c, e: c.set_registered_model_tag(
+        _registered(c, "refusal-probe"), "k", "v"),
+}
+
+
+def _registered(client, name: str) -> str:
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    return name
+
+
+@pytest.mark.parametrize("feature", [f for f, call in REFUSED.items() if call])
+def test_the_workspace_stand_in_refuses_and_main_does_not_call(user_side, main_job, feature):
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(main_job.run_id).info.experiment_id
+    before = len(user_side.counters.refusals)
+    with pytest.raises(mlflow.exceptions.MlflowException) as refused:
+        REFUSED[feature](client, experiment_id)
+    assert [r.feature for r in user_side.counters.refusals[before:]][-1:] == [feature]
+    if feature.startswith(("filter", "LIKE", "OR", "!=", "order")):
+        assert feature in str(refused.value)  # a 400 naming what is not supported
+    if feature == "traces":
+        assert "403" in str(refused.value)
+    made = [r for r in main_job.refusals if r.feature == feature]
+    allowed = {"traces": 1, "aliases (404)": len(made)}  # evaluate's probe; register's fallback
+    assert len(made) == allowed.get(feature, 0), made
+
+
+def test_the_workspace_stand_in_answers_logged_models_with_an_empty_404(user_side):
+    client = mlflow.MlflowClient()
+    with pytest.raises(mlflow.exceptions.MlflowException) as refused:
+        client.search_logged_models(experiment_ids=["0"])
+    assert "404" in str(refused.value)
 
 
 def _runs_in_workspace() -> int:
@@ -301,37 +490,90 @@ import mlflow
 from phi3flow import tracking
 
 initial = os.environ["MLFLOW_TRACKING_TOKEN"]
-with mlflow.start_run():  # the job's run, from MLFLOW_RUN_ID, as a step joins it
+with tracking.step_run("probe") as run:  # the step's nested run, from MLFLOW_RUN_ID
     time.sleep(float(sys.argv[1]))  # longer than the job's first token lives
     fresh = tracking.child_environment()
     stale = {{**fresh, "MLFLOW_TRACKING_TOKEN": initial}}
     ok = subprocess.run([sys.executable, "-c", {CHILD!r}], env=fresh, timeout=240).returncode
     bad = subprocess.run([sys.executable, "-c", {CHILD!r}], env=stale, capture_output=True,
                          timeout=240).returncode
-    print(f"RESULT {{ok}} {{bad}} {{fresh['MLFLOW_TRACKING_TOKEN'] != initial}}")
+    print(f"RESULT {{ok}} {{bad}} {{fresh['MLFLOW_TRACKING_TOKEN'] != initial}} {{run.info.run_id}}")
 """
 
 
-def test_a_process_started_after_the_jobs_first_token_expired_gets_a_valid_one(
-        ws, tmp_path, monkeypatch):
-    """Against the workspace stand-in, whose run tokens expire after 45 s (and refreshes too).
+@pytest.mark.parametrize("scope", ["job", "descendants"])
+def test_a_step_outlives_the_jobs_first_token_whatever_runs_a_refresh_may_name(
+        ws, tmp_path, monkeypatch, scope):
+    """Against the workspace stand-in, whose run tokens expire after 45 s (and refreshes too),
+    refreshing for the job's run only, or for the runs nested under it as well.
 
-    azureml-mlflow refreshes a process's own token every 30 s; a child started later from the
-    environment's copy is refused, one started from `tracking.child_environment()` is not.
+    A step's own run is nested under the job's, but its process refreshes the token under the
+    job's run, so it works either way; a child started later from the environment's copy of the
+    token is refused, one started from `tracking.child_environment()` is not.
     """
     monkeypatch.setattr(ws, "run_token_seconds", 45)
+    monkeypatch.setattr(ws, "token_scope", scope)
     experiment = ws.experiment("Default")
-    run = ws.backend("POST", "/api/2.0/mlflow/runs/create",
+    job = ws.backend("POST", "/api/2.0/mlflow/runs/create",
                      {"experiment_id": experiment["experiment_id"]})["run"]["info"]
+    step = ws.backend("POST", "/api/2.0/mlflow/runs/create", {
+        "experiment_id": experiment["experiment_id"],
+        "tags": [{"key": "mlflow.parentRunId", "value": job["run_id"]}]})["run"]["info"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "IDENTITY_"))}
     env.update(ws.tls_env())
-    env.update({"MLFLOW_TRACKING_URI": ws.tracking_uri, "MLFLOW_RUN_ID": run["run_id"],
-                "AZUREML_RUN_ID": run["run_id"], "MLFLOW_EXPERIMENT_ID": run["experiment_id"],
-                "MLFLOW_TRACKING_TOKEN": ws.run_token(run["run_id"], run["experiment_id"]),
+    env.update({"MLFLOW_TRACKING_URI": ws.tracking_uri, "MLFLOW_RUN_ID": step["run_id"],
+                "AZUREML_RUN_ID": job["run_id"], "MLFLOW_EXPERIMENT_ID": job["experiment_id"],
+                "MLFLOW_TRACKING_TOKEN": ws.run_token(job["run_id"], job["experiment_id"]),
                 "PYTHONPATH": str(ROOT)})
+    refused = len(ws.counters.refused_refreshes)
     # Generous: on a loaded machine each Python start with mlflow and azureml-mlflow takes
     # tens of seconds (a CI run with other work beside it needed more than 300 s).
     done = subprocess.run([sys.executable, "-c", LONG_STEP, "50"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     result = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), done.stderr)
-    assert result == "RESULT 0 1 True", done.stderr[-3000:]
+    assert result == f"RESULT 0 1 True {step['run_id']}", done.stderr[-3000:]
+    assert ws.counters.refused_refreshes[refused:] == []
+    assert ws.backend("GET", f"/api/2.0/mlflow/runs/get?run_id={step['run_id']}")["run"][
+        "info"]["status"] == "FINISHED"
+
+
+def test_a_blob_error_quoting_its_sas_url_is_redacted_everywhere(user_side, tmp_path,
+                                                                 monkeypatch):
+    """Every upload fails with an error that quotes its SAS URL: the step fails, and neither
+    the run's error tag, nor the job's log, nor the user's `mlflow run` log holds the signature."""
+    user_side.artifact_fault = True
+    jobs = _jobs(user_side, tmp_path, monkeypatch)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mlflow.projects.azureml_v2")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(mlflow.exceptions.ExecutionException):
+            _submit(names.FETCH_MODEL, FIXTURE_PARAMS)
+    finally:
+        logger.removeHandler(handler)
+    (name,) = jobs.jobs
+    log = jobs.jobs[name]["log"].read_text()
+    error = mlflow.MlflowClient().get_run(name).data.tags[names.TAG_ERROR]
+    assert "AuthorizationFailure" in error and "sig=[REDACTED]" in error
+    assert "sig=[REDACTED]" in log and "RequestUrl: https://127.0.0.1" in log
+    lines = [*log.splitlines(), error, *(r.getMessage() for r in records)]
+    assert not [line for line in lines if SECRET.search(line)]
+
+
+def test_a_git_url_job_needs_neither_git_nor_credentials_in_the_job(
+        user_side, tmp_path, monkeypatch, git_server):
+    """A project from a git URL: the job runs the checkout made on the user's side, in an image
+    without git (as Azure ML's base image), and its run carries MLflow's git tags."""
+    url, _, work = git_server
+    commit = git("rev-parse", "HEAD", cwd=work)
+    jobs = _jobs(user_side, tmp_path, monkeypatch, image_has_git=False)
+    submitted = _submit(names.FETCH_MODEL, FIXTURE_PARAMS, project=url, version=commit)
+    record = jobs.jobs[submitted.run_id]
+    assert record["status"] == "Completed", record["log"].read_text()[-4000:]
+    assert "--source-commit " + commit in jobs.submitted[0].command
+    tags = mlflow.MlflowClient().get_run(submitted.run_id).data.tags
+    assert tags["mlflow.source.git.commit"] == commit
+    assert tags["mlflow.source.git.repoURL"] == tags["mlflow.source.name"] == url
+    assert (record["workdir"] / "MLproject").is_file() and not (record["workdir"] / ".git").exists()

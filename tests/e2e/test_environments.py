@@ -8,22 +8,12 @@ repository with `git daemon` on 127.0.0.1 and runs `mlflow run git://...`.
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import mlflow
 import pytest
 
 from phi3flow import names, pipeline
-from tests.conftest import (
-    QUESTION,
-    ROOT,
-    free_port,
-    predict_in_fresh_process,
-    run_project,
-)
+from tests.conftest import QUESTION, git, predict_in_fresh_process, run_project
 from tests.e2e.test_mlflow_run import _ok, _run_id
 
 pytestmark = pytest.mark.e2e
@@ -51,42 +41,10 @@ def test_virtualenv_builds_the_environment_and_runs_the_first_steps(tracking, tm
     assert "Madrid" in answer["choices"][0]["message"]["content"]
 
 
-def _git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-@pytest.fixture
-def git_server(tmp_path):
-    """A clone of this repository's committed HEAD, served read-only by `git daemon`."""
-    served = tmp_path / "served"
-    served.mkdir()
-    bare = served / "phi3-mlflow.git"
-    _git("clone", "--bare", "--quiet", str(ROOT), str(bare), cwd=tmp_path)
-    work = tmp_path / "work"
-    _git("clone", "--quiet", str(bare), str(work), cwd=tmp_path)
-    _git("config", "user.email", "test@example.invalid", cwd=work)
-    _git("config", "user.name", "test", cwd=work)
-    port = free_port()
-    daemon = subprocess.Popen(
-        ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
-         f"--port={port}", f"--base-path={served}", str(served)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"git://127.0.0.1:{port}/phi3-mlflow.git", bare, work
-    daemon.terminate()
-    daemon.wait(10)
-
-
 def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tracking,
                                                                     tmp_path):
     url, bare, work = git_server
-    first_commit = _git("rev-parse", "HEAD", cwd=work)
+    first_commit = git("rev-parse", "HEAD", cwd=work)
     args = ["-e", "main", *FIXTURE_PARAMS, "-P", "max_new_tokens=32"]
 
     first = mlflow.get_run(_run_id(_ok(run_project("-v", first_commit, *args, project=url,
@@ -107,10 +65,10 @@ def test_main_from_a_git_url_carries_the_commit_and_reuses_on_it(git_server, tra
 
     # A new commit (even one that leaves the code alone) is a new version of the project.
     (work / "NOTICE.txt").write_text("a later commit\n")
-    _git("add", "NOTICE.txt", cwd=work)
-    _git("commit", "--quiet", "-m", "a later commit", cwd=work)
-    _git("push", "--quiet", "origin", "HEAD", cwd=work)
-    second_commit = _git("rev-parse", "HEAD", cwd=work)
+    git("add", "NOTICE.txt", cwd=work)
+    git("commit", "--quiet", "-m", "a later commit", cwd=work)
+    git("push", "--quiet", "origin", "HEAD", cwd=work)
+    second_commit = git("rev-parse", "HEAD", cwd=work)
     later = mlflow.get_run(_run_id(_ok(run_project("-v", second_commit, *args, project=url,
                                                    cwd=tmp_path))))
     assert later.data.tags["mlflow.source.git.commit"] == second_commit
