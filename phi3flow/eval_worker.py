@@ -73,8 +73,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["model_id"]:  # a models:/m-... model: its traces link to it
         mlflow.set_active_model(model_id=spec["model_id"])
     started = time.perf_counter()
-    model = mlflow.pyfunc.load_model(spec["model_uri"])
+    # The model's files, fetched once: loaded from here and measured here (a workspace's
+    # artifact listing has no sizes, and a second download of a 7.6 GB model costs minutes).
+    local = Path(mlflow.artifacts.download_artifacts(spec["model_location"]))
+    model = mlflow.pyfunc.load_model(str(local))
     load_seconds = time.perf_counter() - started
+    size_mb = sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) / 1e6
     _answer(model, rows[0]["messages"], 1)  # warm-up, not measured
     results, clock = [], time.perf_counter()
     for index, row in enumerate(rows):
@@ -126,7 +130,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                         time.perf_counter() - clock)
     logger.info("%s: timing the first token of a %d-token prompt", spec["name"],
                 LONG_PROMPT_TOKENS)
-    return {"load_s": load_seconds, "peak_rss_mb": peak_rss_mb(), "rows": results,
+    return {"load_s": load_seconds, "size_mb": size_mb, "peak_rss_mb": peak_rss_mb(),
+            "rows": results,
             "long_prompt": long_prompt_ttft(model, LONG_PROMPT_TOKENS)}
 
 

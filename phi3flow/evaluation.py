@@ -69,6 +69,7 @@ def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_n
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps({
             "name": name, "model_uri": model_uri, "model_id": model_uris.logged_model_id(model_uri),
+            "model_location": model_uris.model_location(model_uri),
             "experiment_id": mlflow.active_run().info.experiment_id, "run_id": run_id,
             "max_new_tokens": max_new_tokens, "rows": rows, "tracing": tracing}))
         command = [sys.executable, "-m", "phi3flow.eval_worker", str(spec), str(out)]
@@ -213,7 +214,7 @@ def share(values: list[bool | None]) -> float:
     return sum(v is True for v in values) / len(values)
 
 
-def model_metrics(result: dict, scores: dict[str, list], size_mb: float) -> dict[str, float]:
+def model_metrics(result: dict, scores: dict[str, list]) -> dict[str, float]:
     answered = [a for a in result["rows"] if "error" not in a]
     tokens = sum(a["completion_tokens"] for a in answered)
     seconds = sum(a["latency_s"] for a in answered)
@@ -232,7 +233,7 @@ def model_metrics(result: dict, scores: dict[str, list], size_mb: float) -> dict
         "output_tokens_per_s": tokens / seconds if seconds else 0.0,
         "load_s": result["load_s"],
         "peak_rss_mb": result["peak_rss_mb"],
-        "size_mb": size_mb,
+        "size_mb": result["size_mb"],  # the model's files, as the worker fetched them
     }
 
 
@@ -269,10 +270,6 @@ def eval_table(rows: list[dict], results: dict[str, dict], scores: dict[str, dic
         table[f"{name}_trace_id"] = [a["trace_id"] for a in answers]
     table[scorers.AGREEMENT] = scores[MODELS[0]][scorers.AGREEMENT]
     return table
-
-
-def folder_size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
 # --- chart ------------------------------------------------------------------------------------

@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> Decision:
                     evaluation.score(name, uri, rows, results[name], children[name], quality)
                     if tracing else evaluation.score_without_traces(
                         name, rows, results[name], children[name], cfg.max_new_tokens, quality))
-                stored = Path(mlflow.artifacts.download_artifacts(model_uris.model_location(uri)))
-                metrics[name] = evaluation.model_metrics(results[name], scores[name],
-                                                         evaluation.folder_size_mb(stored))
+                metrics[name] = evaluation.model_metrics(results[name], scores[name])
                 categories[name] = evaluation.by_category(rows, scores[name])
                 # On its evaluation run beside the scores, and on its logged model (so models
                 # can be ranked with mlflow.search_logged_models; a runs:/ fallback has none).
