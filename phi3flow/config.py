@@ -352,8 +352,10 @@ class EvaluateOptions:
         return self.eval_data != eval_data.AUTO and not eval_data.is_file_value(self.eval_data)
 
     def thresholds(self) -> dict[str, float]:
-        return {"min_quality": self.min_quality, "max_quality_drop": self.max_quality_drop,
-                "max_p95_latency_s": self.max_p95_latency_s}
+        """The gate's bounds by parameter name (decision.THRESHOLDS says what each bounds)."""
+        from phi3flow.decision import THRESHOLDS
+
+        return {t.param: getattr(self, t.param) for t in THRESHOLDS}
 
 
 @dataclass

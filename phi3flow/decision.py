@@ -9,13 +9,61 @@ validated, by register.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from phi3flow import names
 from phi3flow.record import Record, record
 
-MODELS = ("transformers", "onnx")
-# The metrics the gate reads (thresholds min_quality, max_quality_drop, max_p95_latency_s).
-GATED_ON = ("quality_contains", "latency_p95_s")
+TRANSFORMERS, ONNX = "transformers", "onnx"
+MODELS = (TRANSFORMERS, ONNX)
+# The two metrics the gate and register judge a model by; each model's metrics (evaluation.
+# model_metrics) have these keys.
+QUALITY, LATENCY_P95 = names.CONTAINS, names.LATENCY_P95
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One bound of the gate: `param` (evaluate's parameter that sets it) on `metric`, which
+    way is better, and, for a drop, the model it is measured against (`relative_to`, applied to
+    the other model only)."""
+
+    param: str
+    metric: str
+    higher_is_better: bool
+    label: str  # how a reason names the metric
+    shown: str = "{:.3f}"  # how a reason shows its value
+    unit: str = ""
+    relative_to: str | None = None
+
+    def fails(self, metrics: dict[str, dict[str, float]], model: str,
+              bound: float) -> str | None:
+        """Why `model` fails this bound, or None if it meets it (or it does not apply)."""
+        value = metrics[model][self.metric]
+        label = self.label
+        if self.relative_to:
+            if model == self.relative_to:
+                return None
+            value = metrics[self.relative_to][self.metric] - value  # the drop: lower is better
+            label = f"{label} drop vs {self.relative_to}"
+        worse = value < bound if self.higher_is_better and not self.relative_to else value > bound
+        if not worse:
+            return None
+        sign = "<" if self.higher_is_better and not self.relative_to else ">"
+        return f"{label} {self.shown.format(value)} {sign} {self.param} {bound}"
+
+
+# The gate, in one list; register compares a candidate with the champion on the same metrics,
+# in this order and direction (GATED_ON).
+THRESHOLDS = (
+    Threshold("min_quality", QUALITY, higher_is_better=True, label="quality"),
+    Threshold("max_quality_drop", QUALITY, higher_is_better=True, label="quality",
+              relative_to=TRANSFORMERS),
+    Threshold("max_p95_latency_s", LATENCY_P95, higher_is_better=False, label="p95 latency",
+              shown="{:.2f} s", unit=" s"),
+)
+GATED_ON = tuple(dict.fromkeys(t.metric for t in THRESHOLDS))
+HIGHER_IS_BETTER = {t.metric: t.higher_is_better for t in THRESHOLDS}
+LABEL = {t.metric: (t.label, t.unit) for t in THRESHOLDS}
 
 
 @record
@@ -47,7 +95,7 @@ class Decision(Record):
     eval_data: str  # the file or MLflow evaluation dataset read (eval_data=auto resolved)
     eval_data_sha256: str
     gated_on: tuple[str, ...] = GATED_ON
-    # {model: {category: {"rows": n, "quality_contains": share, "quality_exact": share}}}
+    # {model: {category: {"rows": n, QUALITY: share, scorers.EXACT: share}}}
     quality_by_category: dict[str, dict[str, dict[str, float]]] = dataclasses.field(
         default_factory=dict)
     # {model: run ID of its MLflow GenAI evaluation run, a child of the evaluate run}
@@ -71,19 +119,11 @@ class Decision(Record):
 
 
 def gate(metrics: dict[str, dict[str, float]], thresholds: dict[str, float]) -> list[Verdict]:
+    """Each model against every bound of THRESHOLDS (values by parameter name)."""
     verdicts = []
-    reference = metrics["transformers"]["quality_contains"]
     for name in MODELS:
-        m, reasons = metrics[name], []
-        if m["quality_contains"] < thresholds["min_quality"]:
-            reasons.append(f"quality {m['quality_contains']:.3f} < min_quality "
-                           f"{thresholds['min_quality']}")
-        if name == "onnx" and reference - m["quality_contains"] > thresholds["max_quality_drop"]:
-            reasons.append(f"quality drop vs transformers {reference - m['quality_contains']:.3f}"
-                           f" > max_quality_drop {thresholds['max_quality_drop']}")
-        if m["latency_p95_s"] > thresholds["max_p95_latency_s"]:
-            reasons.append(f"p95 latency {m['latency_p95_s']:.2f} s > max_p95_latency_s "
-                           f"{thresholds['max_p95_latency_s']}")
+        reasons = [why for t in THRESHOLDS
+                   if (why := t.fails(metrics, name, thresholds[t.param])) is not None]
         verdicts.append(Verdict(name, not reasons, tuple(reasons or ["all thresholds met"])))
     return verdicts
 
@@ -92,10 +132,9 @@ def choose(verdicts: list[Verdict], metrics: dict[str, dict[str, float]]) -> tup
     """Among models that passed, the fastest (p95); if none passed, the best quality."""
     passed = [v.model for v in verdicts if v.passed]
     if passed:
-        best = min(passed, key=lambda n: metrics[n]["latency_p95_s"])
+        best = min(passed, key=lambda n: metrics[n][LATENCY_P95])
         return best, f"passed the gate with the lowest p95 latency among {passed}"
-    best = max(MODELS, key=lambda n: (metrics[n]["quality_contains"],
-                                      -metrics[n]["latency_p95_s"]))
+    best = max(MODELS, key=lambda n: (metrics[n][QUALITY], -metrics[n][LATENCY_P95]))
     return best, "no model passed the gate; best quality chosen, it will not become champion"
 
 

@@ -16,6 +16,7 @@ of the two a store gets, once, before any model runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,8 +26,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phi3flow import eval_data, model_uris, names, redact, scorers
-from phi3flow.decision import MODELS
+import mlflow
+from mlflow.entities import Run
+
+from phi3flow import eval_data, manifest, model_uris, names, redact, scorers, stale, tracking
+from phi3flow.config import EvaluateConfig
+from phi3flow.decision import (
+    MODELS,
+    ONNX,
+    TRANSFORMERS,
+    Decision,
+    ModelRef,
+    decide,
+    first_token_lengths,
+)
 from phi3flow.errors import StepError
 from phi3flow.names import PROJECT_ROOT
 
@@ -43,7 +56,6 @@ def trace_api(experiment_id: str) -> tuple[bool, str]:
     Any failure counts as no trace API (Azure ML answers 403; a server without MLflow 3's
     endpoints, 404): evaluate then scores without traces, and the decision says why.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
@@ -61,10 +73,6 @@ def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_n
                               run_id: str, tracing: bool = True) -> dict:
     """Answer every row with one model in a process of its own; the answers' traces go to
     `run_id` (the model's evaluation run), or, with `tracing=False`, only into the result."""
-    import mlflow
-
-    from phi3flow import tracking
-
     with tempfile.TemporaryDirectory(prefix="phi3flow-eval-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps({
@@ -107,8 +115,6 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
     in the MLflow UI. Returns {scorer: [value per row]}, None where the scorer raised on a row
     (MLflow records the error on that trace and goes on with the other rows).
     """
-    import mlflow
-
     experiment_id = mlflow.active_run().info.experiment_id
     found = mlflow.search_traces(locations=[experiment_id], run_id=run_id)
     ids = [answer["trace_id"] for answer in result["rows"]]
@@ -152,7 +158,6 @@ def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
     `outputs` (None where the model raised), the expected answer, and an unlogged `Trace` that
     carries the row's tags (the agreement scorer reads the row from them).
     """
-    import mlflow
     from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
 
     experiment_id = mlflow.get_run(run_id).info.experiment_id
@@ -197,6 +202,130 @@ def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
                         if (scored := [float(v) for v in column if v is not None])},
                        run_id=run_id)
     return values
+
+
+# --- the whole of evaluate ---------------------------------------------------------------------
+
+
+def evaluate(cfg: EvaluateConfig, active: mlflow.ActiveRun) -> Decision:
+    """evaluate's whole work in its run `active`: both models on the same rows, measured,
+    scored, gated and decided; the decision logged and returned (steps/evaluate.py)."""
+    runs = {
+        TRANSFORMERS: tracking.upstream_run(
+            "transformers_run_id", cfg.transformers_run_id, names.LOG_TRANSFORMERS),
+        ONNX: tracking.upstream_run("onnx_run_id", cfg.onnx_run_id, names.LOG_ONNX_PYFUNC),
+    }
+    fetches = {name: run.data.tags.get(names.TAG_FETCH_RUN_ID) for name, run in runs.items()}
+    if len(set(fetches.values())) != 1:
+        raise StepError(f"the two models come from different fetch runs {fetches}: compare "
+                        "models of one checkpoint (log both from the same fetch_run_id).")
+    uris = {name: model_uris.logged_model_uri(run.info.run_id) for name, run in runs.items()}
+    # Everything that can be wrong with the inputs is found before a model is loaded.
+    judge = scorers.load_judge(cfg.judge_model_uri) if cfg.judge_model_uri else None
+    rows, read, eval_data_sha256 = eval_data.load(resolve_eval_data(cfg, fetches[ONNX]))
+    logger.info("eval set: %d rows of %s (%s)", len(rows), read, ", ".join(
+        f"{c} {sum(r['category'] == c for r in rows)}" for c in eval_data.CATEGORIES
+        if any(r["category"] == c for r in rows)))
+    mlflow.set_tags({names.TAG_EVAL_DATA_SHA256: eval_data_sha256,
+                     names.TAG_EVAL_DATA: read[:5000],
+                     names.TAG_FETCH_RUN_ID: fetches[ONNX]})
+    tracing, scoring_reason = trace_api(active.info.experiment_id)
+    logger.info("scoring: %s", scoring_reason)
+
+    with eval_runs(active.info.run_id, uris) as children:
+        results = {name: evaluate_in_fresh_process(
+            name, uri, rows, cfg.max_new_tokens, children[name], tracing)
+            for name, uri in uris.items()}
+        answers = {name: [a["answer"] for a in result["rows"]]
+                   for name, result in results.items()}
+        scores, metrics, categories = {}, {}, {}
+        for name, uri in uris.items():
+            other = next(m for m in MODELS if m != name)
+            quality = [scorers.quality_contains, scorers.quality_exact,
+                       scorers.agreement(other, dict(enumerate(answers[other])))]
+            quality += [scorers.judge(judge)] if judge else []
+            scores[name] = (
+                score(name, uri, rows, results[name], children[name], quality)
+                if tracing else score_without_traces(
+                    name, rows, results[name], children[name], cfg.max_new_tokens, quality))
+            metrics[name] = model_metrics(results[name], scores[name])
+            categories[name] = by_category(rows, scores[name])
+            # On its evaluation run beside the scores, and on its logged model (so models
+            # can be ranked with mlflow.search_logged_models; a runs:/ fallback has none).
+            mlflow.log_metrics(metrics[name], run_id=children[name],
+                               model_id=model_uris.logged_model_id(uri))
+        agree = metrics[MODELS[0]][scorers.AGREEMENT]
+    mlflow.log_metrics({f"{name}_{key}": value for name, values in metrics.items()
+                        for key, value in values.items() if key != scorers.AGREEMENT}
+                       | {f"{name}_{scorers.CONTAINS}_{category}": value[scorers.CONTAINS]
+                          for name, per in categories.items()
+                          for category, value in per.items()}
+                       | {scorers.AGREEMENT: agree})
+    mlflow.log_table(eval_table(rows, results, scores), names.EVAL_TABLE)
+
+    models = {name: ModelRef(uris[name], runs[name].info.run_id) for name in uris}
+    decided = decide(metrics, cfg.thresholds(), models, agree, read, eval_data_sha256,
+                     categories, children, WITH_TRACES if tracing else WITHOUT_TRACES,
+                     scoring_reason)
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = Path(tmp) / names.EVAL_CHART
+        passed = ", ".join(f"{v.model} {'passed' if v.passed else 'failed'}"
+                           for v in decided.verdicts.values())
+        chart(metrics, categories, agree, f"gate: {passed}; chosen: {decided.chosen}", drawn)
+        mlflow.log_artifact(str(drawn))
+    decided.log()
+    mlflow.set_tag(names.TAG_CHOSEN, decided.chosen)
+    for name in MODELS:
+        logger.info("%s: %s %.3f over %d rows (%s); %s", name, scorers.CONTAINS,
+                    metrics[name][scorers.CONTAINS], len(rows), ", ".join(
+                        f"{c} {v[scorers.CONTAINS]:.2f}" for c, v in categories[name].items()),
+                    decided.verdicts[name].reasons[0])
+    for length, ttft in first_token_lengths(metrics).items():
+        logger.info("first token at %s-token prompts: %s (%s first)", length, ", ".join(
+            f"{m} {metrics[m][ttft]:.2f} s" for m in MODELS), decided.faster_first_token[length])
+    logger.info("answer by answer: the experiment's Evaluations tab, runs %s", ", ".join(
+        f"{names.EVALUATE}/{name} ({run_id})" for name, run_id in children.items()))
+    return decided
+
+
+def resolve_eval_data(cfg: EvaluateConfig, fetch_run_id: str) -> str:
+    """eval_data as given, or for `auto` the set that fits the checkpoint's size."""
+    if cfg.eval_data != eval_data.AUTO:
+        return cfg.eval_data
+    fetched = manifest.Manifest.read(mlflow.get_run(fetch_run_id))
+    weights = sum(entry.size for key, entry in fetched.files.items()
+                  if key.startswith(names.CHECKPOINT_DIR + "/"))
+    chosen, why = eval_data.choose_auto(weights)
+    logger.info(why)
+    return chosen
+
+
+@contextlib.contextmanager
+def eval_runs(parent_run_id: str, uris: dict[str, str]):
+    """One child run per model, `evaluate/<model>`: where its answers' traces and scores go.
+
+    Made with the client (not the fluent stack) so both can stay open while the worker processes
+    write traces to them; ended FAILED with the evaluate run if anything fails, so no
+    half-scored evaluation looks finished.
+    """
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    children: dict[str, str] = {}
+    try:
+        for name, uri in uris.items():
+            run: Run = client.create_run(experiment_id, run_name=f"{names.EVALUATE}/{name}", tags={
+                "mlflow.parentRunId": parent_run_id, names.TAG_EVALUATES: name,
+                names.TAG_MODEL_URI: uri, **stale.this_process()})
+            children[name] = run.info.run_id
+        yield children
+    except BaseException as exc:
+        for run_id in children.values():
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, names.TAG_ERROR, redact.error_text(exc))
+                client.set_terminated(run_id, "FAILED")
+        raise
+    for run_id in children.values():
+        client.set_terminated(run_id, "FINISHED")
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -292,7 +421,7 @@ def chart(metrics: dict[str, dict[str, float]], categories: dict[str, dict[str, 
         ("Throughput (output tokens/s)", _pick(metrics, ["output_tokens_per_s"]), "{:.3g}"),
         ("Footprint (MB)", _pick(metrics, ["peak_rss_mb", "size_mb"]), "{:.0f}"),
     ]
-    colors = {"transformers": "#4c72b0", "onnx": "#dd8452"}
+    colors = {TRANSFORMERS: "#4c72b0", ONNX: "#dd8452"}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), gridspec_kw={"width_ratios": [2, 1.2, 0.7, 1]})
     for ax, (title, values, fmt) in zip(axes, panels):
         keys, width = list(values[MODELS[0]]), 0.38

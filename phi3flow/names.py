@@ -57,6 +57,11 @@ EVAL_CHART = "comparison.png"
 # scorer's value and rationale (phi3flow/evaluation.py, score_without_traces).
 EVAL_RESULTS = "eval_results.json"
 
+# --- Scores and metrics evaluate logs and register reads. ---------------------------------------
+# The scorers (phi3flow/scorers.py), each also a metric: the share of rows it scored true.
+CONTAINS, EXACT, AGREEMENT, JUDGE = "quality_contains", "quality_exact", "agreement", "judge_correct"
+LATENCY_P95 = "latency_p95_s"  # seconds, over the rows a model answered
+
 # --- Tags. ------------------------------------------------------------------------------------
 TAG_PREFIX = "phi3flow."
 TAG_STEP = TAG_PREFIX + "step"  # the entry point a run belongs to: upstream runs are checked on it

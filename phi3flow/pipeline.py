@@ -13,8 +13,10 @@ child of the main run. Steps hand each other run IDs only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any
 import mlflow
 from mlflow.projects.submitted_run import SubmittedRun
 
-from phi3flow import config, names, reuse, tracking
+from phi3flow import config, front_door, names, reuse, tracking
 from phi3flow.errors import StepError
 from phi3flow.record import Record, record
 
@@ -192,3 +194,36 @@ def _end_failed_if_running(run_id: str) -> None:
     client = mlflow.MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "FAILED")
+
+
+# The printed commands run side by side, from any folder: the UI on MLflow's default port, the
+# front door (OpenAI-compatible) beside it, both naming the tracking store (a relative sqlite
+# path made absolute) and the front door this project's code.
+UI_PORT, SERVE_PORT = 5000, front_door.DEFAULT_PORT
+
+
+def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[str]) -> str:
+    """main's closing lines: what it made, and the commands to look at it."""
+    store = shlex.quote(_absolute(mlflow.get_tracking_uri()))
+    model = produced.serve_uri.removeprefix("models:/")
+    request = json.dumps({"model": model, "messages": [
+        {"role": "user", "content": "What is the capital of Spain?"}]})
+    lines = [f"main run {run_id} (experiment {experiment_id}) finished:"]
+    lines += [f"  {key:<26} {value}" for key, value in produced.to_dict().items()
+              if key not in DEPRECATED_OUTPUTS]
+    lines.append(f"  {'reused steps':<26} {', '.join(reused) or 'none'}")
+    lines.append("Look at it with (each in its own terminal, from any folder):")
+    lines.append(f"  mlflow ui --backend-store-uri {store} -p {UI_PORT}")
+    lines.append(f"  MLFLOW_TRACKING_URI={store} PYTHONPATH={shlex.quote(str(names.PROJECT_ROOT))} "
+                 f"python -m phi3flow.front_door --model {model} --port {SERVE_PORT}")
+    lines.append(f"  curl -s localhost:{SERVE_PORT}/v1/chat/completions -H 'Content-Type: "
+                 f"application/json' -d {shlex.quote(request)}")
+    return "\n".join(lines)
+
+
+def _absolute(uri: str) -> str:
+    """sqlite:///relative.db as sqlite:////its/absolute/path.db; other URIs as they are."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri

@@ -18,14 +18,15 @@ from mlflow.exceptions import MlflowException
 
 from phi3flow import names, redact
 from phi3flow.config import CHALLENGER, RegisterConfig
-from phi3flow.decision import Decision
+from phi3flow.decision import GATED_ON, HIGHER_IS_BETTER, LABEL, Decision
 from phi3flow.errors import StepError
 from phi3flow.record import Record, record
 
 logger = logging.getLogger(__name__)
 
-KEY_METRICS = ("quality_contains", "quality_exact", "latency_p95_s", "output_tokens_per_s",
-               "peak_rss_mb")
+# The chosen model's metrics that its version carries as tags and in its description: the
+# gate's, and what a user compares versions by.
+KEY_METRICS = (*GATED_ON, names.EXACT, "output_tokens_per_s", "peak_rss_mb")
 
 
 @record
@@ -167,15 +168,17 @@ def set_alias(client, name: str, alias: str, version: str) -> str:
 
 
 def _beats(candidate: dict[str, float], holder: ModelVersion) -> tuple[bool, str]:
-    theirs = {k: float(holder.tags[names.TAG_METRIC_PREFIX + k])
-              for k in ("quality_contains", "latency_p95_s")}
-    if candidate["quality_contains"] != theirs["quality_contains"]:
-        better = candidate["quality_contains"] > theirs["quality_contains"]
-        return better, (f"quality {candidate['quality_contains']:.3f} vs "
-                        f"{theirs['quality_contains']:.3f} of version {holder.version}")
-    better = candidate["latency_p95_s"] < theirs["latency_p95_s"]
-    return better, (f"equal quality; p95 latency {candidate['latency_p95_s']:.3f} s vs "
-                    f"{theirs['latency_p95_s']:.3f} s of version {holder.version}")
+    """Better on the gate's first metric where the two differ (GATED_ON: quality, then p95
+    latency), in the gate's direction for it."""
+    for metric in GATED_ON:
+        ours, theirs = candidate[metric], float(holder.tags[names.TAG_METRIC_PREFIX + metric])
+        if ours != theirs or metric == GATED_ON[-1]:
+            better = ours > theirs if HIGHER_IS_BETTER[metric] else ours < theirs
+            same = "".join(f"equal {LABEL[m][0]}; " for m in GATED_ON[:GATED_ON.index(metric)])
+            label, unit = LABEL[metric]
+            return better, (f"{same}{label} {ours:.3f}{unit} vs {theirs:.3f}{unit} of version "
+                            f"{holder.version}")
+    raise AssertionError("GATED_ON is empty")
 
 
 def decide_alias(cfg: RegisterConfig, decision: Decision,

@@ -18,9 +18,9 @@ from mlflow.entities import Feedback
 from mlflow.genai.scorers import Scorer, scorer
 
 from phi3flow.errors import StepError
-from phi3flow.names import TRACE_TAG_ROW
+from phi3flow.names import AGREEMENT, CONTAINS, EXACT, JUDGE, TRACE_TAG_ROW
 
-CONTAINS, EXACT, AGREEMENT, JUDGE = "quality_contains", "quality_exact", "agreement", "judge_correct"
+__all__ = ["AGREEMENT", "CONTAINS", "EXACT", "JUDGE"]  # the scorers' names, from names.py
 
 
 def answer_of(outputs: Any) -> str:

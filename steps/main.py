@@ -11,17 +11,14 @@ declared in phi3flow/pipeline.py, the reuse policy in phi3flow/reuse.py.
 
 from __future__ import annotations
 
-import json
 import logging
-import shlex
-from pathlib import Path
 
 import mlflow
 
-from phi3flow import front_door, names, stale, tracking
+from phi3flow import names, stale, tracking
 from phi3flow.config import MainConfig, parse_config
 from phi3flow.model_uris import logged_model_uri
-from phi3flow.pipeline import DEPRECATED_OUTPUTS, Produced, StepRunner, run_pipeline
+from phi3flow.pipeline import Produced, StepRunner, run_pipeline, summary
 from phi3flow.registry import Registration
 
 logger = logging.getLogger("steps.main")
@@ -49,40 +46,8 @@ def main(argv: list[str] | None = None) -> Produced:
         mlflow.set_tags({names.TAG_PREFIX + k: v for k, v in produced.to_dict().items()})
         mlflow.set_tag(names.TAG_REUSED, ",".join(steps.reused) or "none")
         produced.log()
-        _summarise(run.info.run_id, run.info.experiment_id, produced, steps.reused)
+        logger.info(summary(run.info.run_id, run.info.experiment_id, produced, steps.reused))
         return produced
-
-
-# The printed commands run side by side, from any folder: the UI on MLflow's default port, the
-# front door (OpenAI-compatible) beside it, both naming the tracking store (a relative sqlite
-# path made absolute) and the front door this project's code.
-UI_PORT, SERVE_PORT = 5000, front_door.DEFAULT_PORT
-
-
-def _summarise(run_id: str, experiment_id: str, produced: Produced, reused: list[str]):
-    store = shlex.quote(_absolute(mlflow.get_tracking_uri()))
-    model = produced.serve_uri.removeprefix("models:/")
-    request = json.dumps({"model": model, "messages": [
-        {"role": "user", "content": "What is the capital of Spain?"}]})
-    lines = [f"main run {run_id} (experiment {experiment_id}) finished:"]
-    lines += [f"  {key:<26} {value}" for key, value in produced.to_dict().items()
-              if key not in DEPRECATED_OUTPUTS]
-    lines.append(f"  {'reused steps':<26} {', '.join(reused) or 'none'}")
-    lines.append("Look at it with (each in its own terminal, from any folder):")
-    lines.append(f"  mlflow ui --backend-store-uri {store} -p {UI_PORT}")
-    lines.append(f"  MLFLOW_TRACKING_URI={store} PYTHONPATH={shlex.quote(str(names.PROJECT_ROOT))} "
-                 f"python -m phi3flow.front_door --model {model} --port {SERVE_PORT}")
-    lines.append(f"  curl -s localhost:{SERVE_PORT}/v1/chat/completions -H 'Content-Type: "
-                 f"application/json' -d {shlex.quote(request)}")
-    logger.info("\n".join(lines))
-
-
-def _absolute(uri: str) -> str:
-    """sqlite:///relative.db as sqlite:////its/absolute/path.db; other URIs as they are."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 if __name__ == "__main__":
