@@ -77,7 +77,7 @@ MAX_POLL_ERRORS = 5
 # MLflow's own keys in backend_config (it adds them for every backend); not ours to validate.
 MLFLOW_KEYS = {PROJECT_ENV_MANAGER, PROJECT_SYNCHRONOUS, PROJECT_DOCKER_ARGS, PROJECT_STORAGE_DIR,
                PROJECT_BUILD_IMAGE, PROJECT_DOCKER_AUTH}
-# Keys that used to exist, with where their setting lives now.
+# Keys a user may expect here whose setting lives elsewhere, with where.
 MOVED_KEYS = {"experiment_name": "choose the experiment with `mlflow run --experiment-name NAME`: "
                                  "the job's run is created in the experiment MLflow resolved"}
 WORKSPACE_PATH = re.compile(

@@ -149,7 +149,8 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
 
 
 def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
-                         max_new_tokens: int, quality_scorers: list) -> dict[str, list[bool | None]]:
+                         max_new_tokens: int,
+                         quality_scorers: list) -> dict[str, list[bool | None]]:
     """The scorers of `score`, called on each row as MLflow would call them, for a store without
     traces; the answers and assessments are logged as a table on the evaluation run, with the
     `<scorer>/mean` metrics MLflow's evaluation would log. Same return value as `score`.

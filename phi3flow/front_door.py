@@ -43,9 +43,9 @@ from phi3flow import names, system_messages
 from phi3flow.onnx_chat_model import (
     MAX_CHARS_PER_TOKEN,
     BadRequest,
-    _messages,
-    _number,
-    _stop,
+    checked_messages,
+    checked_number,
+    checked_stop,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
             raise ApiError(400, f"{name} is not supported by this server.", param=name)
     model = _model(data.get("model"), models)
     try:
-        messages = _messages(data.get("messages"))
+        messages = checked_messages(data.get("messages"))
         if not model.keeps_system:  # the template would drop them: fold them in (documented)
             messages = system_messages.fold(messages)
         if request.n not in (None, 1):
@@ -170,15 +170,15 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
         max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
         options = {
             key: value for key, value in {
-                "max_tokens": None if max_tokens is None else _number(
+                "max_tokens": None if max_tokens is None else checked_number(
                     "max_tokens", max_tokens, int, 1),
-                "temperature": None if request.temperature is None else _number(
+                "temperature": None if request.temperature is None else checked_number(
                     "temperature", data["temperature"], float, 0),
-                "top_p": None if request.top_p is None else _number(
+                "top_p": None if request.top_p is None else checked_number(
                     "top_p", data["top_p"], float, 0, 1, low_inclusive=False),
-                "top_k": None if request.top_k is None else _number(
+                "top_k": None if request.top_k is None else checked_number(
                     "top_k", data["top_k"], int, 1),
-                "stop": _stop(data.get("stop")),
+                "stop": checked_stop(data.get("stop")),
             }.items() if value is not None}
     except BadRequest as exc:
         raise ApiError(400, exc.message, param=_param_of(exc.message)) from None

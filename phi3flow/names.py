@@ -13,9 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # --- The model this project packages, pinned. -------------------------------------------------
 DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
 # A commit of microsoft/Phi-3-mini-4k-instruct (not the moving `main` branch), so two users who
-# run the defaults get the same weights. Used only when `revision` is left empty. It is the
-# newest commit known here (the resolved `main` in public projects of 2026); the earlier pin,
-# 0a67737cc96d2554230f90338b163bc6380a2a85, still works with -P revision=... (docs/decisions.md).
+# run the defaults get the same weights. Used only when `revision` is left empty; any other
+# commit is one -P revision=... away (docs/decisions.md, "Pinned downloads").
 DEFAULT_MODEL_REVISION = "f39ac1d28e925b323eae81227eaba4464caced4e"
 
 ONNX_HUB_REPO = "microsoft/Phi-3-mini-4k-instruct-onnx"
@@ -59,7 +58,8 @@ EVAL_RESULTS = "eval_results.json"
 
 # --- Scores and metrics evaluate logs and register reads. ---------------------------------------
 # The scorers (phi3flow/scorers.py), each also a metric: the share of rows it scored true.
-CONTAINS, EXACT, AGREEMENT, JUDGE = "quality_contains", "quality_exact", "agreement", "judge_correct"
+CONTAINS, EXACT = "quality_contains", "quality_exact"
+AGREEMENT, JUDGE = "agreement", "judge_correct"
 LATENCY_P95 = "latency_p95_s"  # seconds, over the rows a model answered
 
 # --- Tags. ------------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ TRACE_TAG_ROW = TAG_PREFIX + "row"
 TRACE_TAG_CATEGORY = "category"
 TAG_EVALUATE_RUN_ID = TAG_PREFIX + "evaluate_run_id"
 TAG_LOG_RUN_ID = TAG_PREFIX + "log_run_id"
+TAG_GIT_COMMIT = TAG_PREFIX + "git_commit"  # a model version's: the commit of the code that ran
 TAG_CHOSEN = TAG_PREFIX + "chosen"
 TAG_UNVALIDATED = TAG_PREFIX + "unvalidated"
 TAG_TRUST_REMOTE_CODE = TAG_PREFIX + "trust_remote_code"

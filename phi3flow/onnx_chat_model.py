@@ -148,7 +148,7 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and value != value
 
 
-def _number(name: str, value: Any, kind: type, low: float, high: float | None = None,
+def checked_number(name: str, value: Any, kind: type, low: float, high: float | None = None,
             low_inclusive: bool = True) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"{name} must be a number, got {_shown(value)}.")
@@ -164,7 +164,7 @@ def _number(name: str, value: Any, kind: type, low: float, high: float | None = 
     return kind(value)
 
 
-def _stop(value: Any) -> list[str] | None:
+def checked_stop(value: Any) -> list[str] | None:
     if value is None:
         return None
     stops = [value] if isinstance(value, str) else value
@@ -175,7 +175,7 @@ def _stop(value: Any) -> list[str] | None:
     return stops or None
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def checked_messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise BadRequest(
             "messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects."
@@ -245,7 +245,7 @@ class OnnxChatModel(PythonModel):
             if merged.get("stream") not in (None, False):
                 raise BadRequest("stream=true is not available over predict: use predict_stream "
                                  "in Python (MLflow serving has no streaming over REST).")
-            messages = _messages(row["messages"])
+            messages = checked_messages(row["messages"])
             self._check_size(sum(len(m["content"]) for m in messages))
             prompt = self.tokenizer.apply_chat_template(
                 json.dumps(messages), add_generation_prompt=True
@@ -264,11 +264,11 @@ class OnnxChatModel(PythonModel):
                     json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
                 )
         options = {
-            "max_tokens": _number("max_tokens", merged["max_tokens"], int, 1),
-            "temperature": _number("temperature", merged["temperature"], float, 0),
-            "top_p": _number("top_p", merged["top_p"], float, 0, 1, low_inclusive=False),
-            "top_k": _number("top_k", merged["top_k"], int, 1),
-            "stop": _stop(merged.get("stop")),
+            "max_tokens": checked_number("max_tokens", merged["max_tokens"], int, 1),
+            "temperature": checked_number("temperature", merged["temperature"], float, 0),
+            "top_p": checked_number("top_p", merged["top_p"], float, 0, 1, low_inclusive=False),
+            "top_k": checked_number("top_k", merged["top_k"], int, 1),
+            "stop": checked_stop(merged.get("stop")),
         }
         ids = self.tokenizer.encode(prompt)
         room = self.context_length - len(ids)

@@ -221,7 +221,7 @@ def lineage_tags(cfg: RegisterConfig, decision: Decision, evaluate_run) -> dict[
         names.TAG_ONNX_PRECISION: tags.get(names.TAG_ONNX_PRECISION, "n/a (transformers)"),
         names.TAG_CHOSEN: chosen,
         names.TAG_EVAL_DATA_SHA256: decision.eval_data_sha256,
-        "git_commit": git_commit,
+        names.TAG_GIT_COMMIT: git_commit,
     }
     lineage.update({names.TAG_METRIC_PREFIX + k: repr(float(decision.metrics[chosen][k]))
                     for k in KEY_METRICS})

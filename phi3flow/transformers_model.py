@@ -13,7 +13,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import mlflow
 import yaml
@@ -98,11 +97,15 @@ def _pinned_hub_reference(repo_id: str, commit: str, pipeline: Any) -> Iterator[
     verified. We point name_or_path at the hub id and answer that lookup with the fetched commit;
     `log()` then checks the written MLmodel to prove the pin took.
     """
+    from mlflow.transformers import flavor_config
+
     _name(pipeline, repo_id)
-    with mock.patch(
-        "mlflow.transformers.flavor_config.get_latest_commit_for_repo", return_value=commit
-    ):
+    latest = flavor_config.get_latest_commit_for_repo  # restored however logging ends
+    flavor_config.get_latest_commit_for_repo = lambda repo, *args, **kwargs: commit
+    try:
         yield
+    finally:
+        flavor_config.get_latest_commit_for_repo = latest
 
 
 def log(cfg: LogTransformersConfig, checkpoint: Path, fetch_manifest: Manifest,

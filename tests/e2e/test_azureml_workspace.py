@@ -497,7 +497,8 @@ with tracking.step_run("probe") as run:  # the step's nested run, from MLFLOW_RU
     ok = subprocess.run([sys.executable, "-c", {CHILD!r}], env=fresh, timeout=240).returncode
     bad = subprocess.run([sys.executable, "-c", {CHILD!r}], env=stale, capture_output=True,
                          timeout=240).returncode
-    print(f"RESULT {{ok}} {{bad}} {{fresh['MLFLOW_TRACKING_TOKEN'] != initial}} {{run.info.run_id}}")
+    print(f"RESULT {{ok}} {{bad}} {{fresh['MLFLOW_TRACKING_TOKEN'] != initial}} "
+          f"{{run.info.run_id}}")
 """
 
 
@@ -576,4 +577,5 @@ def test_a_git_url_job_needs_neither_git_nor_credentials_in_the_job(
     tags = mlflow.MlflowClient().get_run(submitted.run_id).data.tags
     assert tags["mlflow.source.git.commit"] == commit
     assert tags["mlflow.source.git.repoURL"] == tags["mlflow.source.name"] == url
-    assert (record["workdir"] / "MLproject").is_file() and not (record["workdir"] / ".git").exists()
+    workdir = record["workdir"]
+    assert (workdir / "MLproject").is_file() and not (workdir / ".git").exists()

@@ -166,7 +166,7 @@ def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, mod
     assert version.tags[names.TAG_MANIFEST_SHA256] == mlflow.get_run(fetch_run).data.tags[
         names.TAG_MANIFEST_SHA256]
     assert float(version.tags["phi3flow.metric.quality_contains"]) == 1.0
-    assert "git_commit" in version.tags and run_id in version.description
+    assert names.TAG_GIT_COMMIT in version.tags and run_id in version.description
 
     again = register.main(["--evaluate_run_id", run_id, "--model_name", model_name])
     assert again.reused and again.version == "1" and len(versions(model_name)) == 1
