@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from phi3flow import evaluation, names
-from phi3flow.decision import Decision
+from phi3flow.decision import QUALITY, Decision, decide
 from phi3flow.errors import StepError
 from steps import evaluate, register
 from tests.conftest import (
@@ -26,10 +26,31 @@ METRICS = ("quality_contains", "quality_exact", "latency_p50_s", "latency_p95_s"
            "output_tokens_per_s", "load_s", "peak_rss_mb", "size_mb")
 
 
-@pytest.fixture(scope="module")
-def evaluated(log_runs):
-    decision = evaluate.main(evaluate_args(log_runs))
-    return created_run().info.run_id, decision
+@pytest.fixture
+def evaluated(evaluated):
+    """(run ID, Decision) of the test run's one evaluation (tests/steps/conftest.py)."""
+    run, decision = evaluated
+    return run.info.run_id, decision
+
+
+def logged_decision(decision: Decision) -> str:
+    """An evaluate run holding `decision`: register's rules tested on records (made by the real
+    gate from real metrics), not on evaluations re-run to get them."""
+    with mlflow.start_run() as run:
+        mlflow.set_tag(names.TAG_STEP, names.EVALUATE)
+        decision.log()
+    return run.info.run_id
+
+
+def regated(decision: Decision, thresholds: dict[str, float],
+            quality: float | None = None) -> Decision:
+    """`decision` gated again with other thresholds (and, given `quality`, that quality)."""
+    metrics = {name: {**values, **({QUALITY: quality} if quality is not None else {})}
+               for name, values in decision.metrics.items()}
+    return decide(metrics, {**decision.thresholds, **thresholds}, decision.models,
+                  decision.agreement, decision.eval_data, decision.eval_data_sha256,
+                  decision.quality_by_category, decision.eval_runs, decision.scoring,
+                  decision.scoring_reason)
 
 
 def test_evaluate_logs_every_metric_for_both_models_in_range(evaluated):
@@ -115,6 +136,7 @@ def test_bad_thresholds_are_refused(log_runs, extra, message):
         evaluate.main(evaluate_args(log_runs, *extra))
 
 
+@pytest.mark.e2e  # a whole evaluation of its own
 def test_an_optional_llm_judge_grades_every_answer(log_runs, transformers_model_uri, tmp_path):
     """Any MLflow chat model can judge; the tiny fixture stands in for a real judge here."""
     subset = tmp_path / "eval.jsonl"
@@ -175,10 +197,9 @@ def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, mod
     assert "Madrid" in answer["choices"][0]["message"]["content"]
 
 
-def test_gate_failure_registers_a_challenger_and_says_why(log_runs, evaluated, model_name):
+def test_gate_failure_registers_a_challenger_and_says_why(evaluated, model_name):
     register.main(["--evaluate_run_id", evaluated[0], "--model_name", model_name])
-    evaluate.main(evaluate_args(log_runs, "--max_p95_latency_s", "0.000001"))
-    failing = created_run().info.run_id
+    failing = logged_decision(regated(evaluated[1], {"max_p95_latency_s": 0.000001}))
     result = register.main(["--evaluate_run_id", failing, "--model_name", model_name])
     assert result.alias == "challenger"
     assert "failed the gate" in result.reason and "max_p95_latency_s" in result.reason
@@ -191,10 +212,9 @@ def test_gate_failure_registers_a_challenger_and_says_why(log_runs, evaluated, m
     assert forced.alias == "champion" and version.tags[names.TAG_UNVALIDATED] == "true"
 
 
-def test_a_better_candidate_takes_champion(log_runs, evaluated, model_name):
-    # A weak first champion: 3 new tokens cannot hold the answers ("The capital of").
-    evaluate.main(evaluate_args(log_runs, "--max_new_tokens", "3", "--min_quality", "0"))
-    weak = created_run().info.run_id
+def test_a_better_candidate_takes_champion(evaluated, model_name):
+    # A weak first champion: no answer right, passed by a gate that asks for none.
+    weak = logged_decision(regated(evaluated[1], {"min_quality": 0.0}, quality=0.0))
     weak_registered = register.main(["--evaluate_run_id", weak, "--model_name", model_name])
     assert weak_registered.alias == "champion"
     strong = register.main(["--evaluate_run_id", evaluated[0], "--model_name", model_name])

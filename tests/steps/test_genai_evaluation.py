@@ -21,10 +21,9 @@ from tests.steps.conftest import evaluate_args
 SCORERS = (scorers.CONTAINS, scorers.EXACT, scorers.AGREEMENT)
 
 
-@pytest.fixture(scope="module")
-def genai_evaluated(log_runs):
-    decision = evaluate.main(evaluate_args(log_runs))
-    return created_run(), decision
+@pytest.fixture
+def genai_evaluated(evaluated):
+    return evaluated
 
 
 def traces_of(run_id: str) -> list:
@@ -105,6 +104,7 @@ def test_the_decision_names_its_gate_and_reports_quality_per_category(genai_eval
     assert set(decision.faster_first_token.values()) <= set(MODELS)
 
 
+@pytest.mark.e2e  # a whole evaluation of its own
 def test_the_full_set_gates_the_fixture_out_and_reports_every_category(log_runs):
     """The 120-row set is beyond what the 0.2 M-parameter fixture learned: both models fail the
     gate on quality, and quality is reported for each of the five categories."""
@@ -120,6 +120,7 @@ def test_the_full_set_gates_the_fixture_out_and_reports_every_category(log_runs)
         assert len(traces_of(decision.eval_runs[name])) == 120
 
 
+@pytest.mark.e2e  # a whole evaluation of its own
 def test_a_row_the_model_fails_on_loses_only_that_row(log_runs, tmp_path):
     """A prompt longer than the ONNX model's 4,096-token context: that row's trace holds the
     error and the row counts as wrong; the other rows are answered and scored."""
@@ -160,6 +161,7 @@ def chat(text: str) -> dict:
     return {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
 
+@pytest.mark.e2e  # a whole evaluation of its own
 def test_a_judge_that_fails_on_one_row_loses_only_that_row(log_runs, tmp_path):
     """A stand-in judge that raises on one question: that row's judge assessment is the error,
     counted as wrong; every other row keeps its scores, and the step finishes."""
@@ -215,7 +217,7 @@ def dataset():
     return made
 
 
-@pytest.mark.parametrize("by", ["name", "dataset_id"])
+@pytest.mark.parametrize("by", ["name", pytest.param("dataset_id", marks=pytest.mark.e2e)])
 def test_eval_data_can_be_an_mlflow_evaluation_dataset(log_runs, dataset, by):
     decision = evaluate.main(evaluate_args(log_runs, "--eval_data", getattr(dataset, by)))
     assert decision.eval_data == f"MLflow evaluation dataset {dataset.name} ({dataset.dataset_id})"
