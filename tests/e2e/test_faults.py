@@ -22,6 +22,8 @@ from phi3flow.errors import StepError
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
 from tests.conftest import FIXTURE, ROOT, free_port, run_project, tracking_server
 
+# All of it: each test damages, kills or restarts what whole steps and servers depend on.
+pytestmark = pytest.mark.e2e
 FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
 MAIN = ["-e", "main", "-P", f"model_id={FIXTURE}", "-P", "onnx_source=build",
         "-P", "precision=fp32", "-P", "max_new_tokens=32"]
@@ -240,7 +242,6 @@ def test_stale_runs_are_marked_failed_but_live_and_foreign_ones_are_left_alone(t
             proc.wait()
 
 
-@pytest.mark.e2e
 def test_main_killed_mid_step_leaves_no_run_running_and_a_rerun_completes(tracking, tmp_path):
     # 1. SIGTERM while evaluate works (its longest step on the fixture: log_transformers was
     # sometimes done before the signal landed): every run it touched ends FAILED at once, the
@@ -297,7 +298,6 @@ def test_main_killed_mid_step_leaves_no_run_running_and_a_rerun_completes(tracki
 
 # --- The tracking server restarted while main runs ---------------------------------------------
 
-@pytest.mark.e2e
 def test_tracking_server_restarted_mid_run_then_main_completes(tmp_path, monkeypatch):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
