@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from phi3flow import names
+from phi3flow import names, run_search
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,10 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     this it would show RUNNING forever. Runs of other hosts, of live processes and runs without
     our process tags are left alone. Returns the run IDs it marked.
     """
-    from phi3flow.tracking import runs_tagged
-
     host = socket.gethostname()
     client = mlflow.MlflowClient()
     marked = []
-    for run in runs_tagged(experiment_id, names.TAG_HOST, host):
+    for run in run_search.runs_tagged(experiment_id, names.TAG_HOST, host):
         if run.info.status != "RUNNING":
             continue
         tags = run.data.tags

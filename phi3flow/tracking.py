@@ -178,25 +178,6 @@ def log_artifacts(folder: Path, artifact_path: str) -> int:
     return size
 
 
-# The most runs one tag search reads (in pages): a host's step runs over a long time.
-MAX_TAGGED_RUNS = 10_000
-
-
-def runs_tagged(experiment_id: str, key: str, value: str) -> list[Run]:
-    """The runs of an experiment whose tag `key` is `value`, in no particular order.
-
-    A tag compared with `=` is the one filter every store answers: an Azure ML workspace refuses
-    filters on run attributes (a run's status among them), `LIKE`, `OR`, `!=` on tags and
-    ordering by most fields (docs/decisions.md, "What the workspace stand-in answers"). So
-    callers check a run's status and pick the newest themselves.
-    """
-    if "'" in value or "`" in key:
-        raise ValueError(f"tag {key}={value!r}: quotes cannot be searched for")
-    return mlflow.search_runs(experiment_ids=[experiment_id],
-                              filter_string=f"tags.`{key}` = '{value}'",
-                              max_results=MAX_TAGGED_RUNS, output_format="list")
-
-
 def upstream_run(param: str, run_id: str, step: str) -> Run:
     """The finished run of `step` that `param` names, or a StepError saying what is wrong."""
     config_mod.require_run_id(param, run_id, step)
