@@ -38,17 +38,16 @@ class Threshold:
     def fails(self, metrics: dict[str, dict[str, float]], model: str,
               bound: float) -> str | None:
         """Why `model` fails this bound, or None if it meets it (or it does not apply)."""
-        value = metrics[model][self.metric]
-        label = self.label
+        value, label, lower_is_better = metrics[model][self.metric], self.label, not (
+            self.higher_is_better)
         if self.relative_to:
             if model == self.relative_to:
                 return None
-            value = metrics[self.relative_to][self.metric] - value  # the drop: lower is better
-            label = f"{label} drop vs {self.relative_to}"
-        worse = value < bound if self.higher_is_better and not self.relative_to else value > bound
-        if not worse:
+            value = metrics[self.relative_to][self.metric] - value
+            label, lower_is_better = f"{label} drop vs {self.relative_to}", True  # a drop
+        if not (value > bound if lower_is_better else value < bound):
             return None
-        sign = "<" if self.higher_is_better and not self.relative_to else ">"
+        sign = ">" if lower_is_better else "<"
         return f"{label} {self.shown.format(value)} {sign} {self.param} {bound}"
 
 

@@ -68,9 +68,20 @@ def check_registry(client: mlflow.MlflowClient) -> None:
         ) from None
 
 
+def _versions(client, name: str) -> list[ModelVersion]:
+    """Every version of `name` (none if it is not registered), by the one version search a
+    workspace documents: by name."""
+    try:
+        return client.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+
+
 def _existing_version(client, name: str, evaluate_run_id: str) -> ModelVersion | None:
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        versions = _versions(client, name)
     except MlflowException:
         return None
     for version in versions:
@@ -107,13 +118,7 @@ class Holder:
 def _tagged_holders(client, name: str, alias: str) -> list[ModelVersion]:
     """The versions whose tag says they hold `alias`, newest first (one, unless a register was
     stopped between tagging the new holder and untagging the old)."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise
-    return sorted((v for v in versions if v.tags.get(names.TAG_ALIAS_PREFIX + alias) == HOLDS),
+    return sorted((v for v in _versions(client, name) if v.tags.get(names.TAG_ALIAS_PREFIX + alias) == HOLDS),
                   key=lambda v: int(v.version), reverse=True)
 
 
@@ -288,9 +293,9 @@ def register(cfg: RegisterConfig, decision: Decision, evaluate_run) -> Registrat
     api_error = refused or holder.alias_api_error
     if refused:
         reason += (f" (the alias API refused it: {refused}; the alias is the tag "
-                   f"{names.TAG_ALIAS_PREFIX}{alias}={version.version})")
+                   f"{names.TAG_ALIAS_PREFIX}{alias}={HOLDS} of version {version.version})")
     elif holder.alias_api_error:
-        reason += (f" (the current {cfg.alias} was read from the tag "
+        reason += (f" (the current {cfg.alias} was read from the version tags "
                    f"{names.TAG_ALIAS_PREFIX}{cfg.alias}: the alias API answered "
                    f"{holder.alias_api_error})")
     logger.info("registered %s version %s as @%s: %s", cfg.model_name, version.version, alias,

@@ -156,16 +156,15 @@ def upload_timeout_s(size_bytes: int) -> int:
     return max(DEFAULT_ARTIFACTS_TIMEOUT_S, math.ceil(size_bytes / ASSUMED_UPLOAD_BYTES_PER_S))
 
 
-def log_artifacts(folder: Path, artifact_path: str) -> int:
+def log_artifacts(folder: Path, artifact_path: str) -> None:
     """`mlflow.log_artifacts`, with Azure ML's upload timeout sized for the folder (unless the
-    user set AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, e.g. through backend-config `extra_env`).
-    Returns the bytes uploaded."""
+    user set AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, e.g. through backend-config `extra_env`)."""
     files = [p for p in Path(folder).rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
     logger.info("uploading %s/: %d files, %.1f MB", artifact_path, len(files), size / 1e6)
     if urlparse(mlflow.get_tracking_uri()).scheme != "azureml" or ARTIFACTS_TIMEOUT in os.environ:
         mlflow.log_artifacts(str(folder), artifact_path)
-        return size
+        return
     seconds = upload_timeout_s(size)
     logger.info("%s=%d for this upload (%.0f MB at an assumed %.0f MB/s; set it in backend-config "
                 "extra_env to choose your own)", ARTIFACTS_TIMEOUT, seconds, size / 1e6,
@@ -175,7 +174,6 @@ def log_artifacts(folder: Path, artifact_path: str) -> int:
         mlflow.log_artifacts(str(folder), artifact_path)
     finally:
         del os.environ[ARTIFACTS_TIMEOUT]
-    return size
 
 
 def upstream_run(param: str, run_id: str, step: str) -> Run:
