@@ -18,6 +18,7 @@ from typing import Any
 
 from phi3flow.errors import StepError
 from phi3flow.names import PROJECT_ROOT
+from phi3flow.record import record
 
 # The categories a row may name; reports give quality per category in this order.
 CATEGORIES = ("facts", "arithmetic", "units", "reasoning", "format")
@@ -35,6 +36,23 @@ _SHOWN_ERRORS = 10
 
 class EvalDataError(StepError):
     """The eval set is missing, empty or malformed; the message names each bad row."""
+
+
+@record
+class EvalRow:
+    """One row of the eval set, checked: the chat to answer, the text its answer must contain."""
+
+    messages: tuple[dict[str, Any], ...]  # {"role": ..., "content": ...}, strings
+    expected: str
+    category: str  # one of CATEGORIES
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"messages": list(self.messages), "expected": self.expected,
+                "category": self.category}
 
 
 def is_file_value(value: str) -> bool:
@@ -58,18 +76,19 @@ def choose_auto(checkpoint_bytes: int) -> tuple[str, str]:
                       f"full set {FULL_SET}")
 
 
-def load(value: str) -> tuple[list[dict[str, Any]], str, str]:
+def load(value: str) -> tuple[list[EvalRow], str, str]:
     """(rows, what was read, sha256 of the rows) for a JSONL path or a dataset name or ID."""
     if is_file_value(value):
         path = resolve_path(value)
         rows = load_jsonl(path)
         return rows, str(path), hashlib.sha256(path.read_bytes()).hexdigest()
     rows, described = load_dataset(value)
-    canonical = json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()
+    canonical = json.dumps([row.to_dict() for row in rows], sort_keys=True,
+                           separators=(",", ":")).encode()
     return rows, described, hashlib.sha256(canonical).hexdigest()
 
 
-def load_jsonl(path: Path) -> list[dict[str, Any]]:
+def load_jsonl(path: Path) -> list[EvalRow]:
     if not path.is_file():
         raise EvalDataError(f"eval_data {path} does not exist: pass a JSONL file of "
                             "{\"messages\": [...], \"expected\": \"...\", \"category\": \"...\"} "
@@ -79,16 +98,16 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            parsed = json.loads(line)
         except json.JSONDecodeError as exc:
             errors.append(f"line {number} is not valid JSON: {exc.msg}")
             continue
-        if not isinstance(record, dict):
+        if not isinstance(parsed, dict):
             errors.append(f"line {number} must be a JSON object")
             continue
-        row, problem = parse_row(record.get("messages"), record.get("expected"),
-                                 record.get("category"), missing=[
-                                     k for k in ("messages", "expected") if k not in record])
+        row, problem = parse_row(parsed.get("messages"), parsed.get("expected"),
+                                 parsed.get("category"), missing=[
+                                     k for k in ("messages", "expected") if k not in parsed])
         if problem:
             errors.append(f"line {number}: {problem}")
         else:
@@ -97,7 +116,7 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_dataset(value: str) -> tuple[list[dict[str, Any]], str]:
+def load_dataset(value: str) -> tuple[list[EvalRow], str]:
     """Rows of an MLflow evaluation dataset: inputs.messages, expectations.expected_response
     (MLflow's name; `expected` also accepted), and a `category` tag or expectation."""
     import mlflow
@@ -117,17 +136,17 @@ def load_dataset(value: str) -> tuple[list[dict[str, Any]], str]:
             "{category}}).") from None
     records = dataset.to_df().to_dict("records")
     rows, errors = [], []
-    for number, record in enumerate(records, start=1):
-        inputs = record.get("inputs") or {}
-        expectations = record.get("expectations") or {}
-        tags = record.get("tags") or {}
+    for number, found in enumerate(records, start=1):
+        inputs = found.get("inputs") or {}
+        expectations = found.get("expectations") or {}
+        tags = found.get("tags") or {}
         expected = expectations.get("expected_response", expectations.get("expected"))
         category = tags.get("category", expectations.get("category"))
         missing = (["inputs.messages"] if "messages" not in inputs else []) + (
             ["expectations.expected_response"] if expected is None else [])
         row, problem = parse_row(inputs.get("messages"), expected, category, missing)
         if problem:
-            errors.append(f"record {number} ({record.get('dataset_record_id')}): {problem}")
+            errors.append(f"record {number} ({found.get('dataset_record_id')}): {problem}")
         else:
             rows.append(row)
     described = f"MLflow evaluation dataset {dataset.name} ({dataset.dataset_id})"
@@ -136,23 +155,23 @@ def load_dataset(value: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def parse_row(messages: Any, expected: Any, category: Any,
-              missing: list[str]) -> tuple[dict[str, Any], str | None]:
-    """(row, None) for a good row, or ({}, what is wrong with it and how to fix it)."""
+              missing: list[str]) -> tuple[EvalRow | None, str | None]:
+    """(row, None) for a good row, or (None, what is wrong with it and how to fix it)."""
     if missing:
-        return {}, (f"has no {' or '.join(missing)} field; each row needs messages (a chat) and "
+        return None, (f"has no {' or '.join(missing)} field; each row needs messages (a chat) and "
                     "expected (a short string the answer must contain)")
     if (not isinstance(messages, list) or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                        and isinstance(m.get("content"), str) for m in messages)):
-        return {}, ("messages must be a non-empty list of {\"role\": ..., \"content\": ...} "
+        return None, ("messages must be a non-empty list of {\"role\": ..., \"content\": ...} "
                     "objects with string values")
     if not isinstance(expected, str) or not expected.strip():
-        return {}, "expected must be a non-empty string"
+        return None, "expected must be a non-empty string"
     category = "facts" if category is None else category
     if category not in CATEGORIES:
-        return {}, (f"unknown category {category!r}: use one of {', '.join(CATEGORIES)} (or "
+        return None, (f"unknown category {category!r}: use one of {', '.join(CATEGORIES)} (or "
                     "leave it out for facts)")
-    return {"messages": messages, "expected": expected, "category": category}, None
+    return EvalRow(tuple(messages), expected, category), None
 
 
 def _raise_if_bad(source: str, unit: str, errors: list[str], rows: list) -> None:

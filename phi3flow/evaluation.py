@@ -17,9 +17,7 @@ of the two a store gets, once, before any model runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -41,6 +39,8 @@ from phi3flow.decision import (
     first_token_lengths,
 )
 from phi3flow.errors import StepError
+from phi3flow.eval_contract import ModelMetrics, WorkerResult, WorkerSpec, share
+from phi3flow.eval_data import EvalRow
 from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -69,20 +69,15 @@ def trace_api(experiment_id: str) -> tuple[bool, str]:
     return True, "the tracking store keeps traces: a trace per answer, scored by MLflow"
 
 
-def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_new_tokens: int,
-                              run_id: str, tracing: bool = True) -> dict:
+def evaluate_in_fresh_process(spec: WorkerSpec) -> WorkerResult:
     """Answer every row with one model in a process of its own; the answers' traces go to
-    `run_id` (the model's evaluation run), or, with `tracing=False`, only into the result."""
+    `spec.run_id` (the model's evaluation run), or, with tracing off, only into the result."""
     with tempfile.TemporaryDirectory(prefix="phi3flow-eval-") as tmp:
-        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec.write_text(json.dumps({
-            "name": name, "model_uri": model_uri, "model_id": model_uris.logged_model_id(model_uri),
-            "model_location": model_uris.model_location(model_uri),
-            "experiment_id": mlflow.active_run().info.experiment_id, "run_id": run_id,
-            "max_new_tokens": max_new_tokens, "rows": rows, "tracing": tracing}))
-        command = [sys.executable, "-m", "phi3flow.eval_worker", str(spec), str(out)]
-        logger.info("evaluating %s (%s) on %d rows in a fresh process", name, model_uri,
-                    len(rows))
+        spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_file.write_text(spec.to_json())
+        command = [sys.executable, "-m", "phi3flow.eval_worker", str(spec_file), str(out)]
+        logger.info("evaluating %s (%s) on %d rows in a fresh process", spec.name,
+                    spec.model_uri, len(spec.rows))
         env = {
             **tracking.child_environment(),
             # The same store as ours, even when ours is MLflow's relative default.
@@ -95,19 +90,19 @@ def evaluate_in_fresh_process(name: str, model_uri: str, rows: list[dict], max_n
         }
         done = subprocess.run(command, env=env)
         if done.returncode != 0:
-            raise StepError(f"evaluating {model_uri} failed (exit code {done.returncode}); "
+            raise StepError(f"evaluating {spec.model_uri} failed (exit code {done.returncode}); "
                             "its log is above.")
-        result = json.loads(out.read_text())
-    if all("error" in answer for answer in result["rows"]):
-        raise StepError(f"{name} ({model_uri}) failed on every row, e.g. "
-                        f"{result['rows'][0]['error']}: fix the model or the eval set.")
+        result = WorkerResult.from_json(out.read_text(), f"the worker's result for {spec.name}")
+    if all(answer.failed for answer in result.answers):
+        raise StepError(f"{spec.name} ({spec.model_uri}) failed on every row, e.g. "
+                        f"{result.answers[0].error}: fix the model or the eval set.")
     return result
 
 
 # --- scoring, with MLflow's GenAI evaluation ----------------------------------------------------
 
 
-def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str,
+def score(spec: WorkerSpec, result: WorkerResult,
           quality_scorers: list) -> dict[str, list[bool | None]]:
     """Score one model's answer traces with `mlflow.genai.evaluate` in its evaluation run.
 
@@ -115,9 +110,9 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
     in the MLflow UI. Returns {scorer: [value per row]}, None where the scorer raised on a row
     (MLflow records the error on that trace and goes on with the other rows).
     """
-    experiment_id = mlflow.active_run().info.experiment_id
-    found = mlflow.search_traces(locations=[experiment_id], run_id=run_id)
-    ids = [answer["trace_id"] for answer in result["rows"]]
+    name, rows = spec.name, spec.rows
+    found = mlflow.search_traces(locations=[spec.experiment_id], run_id=spec.run_id)
+    ids = [answer.trace_id for answer in result.answers]
     missing = set(ids) - set(found["trace_id"])
     if missing:
         raise StepError(f"{name}: {len(missing)} of {len(ids)} answer traces are not in the "
@@ -126,10 +121,10 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
                         "server without MLflow 3's trace API cannot store them). Point "
                         "MLFLOW_TRACKING_URI at an MLflow 3 server or database and re-run.")
     data = found.set_index("trace_id").loc[ids].reset_index()
-    data["expectations"] = [{"expected_response": row["expected"]} for row in rows]
-    with mlflow.start_run(run_id=run_id, nested=True):
+    data["expectations"] = [{"expected_response": row.expected} for row in rows]
+    with mlflow.start_run(run_id=spec.run_id, nested=True):
         evaluated = mlflow.genai.evaluate(data=data, scorers=quality_scorers,
-                                          model_id=model_uris.logged_model_id(model_uri))
+                                          model_id=spec.model_id)
     by_trace = evaluated.result_df.set_index("trace_id")
     values: dict[str, list[bool | None]] = {}
     for scorer in quality_scorers:
@@ -140,7 +135,7 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
             error = errors[trace_id] if errors is not None else None
             if isinstance(error, str) and error:
                 logger.warning("%s row %d (%s): scorer %s raised: %s; the row counts as wrong "
-                               "(the trace shows the error)", name, index, rows[index]["category"],
+                               "(the trace shows the error)", name, index, rows[index].category,
                                scorer.name, error.splitlines()[0][:300])
                 values[scorer.name].append(None)
             else:
@@ -148,8 +143,7 @@ def score(name: str, model_uri: str, rows: list[dict], result: dict, run_id: str
     return values
 
 
-def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
-                         max_new_tokens: int,
+def score_without_traces(spec: WorkerSpec, result: WorkerResult,
                          quality_scorers: list) -> dict[str, list[bool | None]]:
     """The scorers of `score`, called on each row as MLflow would call them, for a store without
     traces; the answers and assessments are logged as a table on the evaluation run, with the
@@ -161,36 +155,34 @@ def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
     """
     from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
 
-    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    name, rows, run_id = spec.name, spec.rows, spec.run_id
     values: dict[str, list[bool | None]] = {scorer.name: [] for scorer in quality_scorers}
     table: dict[str, list] = {"row": [], "category": [], "question": [], "expected": [],
                               "answer": [], "error": []}
     for scorer in quality_scorers:
         table |= {f"{scorer.name}/value": [], f"{scorer.name}/rationale": []}
-    for index, (row, answer) in enumerate(zip(rows, result["rows"], strict=True)):
-        failed = "error" in answer
+    for index, (row, answer) in enumerate(zip(rows, result.answers, strict=True)):
         trace = Trace(TraceInfo(
             trace_id=f"{run_id}-row-{index}", request_time=0,
-            trace_location=TraceLocation.from_experiment_id(experiment_id),
-            state=TraceState.ERROR if failed else TraceState.OK,
-            tags={names.TRACE_TAG_ROW: str(index), names.TRACE_TAG_CATEGORY: row["category"]}),
+            trace_location=TraceLocation.from_experiment_id(spec.experiment_id),
+            state=TraceState.ERROR if answer.failed else TraceState.OK,
+            tags={names.TRACE_TAG_ROW: str(index), names.TRACE_TAG_CATEGORY: row.category}),
             TraceData(spans=[]))
-        request = {"messages": row["messages"], "max_tokens": max_new_tokens}
-        for key, value in (("row", index), ("category", row["category"]),
-                           ("question", row["messages"][-1]["content"]),
-                           ("expected", row["expected"]), ("answer", answer["answer"]),
-                           ("error", answer.get("error", ""))):
+        request = {"messages": list(row.messages), "max_tokens": spec.max_new_tokens}
+        for key, value in (("row", index), ("category", row.category),
+                           ("question", row.question), ("expected", row.expected),
+                           ("answer", answer.answer), ("error", answer.error or "")):
             table[key].append(value)
         for scorer in quality_scorers:
             try:
-                feedback = scorer.run(inputs=request, outputs=answer.get("response"),
-                                      expectations={"expected_response": row["expected"]},
+                feedback = scorer.run(inputs=request, outputs=answer.response,
+                                      expectations={"expected_response": row.expected},
                                       trace=trace)
                 value = bool(getattr(feedback, "value", feedback))
                 rationale = getattr(feedback, "rationale", "") or ""
             except Exception as exc:  # noqa: BLE001 - as MLflow's evaluation: that row, that scorer
                 logger.warning("%s row %d (%s): scorer %s raised: %s; the row counts as wrong",
-                               name, index, row["category"], scorer.name,
+                               name, index, row.category, scorer.name,
                                redact.error_text(exc, 300))
                 value, rationale = None, f"the scorer raised {redact.error_text(exc, 300)}"
             values[scorer.name].append(value)
@@ -211,6 +203,57 @@ def score_without_traces(name: str, rows: list[dict], result: dict, run_id: str,
 def evaluate(cfg: EvaluateConfig, active: mlflow.ActiveRun) -> Decision:
     """evaluate's whole work in its run `active`: both models on the same rows, measured,
     scored, gated and decided; the decision logged and returned (steps/evaluate.py)."""
+    log_runs, fetch_run_id = upstream_runs(cfg)
+    uris = {name: model_uris.logged_model_uri(run.info.run_id) for name, run in log_runs.items()}
+    # Everything that can be wrong with the inputs is found before a model is loaded.
+    judge = scorers.load_judge(cfg.judge_model_uri) if cfg.judge_model_uri else None
+    rows, read, eval_data_sha256 = eval_data.load(resolve_eval_data(cfg, fetch_run_id))
+    logger.info("eval set: %d rows of %s (%s)", len(rows), read, ", ".join(
+        f"{c} {n}" for c in eval_data.CATEGORIES if (n := sum(r.category == c for r in rows))))
+    mlflow.set_tags({names.TAG_EVAL_DATA_SHA256: eval_data_sha256,
+                     names.TAG_EVAL_DATA: read[:5000], names.TAG_FETCH_RUN_ID: fetch_run_id})
+    tracing, scoring_reason = trace_api(active.info.experiment_id)
+    logger.info("scoring: %s", scoring_reason)
+
+    with eval_runs(active.info.run_id, uris) as children:
+        specs = {name: WorkerSpec(
+            name=name, model_uri=uri, model_id=model_uris.logged_model_id(uri),
+            model_location=model_uris.model_location(uri),
+            experiment_id=active.info.experiment_id, run_id=children[name],
+            max_new_tokens=cfg.max_new_tokens, rows=tuple(rows), tracing=tracing)
+            for name, uri in uris.items()}
+        results = {name: evaluate_in_fresh_process(spec) for name, spec in specs.items()}
+        scores = score_models(specs, results, judge)
+        metrics = {name: ModelMetrics.of(results[name], scores[name]).logged() for name in MODELS}
+        for name, spec in specs.items():
+            # On its evaluation run beside the scores, and on its logged model (so models
+            # can be ranked with mlflow.search_logged_models; a runs:/ fallback has none).
+            mlflow.log_metrics(metrics[name], run_id=spec.run_id, model_id=spec.model_id)
+    categories = {name: by_category(rows, scores[name]) for name in MODELS}
+    agree = metrics[MODELS[0]][scorers.AGREEMENT]
+    mlflow.log_metrics({f"{name}_{key}": value for name, values in metrics.items()
+                        for key, value in values.items() if key != scorers.AGREEMENT}
+                       | {f"{name}_{scorers.CONTAINS}_{category}": value[scorers.CONTAINS]
+                          for name, per in categories.items()
+                          for category, value in per.items()}
+                       | {scorers.AGREEMENT: agree})
+    mlflow.log_table(eval_table(rows, results, scores), names.EVAL_TABLE)
+
+    refs = {name: ModelRef(uris[name], run.info.run_id) for name, run in log_runs.items()}
+    decided = decide(metrics, cfg.thresholds(), refs, agree, read, eval_data_sha256, categories,
+                     children, WITH_TRACES if tracing else WITHOUT_TRACES, scoring_reason)
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = Path(tmp) / names.EVAL_CHART
+        chart(decided, drawn)
+        mlflow.log_artifact(str(drawn))
+    decided.log()
+    mlflow.set_tag(names.TAG_CHOSEN, decided.chosen)
+    report(decided, len(rows))
+    return decided
+
+
+def upstream_runs(cfg: EvaluateConfig) -> tuple[dict[str, Run], str]:
+    """The two log steps' runs, checked, and the fetch run both models come from."""
     runs = {
         TRANSFORMERS: tracking.upstream_run(
             "transformers_run_id", cfg.transformers_run_id, names.LOG_TRANSFORMERS),
@@ -220,73 +263,40 @@ def evaluate(cfg: EvaluateConfig, active: mlflow.ActiveRun) -> Decision:
     if len(set(fetches.values())) != 1:
         raise StepError(f"the two models come from different fetch runs {fetches}: compare "
                         "models of one checkpoint (log both from the same fetch_run_id).")
-    uris = {name: model_uris.logged_model_uri(run.info.run_id) for name, run in runs.items()}
-    # Everything that can be wrong with the inputs is found before a model is loaded.
-    judge = scorers.load_judge(cfg.judge_model_uri) if cfg.judge_model_uri else None
-    rows, read, eval_data_sha256 = eval_data.load(resolve_eval_data(cfg, fetches[ONNX]))
-    logger.info("eval set: %d rows of %s (%s)", len(rows), read, ", ".join(
-        f"{c} {sum(r['category'] == c for r in rows)}" for c in eval_data.CATEGORIES
-        if any(r["category"] == c for r in rows)))
-    mlflow.set_tags({names.TAG_EVAL_DATA_SHA256: eval_data_sha256,
-                     names.TAG_EVAL_DATA: read[:5000],
-                     names.TAG_FETCH_RUN_ID: fetches[ONNX]})
-    tracing, scoring_reason = trace_api(active.info.experiment_id)
-    logger.info("scoring: %s", scoring_reason)
+    return runs, fetches[ONNX]
 
-    with eval_runs(active.info.run_id, uris) as children:
-        results = {name: evaluate_in_fresh_process(
-            name, uri, rows, cfg.max_new_tokens, children[name], tracing)
-            for name, uri in uris.items()}
-        answers = {name: [a["answer"] for a in result["rows"]]
-                   for name, result in results.items()}
-        scores, metrics, categories = {}, {}, {}
-        for name, uri in uris.items():
-            other = next(m for m in MODELS if m != name)
-            quality = [scorers.quality_contains, scorers.quality_exact,
-                       scorers.agreement(other, dict(enumerate(answers[other])))]
-            quality += [scorers.judge(judge)] if judge else []
-            scores[name] = (
-                score(name, uri, rows, results[name], children[name], quality)
-                if tracing else score_without_traces(
-                    name, rows, results[name], children[name], cfg.max_new_tokens, quality))
-            metrics[name] = model_metrics(results[name], scores[name])
-            categories[name] = by_category(rows, scores[name])
-            # On its evaluation run beside the scores, and on its logged model (so models
-            # can be ranked with mlflow.search_logged_models; a runs:/ fallback has none).
-            mlflow.log_metrics(metrics[name], run_id=children[name],
-                               model_id=model_uris.logged_model_id(uri))
-        agree = metrics[MODELS[0]][scorers.AGREEMENT]
-    mlflow.log_metrics({f"{name}_{key}": value for name, values in metrics.items()
-                        for key, value in values.items() if key != scorers.AGREEMENT}
-                       | {f"{name}_{scorers.CONTAINS}_{category}": value[scorers.CONTAINS]
-                          for name, per in categories.items()
-                          for category, value in per.items()}
-                       | {scorers.AGREEMENT: agree})
-    mlflow.log_table(eval_table(rows, results, scores), names.EVAL_TABLE)
 
-    models = {name: ModelRef(uris[name], runs[name].info.run_id) for name in uris}
-    decided = decide(metrics, cfg.thresholds(), models, agree, read, eval_data_sha256,
-                     categories, children, WITH_TRACES if tracing else WITHOUT_TRACES,
-                     scoring_reason)
-    with tempfile.TemporaryDirectory() as tmp:
-        drawn = Path(tmp) / names.EVAL_CHART
-        passed = ", ".join(f"{v.model} {'passed' if v.passed else 'failed'}"
-                           for v in decided.verdicts.values())
-        chart(metrics, categories, agree, f"gate: {passed}; chosen: {decided.chosen}", drawn)
-        mlflow.log_artifact(str(drawn))
-    decided.log()
-    mlflow.set_tag(names.TAG_CHOSEN, decided.chosen)
+def score_models(specs: dict[str, WorkerSpec], results: dict[str, WorkerResult],
+                 judge) -> dict[str, dict[str, list[bool | None]]]:
+    """{model: {scorer: value per row}}: each model's answers by every scorer, with traces where
+    the store keeps them; agreement compares a model's answers with the other model's."""
+    answers = {name: dict(enumerate(a.answer for a in result.answers))
+               for name, result in results.items()}
+    scores = {}
+    for name, spec in specs.items():
+        other = next(m for m in MODELS if m != name)
+        quality = [scorers.quality_contains, scorers.quality_exact,
+                   scorers.agreement(other, answers[other])]
+        quality += [scorers.judge(judge)] if judge else []
+        scored = score if spec.tracing else score_without_traces
+        scores[name] = scored(spec, results[name], quality)
+    return scores
+
+
+def report(decided: Decision, rows: int) -> None:
+    """What evaluate found, in a few log lines: quality, the gate, first tokens, where to look."""
+    metrics = decided.metrics
     for name in MODELS:
         logger.info("%s: %s %.3f over %d rows (%s); %s", name, scorers.CONTAINS,
-                    metrics[name][scorers.CONTAINS], len(rows), ", ".join(
-                        f"{c} {v[scorers.CONTAINS]:.2f}" for c, v in categories[name].items()),
+                    metrics[name][scorers.CONTAINS], rows, ", ".join(
+                        f"{c} {v[scorers.CONTAINS]:.2f}"
+                        for c, v in decided.quality_by_category[name].items()),
                     decided.verdicts[name].reasons[0])
     for length, ttft in first_token_lengths(metrics).items():
         logger.info("first token at %s-token prompts: %s (%s first)", length, ", ".join(
             f"{m} {metrics[m][ttft]:.2f} s" for m in MODELS), decided.faster_first_token[length])
     logger.info("answer by answer: the experiment's Evaluations tab, runs %s", ", ".join(
-        f"{names.EVALUATE}/{name} ({run_id})" for name, run_id in children.items()))
-    return decided
+        f"{names.EVALUATE}/{name} ({run_id})" for name, run_id in decided.eval_runs.items()))
 
 
 def resolve_eval_data(cfg: EvaluateConfig, fetch_run_id: str) -> str:
@@ -329,50 +339,15 @@ def eval_runs(parent_run_id: str, uris: dict[str, str]):
         client.set_terminated(run_id, "FINISHED")
 
 
-# --- metrics ----------------------------------------------------------------------------------
+# --- per category and per row -------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def share(values: list[bool | None]) -> float:
-    """The share of rows scored true; a row the scorer failed on counts as false."""
-    return sum(v is True for v in values) / len(values)
-
-
-def model_metrics(result: dict, scores: dict[str, list]) -> dict[str, float]:
-    answered = [a for a in result["rows"] if "error" not in a]
-    tokens = sum(a["completion_tokens"] for a in answered)
-    seconds = sum(a["latency_s"] for a in answered)
-    long = result.get("long_prompt") or {}
-    return {
-        **{name: share(values) for name, values in scores.items()},
-        "failed_rows": float(len(result["rows"]) - len(answered)),
-        "scorer_errors": float(sum(v is None for values in scores.values() for v in values)),
-        "latency_p50_s": percentile([a["latency_s"] for a in answered], 0.5),
-        "latency_p95_s": percentile([a["latency_s"] for a in answered], 0.95),
-        "ttft_p50_s": percentile([a["ttft_s"] for a in answered], 0.5),
-        "prompt_tokens_p50": percentile([a["prompt_tokens"] for a in answered], 0.5),
-        # the first token of a long prompt: where prefill speed shows
-        **({"long_prompt_tokens": long["prompt_tokens"], "ttft_long_prompt_s": long["ttft_s"]}
-           if long else {}),
-        "output_tokens_per_s": tokens / seconds if seconds else 0.0,
-        "load_s": result["load_s"],
-        "peak_rss_mb": result["peak_rss_mb"],
-        "size_mb": result["size_mb"],  # the model's files, as the worker fetched them
-    }
-
-
-def by_category(rows: list[dict], scores: dict[str, list]) -> dict[str, dict[str, float]]:
+def by_category(rows: list[EvalRow], scores: dict[str, list]) -> dict[str, dict[str, float]]:
     """{category: {"rows": n, quality_contains: share, quality_exact: share}}, in CATEGORIES
     order, for the categories the eval set has."""
     report = {}
     for category in eval_data.CATEGORIES:
-        picked = [i for i, row in enumerate(rows) if row["category"] == category]
+        picked = [i for i, row in enumerate(rows) if row.category == category]
         if picked:
             report[category] = {"rows": float(len(picked))} | {
                 name: share([scores[name][i] for i in picked])
@@ -380,24 +355,25 @@ def by_category(rows: list[dict], scores: dict[str, list]) -> dict[str, dict[str
     return report
 
 
-def eval_table(rows: list[dict], results: dict[str, dict], scores: dict[str, dict]) -> dict:
+def eval_table(rows: list[EvalRow], results: dict[str, WorkerResult],
+               scores: dict[str, dict]) -> dict:
     """Per row: the question, its category, the expected answer, and each model's answer, scores,
     timings and trace."""
     table = {
-        "question": [r["messages"][-1]["content"] for r in rows],
-        "category": [r["category"] for r in rows],
-        "expected": [r["expected"] for r in rows],
+        "question": [r.question for r in rows],
+        "category": [r.category for r in rows],
+        "expected": [r.expected for r in rows],
     }
     for name, result in results.items():
-        answers = result["rows"]
-        table[f"{name}_answer"] = [a["answer"] for a in answers]
+        answers = result.answers
+        table[f"{name}_answer"] = [a.answer for a in answers]
         for scorer, values in scores[name].items():
             if scorer != scorers.AGREEMENT:
                 table[f"{name}_{scorer}"] = values
         for key in ("latency_s", "ttft_s", "completion_tokens"):
-            table[f"{name}_{key}"] = [a.get(key) for a in answers]
-        table[f"{name}_error"] = [a.get("error", "") for a in answers]
-        table[f"{name}_trace_id"] = [a["trace_id"] for a in answers]
+            table[f"{name}_{key}"] = [getattr(a, key) for a in answers]
+        table[f"{name}_error"] = [a.error or "" for a in answers]
+        table[f"{name}_trace_id"] = [a.trace_id for a in answers]
     table[scorers.AGREEMENT] = scores[MODELS[0]][scorers.AGREEMENT]
     return table
 
@@ -405,13 +381,17 @@ def eval_table(rows: list[dict], results: dict[str, dict], scores: dict[str, dic
 # --- chart ------------------------------------------------------------------------------------
 
 
-def chart(metrics: dict[str, dict[str, float]], categories: dict[str, dict[str, dict]],
-          agree: float, verdict: str, path: Path) -> None:
+def chart(decided: Decision, path: Path) -> None:
+    """The two models side by side: quality per category, latency, throughput, footprint."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics, categories, agree = decided.metrics, decided.quality_by_category, decided.agreement
+    verdict = "gate: " + ", ".join(f"{v.model} {'passed' if v.passed else 'failed'}"
+                                   for v in decided.verdicts.values())
+    verdict += f"; chosen: {decided.chosen}"
     # Quality: every category and all rows, under the metric the gate uses.
     quality = {name: {**{c: v[scorers.CONTAINS] for c, v in categories[name].items()},
                       "all rows": metrics[name][scorers.CONTAINS]} for name in MODELS}

@@ -99,7 +99,8 @@ TAG_REGISTERED_VERSION = TAG_PREFIX + "registered_version"
 TAG_ALIAS = TAG_PREFIX + "alias"  # the alias a register run gave (champion or challenger)
 # Model version tags: each key metric of the chosen model (`phi3flow.metric.quality_contains`).
 TAG_METRIC_PREFIX = TAG_PREFIX + "metric."
-# Registered-model tag where a registry has no alias API: `phi3flow.alias.champion = 3`.
+# Model version tag where a registry has no usable alias API: `phi3flow.alias.champion = true`
+# on the version that holds it (phi3flow/registry.py).
 TAG_ALIAS_PREFIX = TAG_PREFIX + "alias."
 # The Azure ML backend's tags on the run it returns (`phi3flow.azureml.job_status`, ...).
 TAG_AZUREML_PREFIX = TAG_PREFIX + "azureml."

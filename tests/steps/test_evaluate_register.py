@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import evaluation, names
+from phi3flow import names
 from phi3flow.decision import QUALITY, Decision, decide
 from phi3flow.errors import StepError
 from steps import evaluate, register
@@ -235,8 +235,3 @@ def test_register_refuses_a_run_that_is_not_an_evaluation(log_runs):
     with pytest.raises(StepError, match="is a log_transformers run, not a evaluate run"):
         register.main(["--evaluate_run_id", log_runs["transformers_run_id"]])
 
-
-def test_percentile_matches_linear_interpolation():
-    assert evaluation.percentile([1, 2, 3, 4], 0.5) == 2.5
-    assert evaluation.percentile([5.0], 0.95) == 5.0
-    assert evaluation.percentile([0, 10], 0.95) == pytest.approx(9.5)

@@ -14,6 +14,7 @@ import pytest
 from phi3flow import eval_data, evaluation, names, scorers
 from phi3flow.decision import GATED_ON, MODELS, Decision
 from phi3flow.errors import StepError
+from phi3flow.eval_contract import Answer, WorkerResult, WorkerSpec
 from steps import evaluate
 from tests.conftest import EVAL_DATA, created_run, eval_rows
 from tests.steps.conftest import evaluate_args
@@ -255,19 +256,25 @@ def test_scoring_without_traces_gives_each_row_what_mlflow_gave_it(genai_evaluat
     score_without_traces): fed the answers MLflow scored, it reaches the same value on every
     row and the same `<scorer>/mean` metrics."""
     run, decision = genai_evaluated
-    rows = eval_rows()
+    rows = tuple(eval_data.load(str(EVAL_DATA))[0])
     traces = {name: sorted(traces_of(child), key=lambda t: int(t.info.tags[names.TRACE_TAG_ROW]))
               for name, child in decision.eval_runs.items()}
-    answers = {name: [{"answer": scorers.answer_of(json.loads(t.data.response)),
-                       "response": json.loads(t.data.response)} for t in found]
+    answers = {name: tuple(Answer(trace_id=None, answer=scorers.answer_of(response),
+                                  response=response)
+                           for response in (json.loads(t.data.response) for t in found))
                for name, found in traces.items()}
     for name in MODELS:
         other = next(m for m in MODELS if m != name)
         quality = [scorers.quality_contains, scorers.quality_exact,
-                   scorers.agreement(other, dict(enumerate(a["answer"] for a in answers[other])))]
+                   scorers.agreement(other, dict(enumerate(a.answer for a in answers[other])))]
         with mlflow.start_run() as scratch:
-            values = evaluation.score_without_traces(name, rows, {"rows": answers[name]},
-                                                     scratch.info.run_id, 32, quality)
+            spec = WorkerSpec(name=name, model_uri="unused", model_location="unused",
+                              experiment_id=scratch.info.experiment_id,
+                              run_id=scratch.info.run_id, max_new_tokens=32, rows=rows,
+                              tracing=False)
+            result = WorkerResult(load_s=0.0, size_mb=0.0, peak_rss_mb=0.0,
+                                  answers=answers[name])
+            values = evaluation.score_without_traces(spec, result, quality)
         assert values == {scorer: [assessments(t)[scorer].value for t in traces[name]]
                           for scorer in SCORERS}
         ours = mlflow.get_run(scratch.info.run_id).data.metrics

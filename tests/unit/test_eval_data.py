@@ -15,21 +15,21 @@ from phi3flow.scorers import contains, exact
 def test_the_full_set_is_large_categorised_and_unambiguous():
     rows = eval_data.load_jsonl(eval_data.resolve_path(eval_data.FULL_SET))
     assert len(rows) >= 100
-    per_category = Counter(row["category"] for row in rows)
+    per_category = Counter(row.category for row in rows)
     assert set(per_category) == set(eval_data.CATEGORIES)
     assert min(per_category.values()) >= 20
-    questions = [row["messages"][-1]["content"] for row in rows]
+    questions = [row.question for row in rows]
     assert len(set(questions)) == len(questions)
-    assert all(len(row["expected"].split()) <= 5 for row in rows)  # short answers only
+    assert all(len(row.expected.split()) <= 5 for row in rows)  # short answers only
     # an expected answer that the question itself contains would pass a parroting model
     parroted = [q for q, row in zip(questions, rows)
-                if contains(q, row["expected"]) and row["category"] != "format"]
+                if contains(q, row.expected) and row.category != "format"]
     assert not parroted, parroted
 
 
 def test_the_smoke_set_is_what_the_fixture_learned():
     rows = eval_data.load_jsonl(eval_data.resolve_path(eval_data.SMOKE_SET))
-    assert len(rows) == 12 and {row["category"] for row in rows} == {"facts"}
+    assert len(rows) == 12 and {row.category for row in rows} == {"facts"}
 
 
 def test_every_malformed_line_is_named_at_once(tmp_path):
@@ -53,7 +53,7 @@ def test_a_row_without_a_category_is_a_fact(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "Capital of Peru?"}],
                                 "expected": "Lima"}) + "\n")
-    assert eval_data.load_jsonl(path)[0]["category"] == "facts"
+    assert eval_data.load_jsonl(path)[0].category == "facts"
 
 
 @pytest.mark.parametrize(("size", "chosen"), [
