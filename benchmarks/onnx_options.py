@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import build as build_mod
-from benchmarks import run as run_mod
+from benchmarks import cost, measure, report
 from benchmarks.probe import STARTED, progress
 from phi3flow import onnx_build
 
@@ -77,8 +77,8 @@ def facts(folder: Path) -> dict:
     return {"kv_cache": onnx_build.kv_cache_dtype(folder), "bits": attributes.get("bits"),
             "block_size": attributes.get("block_size"),
             "accuracy_level": attributes.get("accuracy_level"),
-            "weight_bytes": run_mod.weight_bytes(folder),
-            "kv_bytes_per_token": run_mod.kv_bytes_per_token(folder),
+            "weight_bytes": cost.weight_bytes(folder),
+            "kv_bytes_per_token": cost.kv_bytes_per_token(folder),
             "share_buffer": json.loads((folder / "genai_config.json").read_text())["search"]
             .get("past_present_share_buffer")}
 
@@ -223,8 +223,8 @@ def markdown(results: dict) -> str:
             for i, (length, row) in enumerate(runtime["prompts"].items()):
                 head = (f"| {name} | {runtime['load_s']:.1f} | {runtime['peak_rss_mb']:.0f} "
                         if i == 0 else "| | | ")
-                ttft = run_mod.paired_ratio(runtimes, name, "int4", length, "ttft_s")
-                decode = run_mod.paired_ratio(runtimes, name, "int4", length, "decode_tokens_per_s")
+                ttft = report.paired_ratio(runtimes, name, "int4", length, "ttft_s")
+                decode = report.paired_ratio(runtimes, name, "int4", length, "decode_tokens_per_s")
                 acc = results["agreement"][name] if i == 0 else None
                 tail = (f"{acc['next_token_agreement']:.3f} | {acc['logits_relative_l2']:.4f} |"
                         if acc else "| |")
@@ -269,27 +269,27 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     os.environ.setdefault(STARTED, str(time.time()))
-    os.environ.update(run_mod.QUIET)
+    os.environ.update(measure.QUIET)
     checkpoint, default = build_mod.build(args.cache, args.smoke)
     folders = variants(args.cache, checkpoint, default, names)
-    plan = run_mod.SMOKE if args.smoke else run_mod.Plan(repeats=3)
-    prompts = run_mod.chat_prompts(checkpoint, plan.prompt_lengths)
+    plan = measure.SMOKE if args.smoke else measure.Plan(repeats=3)
+    prompts = measure.chat_prompts(checkpoint, plan.prompt_lengths)
     flags = set(Path("/proc/cpuinfo").read_text().split())
     results = {
         "plan": plan.__dict__,
-        "machine": {**run_mod.machine(), "isa": [f for f in ISA_FLAGS if f in flags]},
+        "machine": {**measure.machine(), "isa": [f for f in ISA_FLAGS if f in flags]},
         "facts": {name: facts(folder) for name, folder in folders.items()},
     }
     results["groups"] = []
     for group in GROUPS:
         picked = [name for name in group if name in folders]
         if len(picked) > 1:
-            results["groups"].append(run_mod.paired_probes(
+            results["groups"].append(measure.paired_probes(
                 {name: (name, "raw", folders[name]) for name in picked}, prompts, plan,
                 checkpoint))
     from transformers import AutoTokenizer
 
-    text = " ".join(run_mod.WORDS * 64)
+    text = " ".join(measure.WORDS * 64)
     ids = AutoTokenizer.from_pretrained(checkpoint)(text)["input_ids"][:AGREEMENT_TOKENS]
     results["agreement"] = agreement(folders, ids)
     weight_params = sum(int(np.prod(t["shape"])) for name, t in build_mod.tensors(checkpoint)

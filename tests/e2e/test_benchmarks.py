@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from benchmarks import report as bench_report
+from tests.helpers import ROOT
 
 
 def smoke(tmp_path, *flags: str) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def test_smoke_benchmark_measures_every_runtime_and_writes_the_report(tmp_path):
     assert set(served["concurrency"]) == {"1", "2"}
     assert all(row["requests"] == 2 * int(n) for n, row in served["concurrency"].items())
     assert results["pipeline"]["main_cold_s"] > results["pipeline"]["main_reused_s"] > 0
-    # Every target of the issue is reported (met or not: smoke mode measures nothing real).
+    # Every target is reported (met or not: smoke mode measures nothing real).
     assert len(results["targets"]) == 7
     # Decode against the machine's limit: weights plus the KV cache each step reads, per length.
     assert results["kv_bytes_per_token"] > 0
@@ -50,16 +51,16 @@ def test_smoke_benchmark_measures_every_runtime_and_writes_the_report(tmp_path):
     assert len(results["machine"]["read_bandwidth_kernels_gbs"]) == 4
     assert results["machine"]["read_bandwidth_gbs"] == max(
         results["machine"]["read_bandwidth_kernels_gbs"].values())
-    # Issue 15's targets (no llama.cpp rows without --llama-cpp), and the in-process
-    # head-of-line measurement they use.
-    names = [row["target"] for row in results["targets_15"]]
+    # The targets against the machine's limit and the peers (no llama.cpp rows without
+    # --llama-cpp), and the in-process head-of-line measurement they use.
+    names = [row["target"] for row in results["peer_targets"]]
     assert len(names) == 5 and not any("llama" in n for n in names), names
     blocking = results["runtimes"]["onnx_pyfunc"]["head_of_line"]
     assert blocking["short_returned_at_s"] > blocking["short_sent_at_s"] > 0
     report = (tmp_path / "out" / "performance.md").read_text()
-    assert "## Targets (issue 7)" in report and "transformers pyfunc" in report
-    assert "## Decode against the machine's limit (issue 15)" in report
-    assert "## Targets (issue 15)" in report
+    assert f"## {bench_report.TARGETS}" in report and "transformers pyfunc" in report
+    assert "## Decode against the machine's limit" in report
+    assert f"## {bench_report.PEER_TARGETS}" in report
     assert (tmp_path / "out" / "performance.png").stat().st_size > 10_000
     assert "ONNX pyfunc / raw decode tokens/s" in done.stdout
     # Progress: what is being measured, with the time since the start; no progress-bar floods.
@@ -87,7 +88,7 @@ def test_smoke_benchmark_with_llama_cpp_converts_quantizes_and_times_it(tmp_path
         assert results["step_bytes"][f"llama_cpp_{quant}"]["weights"] > 0
     paired = results["runtimes"]["llama_cpp_Q4_0"]["prompts"]["16"]["runs"]
     assert len(paired) == len(results["runtimes"]["raw"]["prompts"]["16"]["runs"])
-    assert sum("llama.cpp Q4_0" in row["target"] for row in results["targets_15"]) == 2
+    assert sum("llama.cpp Q4_0" in row["target"] for row in results["peer_targets"]) == 2
     report = (tmp_path / "out" / "performance.md").read_text()
     assert "| llama.cpp Q4_K_M |" in report and "convert_hf_to_gguf.py" in report
     assert "hf-to-gguf" not in done.stderr  # the converter's lines went to its log file

@@ -1,0 +1,300 @@
+"""The report: targets (each measured value, its bound, met or missed by how much), the
+markdown tables of docs/performance.md and its plot, written with the results' JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import llamacpp
+from benchmarks.cost import STEP_MODEL, decode_limits
+
+# --- results ----------------------------------------------------------------------------------
+
+RUNTIMES = {  # result key -> label, in the order of the table (llama.cpp only with --llama-cpp)
+    "raw": "onnxruntime-genai (raw)",
+    "onnx_pyfunc": "ONNX pyfunc",
+    "served": "ONNX pyfunc, served (HTTP)",
+    "transformers_pyfunc": "transformers pyfunc",
+    **{f"llama_cpp_{q}": f"llama.cpp {q}" for q in llamacpp.QUANTS},
+}
+
+
+# The two tables of targets, by what they measure.
+TARGETS = "Targets: the pyfunc's overhead, serving, the pipeline"
+PEER_TARGETS = "Targets: the machine's limit and the peer runtimes"
+
+
+def measured(results: dict) -> dict[str, str]:
+    """The runtimes this run measured, in the table's order, with their labels."""
+    return {k: label for k, label in RUNTIMES.items() if k in results["runtimes"]}
+
+
+def paired_ratio(runtimes: dict, a: str, b: str, length: str, field: str) -> float:
+    """Median over alternating pairs of runs of a's field / b's (both from paired_probes)."""
+    pairs = zip(runtimes[a]["prompts"][length]["runs"], runtimes[b]["prompts"][length]["runs"])
+    return statistics.median(x[field] / y[field] for x, y in pairs)
+
+
+def _target(rows: list[dict], name: str, value: float, bound: float, at_least: bool,
+            unit: str = "x") -> None:
+    met = value >= bound if at_least else value <= bound
+    rows.append({"target": name, "measured": value, "bound": f"{'>=' if at_least else '<='} "
+                 f"{bound:g}{unit}", "met": met, "by_percent": (value / bound - 1) * 100})
+
+
+def peer_targets(results: dict) -> list[dict]:
+    """The ONNX pyfunc against the machine's limit and the peer runtimes (transformers, and
+    llama.cpp when measured), each at its worst prompt length (which one is in the name)."""
+    runtimes, rows = results["runtimes"], []
+    lengths = list(runtimes["raw"]["prompts"])
+
+    def worst(name: str, values: dict[str, float], bound: float, at_least: bool) -> None:
+        length = (min if at_least else max)(values, key=values.get)
+        _target(rows, f"{name} (worst: {length}-token prompt)", values[length], bound, at_least)
+
+    limits = [r for r in results["decode_limits"] if r["runtime"] == "onnx_pyfunc"]
+    worst("ONNX pyfunc decode: bytes read per step x tokens/s / read-bandwidth probe",
+          {r["prompt"]: r["of_probe"] for r in limits}, 0.8, True)
+    if "llama_cpp_Q4_0" in runtimes:
+        worst("ONNX pyfunc / llama.cpp Q4_0 decode tokens/s, paired runs",
+              {n: paired_ratio(runtimes, "onnx_pyfunc", "llama_cpp_Q4_0", n, "decode_tokens_per_s")
+               for n in lengths}, 1.0, True)
+        worst("ONNX pyfunc / llama.cpp Q4_0 TTFT, paired runs",
+              {n: paired_ratio(runtimes, "onnx_pyfunc", "llama_cpp_Q4_0", n, "ttft_s")
+               for n in lengths}, 1.0, False)
+    long = [n for n in lengths if int(n) >= 256]
+    worst("ONNX pyfunc / transformers pyfunc TTFT",
+          {n: runtimes["onnx_pyfunc"]["prompts"][n]["ttft_s"]
+           / runtimes["transformers_pyfunc"]["prompts"][n]["ttft_s"] for n in long}, 1.0, False)
+    worst("A request alone: ONNX pyfunc / raw TTFT, paired runs",
+          {n: paired_ratio(runtimes, "onnx_pyfunc", "raw", n, "ttft_s") for n in lengths}, 1.05, False)
+    blocking = runtimes["onnx_pyfunc"].get("head_of_line")
+    if blocking:
+        rss = (f"; peak RSS {blocking['peak_rss_before_mb']:.0f} MB before, "
+               f"{blocking['peak_rss_after_mb']:.0f} MB with both requests"
+               if "peak_rss_after_mb" in blocking else "")
+        rows.append({"target": f"A 1-token request sent {blocking['short_sent_at_s']:.1f} s into "
+                     f"a {max(lengths, key=int)}-token prefill returns before that prefill ends "
+                     f"(its first token at {blocking['long_first_token_at_s']:.1f} s{rss}); "
+                     "seconds",
+                     "measured": blocking["short_returned_at_s"],
+                     "bound": f"< {blocking['long_first_token_at_s']:.1f} s",
+                     "met": blocking["short_returned_at_s"] < blocking["long_first_token_at_s"],
+                     "by_percent": None})
+    steps = results["step_bytes"]
+    ratio = steps["transformers"]["weights"] / steps["onnx"]["weights"]
+    worst(f"ONNX pyfunc / transformers pyfunc decode tokens/s (reported; weights read per step: "
+          f"{ratio:.1f}x fewer)",
+          {n: runtimes["onnx_pyfunc"]["prompts"][n]["decode_tokens_per_s"]
+           / runtimes["transformers_pyfunc"]["prompts"][n]["decode_tokens_per_s"]
+           for n in lengths}, ratio, True)
+    return rows
+
+
+def targets(results: dict) -> list[dict]:
+    """The pyfunc's overhead over raw onnxruntime-genai, serving and the pipeline: each measured
+    value, its bound, met or missed by how much."""
+    runtimes = results["runtimes"]
+
+    def decode(key: str, length: str) -> float:
+        return runtimes[key]["prompts"][length]["decode_tokens_per_s"]
+
+    lengths = list(runtimes["raw"]["prompts"])
+    rows: list[dict] = []
+
+    def target(name: str, value: float, bound: float, at_least: bool, unit: str = "x") -> None:
+        _target(rows, name, value, bound, at_least, unit)
+
+    target("ONNX pyfunc / raw decode tokens/s, paired runs (worst prompt length)",
+           min(paired_ratio(runtimes, "onnx_pyfunc", "raw", n, "decode_tokens_per_s")
+               for n in lengths), 0.95, True)
+    # Single requests on both sides: the pyfunc's head-of-line test (two requests at once,
+    # which raw onnxruntime-genai is never asked) comes after, and is reported on its own.
+    blocking = runtimes["onnx_pyfunc"].get("head_of_line", {})
+    target("ONNX pyfunc / raw peak RSS, single requests",
+           blocking.get("peak_rss_before_mb", runtimes["onnx_pyfunc"]["peak_rss_mb"])
+           / runtimes["raw"]["peak_rss_mb"], 1.1, False)
+    target("ONNX pyfunc / transformers pyfunc decode tokens/s (worst prompt length)",
+           min(decode("onnx_pyfunc", n) / decode("transformers_pyfunc", n) for n in lengths),
+           5, True)
+    roofline = results["machine"]["read_bandwidth_gbs"] * 1e9 / results["weight_bytes"]
+    target(f"ONNX pyfunc decode / roofline ({roofline:.1f} tokens/s), {lengths[0]}-token prompt",
+           decode("onnx_pyfunc", lengths[0]) / roofline, 0.40, True)
+    concurrency = runtimes["served"]["concurrency"]
+    if "4" in concurrency:
+        target("served: 4 clients / 1 client aggregate tokens/s",
+               concurrency["4"]["tokens_per_s"] / concurrency["1"]["tokens_per_s"], 1.8, True)
+    blocking = runtimes["served"]["head_of_line"]
+    rows.append({"target": "served: a short request is answered while a long one still runs",
+                 "measured": blocking["short_during_long_s"], "bound": "before the long one ends",
+                 "met": blocking["long_still_running"], "by_percent": None})
+    if "pipeline" in results:
+        target("`main` on the fixture, cold", results["pipeline"]["main_cold_s"], 90, False, " s")
+        target("`main` on the fixture, every step reused", results["pipeline"]["main_reused_s"],
+               15, False, " s")
+    return rows
+
+
+def markdown(results: dict, command: str) -> str:
+    m = results["machine"]
+    lines = [
+        "# Performance",
+        "",
+        f"Generated by `{command}` on {m['date']} (commit {m['commit']}); do not edit by hand.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, no GPU; "
+        f"memory read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s (all cores; the best of "
+        + (", ".join(f"{k} {v:.1f}" for k, v in m["read_bandwidth_kernels_gbs"].items())
+           if "read_bandwidth_kernels_gbs" in m else "two reads") + ").",
+        f"- Model: {results['model']}; a decode step reads {results['weight_bytes'] / 1e9:.2f} GB "
+        "of int4 weights (the embedding table aside); "
+        f"{results['plan']['new_tokens']} new tokens per request, greedy.",
+        "- Versions: Python " + m["python"] + ", "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        "- Timing (benchmarks/probe.py): raw onnxruntime-genai and the ONNX pyfunc stream, so "
+        "TTFT is the time to the first token and decode = (N - 1) / (last - first token) in one "
+        "request; the transformers pyfunc and the REST server cannot stream, so TTFT is the "
+        "latency of a 1-token request and decode = (N - 1) / (latency of N tokens - TTFT). "
+        "Medians of the repeats (prompts over 256 tokens: one run). Each in-process runtime runs "
+        "in its own fresh process (its own load time and peak RSS); raw onnxruntime-genai, "
+        "the ONNX pyfunc (and llama.cpp, when measured) are loaded side by side and timed in "
+        "alternation, prompt by prompt.",
+    ]
+    if results["plan"].get("llama_quants"):
+        sizes = ", ".join(f"{q} {results['step_bytes'][f'llama_cpp_{q}']['weights'] / 1e9:.2f} GB"
+                          for q in results["plan"]["llama_quants"])
+        lines.append(
+            f"- llama.cpp (llama-cpp-python {m['versions'].get('llama-cpp-python', '?')}, "
+            "benchmarks/llamacpp.py): the same checkpoint converted by llama.cpp's "
+            "convert_hf_to_gguf.py and quantized by llama_model_quantize; weights a decode step "
+            f"reads: {sizes}. Every core, flash attention on, n_ctx = longest prompt + new "
+            "tokens, the same prompt token ids, its own `Llama.generate` loop.")
+    lines += [
+        "",
+        "## Single request",
+        "",
+        "| runtime | load (s) | peak RSS (MB) | prompt | TTFT (s) | decode (tokens/s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in measured(results).items():
+        runtime = results["runtimes"][key]
+        for i, (length, row) in enumerate(runtime["prompts"].items()):
+            head = (f"| {label} | {runtime['load_s']:.1f} | {runtime['peak_rss_mb']:.0f} "
+                    if i == 0 else "| | | ")
+            lines.append(f"{head}| {length} | {row['ttft_s']:.3f} | "
+                         f"{row['decode_tokens_per_s']:.2f} |")
+    served = results["runtimes"]["served"]
+    lines += ["", "## Served, concurrent clients (short prompt, "
+              f"{results['plan']['requests_per_client']} requests per client)", "",
+              "| clients | requests | aggregate tokens/s | x one client | p50 (s) | p95 (s) |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    one = served["concurrency"]["1"]["tokens_per_s"]
+    for n, row in served["concurrency"].items():
+        lines.append(f"| {n} | {row['requests']} | {row['tokens_per_s']:.2f} | "
+                     f"{row['tokens_per_s'] / one:.2f} | {row['p50_s']:.2f} | {row['p95_s']:.2f} |")
+    blocking = served["head_of_line"]
+    lines += ["", f"A 1-token request took {blocking['short_alone_s']:.2f} s alone and "
+              f"{blocking['short_during_long_s']:.2f} s while a "
+              f"{max(served['prompts'], key=int)}-token request was being answered.", ""]
+    if "pipeline" in results:
+        p = results["pipeline"]
+        lines += ["## Pipeline", "", f"`main` on the fixture: {p['main_cold_s']:.1f} s cold, "
+                  f"{p['main_reused_s']:.1f} s with every step reused.", ""]
+    if results.get("decode_limits"):
+        kv = {STEP_MODEL.get(r["runtime"], r["runtime"]) for r in results["decode_limits"]}
+        per_token = ", ".join(f"{m} {results['step_bytes'][m]['kv_per_token'] / 1e6:.3f} MB"
+                              for m in sorted(kv))
+        lines += ["## Decode against the machine's limit", "",
+                  "Bytes one decode step reads: the weights (embedding table aside) plus the KV "
+                  f"cache at the answer's mean context (per token of context: {per_token}), "
+                  "times decode tokens/s, against the read-bandwidth probe. Target, for the "
+                  "ONNX pyfunc: >= 0.8x the probe.", "",
+                  "| runtime | prompt | weights (GB) | KV (GB) | decode (tokens/s) | read (GB/s) "
+                  "| x probe | met |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        labels = measured(results)
+        for row in results["decode_limits"]:
+            met = ("yes" if row["met"] else f"**no**, by {(1 - row['of_probe'] / 0.8) * 100:.0f}%"
+                   ) if row["runtime"] == "onnx_pyfunc" else ""
+            lines.append(f"| {labels[row['runtime']]} | {row['prompt']} | "
+                         f"{row['weights_gb']:.2f} | {row['kv_gb']:.2f} | "
+                         f"{row['tokens_per_s']:.2f} | {row['achieved_gbs']:.1f} | "
+                         f"{row['of_probe']:.2f} | {met} |")
+        lines.append("")
+    for title, key in ((TARGETS, "targets"), (PEER_TARGETS, "peer_targets")):
+        if not results.get(key):
+            continue
+        lines += [f"## {title}", "", "| target | measured | bound | met |", "|---|---:|---|---|"]
+        for row in results[key]:
+            met = "yes" if row["met"] else (f"**no**, by {abs(row['by_percent']):.0f}%"
+                                            if row["by_percent"] is not None else "**no**")
+            lines.append(f"| {row['target']} | {row['measured']:.2f} | {row['bound']} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runtimes = results["runtimes"]
+    lengths = list(runtimes["raw"]["prompts"])
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 5))
+    width = 0.8 / len(measured(results))
+    for i, (key, label) in enumerate(measured(results).items()):
+        xs = np.arange(len(lengths)) + i * width
+        left.bar(xs, [runtimes[key]["prompts"][n]["decode_tokens_per_s"] for n in lengths],
+                 width, label=label)
+        middle.bar(xs, [runtimes[key]["prompts"][n]["ttft_s"] for n in lengths], width, label=label)
+    roofline = results["machine"]["read_bandwidth_gbs"] * 1e9 / results["weight_bytes"]
+    left.axhline(roofline, color="grey", linestyle="--", label="bandwidth roofline")
+    for axis, title, unit in ((left, "Decode speed", "tokens/s"),
+                              (middle, "Time to first token", "seconds (log)")):
+        axis.set_xticks(np.arange(len(lengths)) + 0.4 - width / 2, [f"{n} tokens" for n in lengths])
+        axis.set_title(title)
+        axis.set_ylabel(unit)
+        axis.set_xlabel("prompt length")
+    middle.set_yscale("log")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=9)
+    concurrency = runtimes["served"]["concurrency"]
+    clients = [int(n) for n in concurrency]
+    right.plot(clients, [concurrency[str(n)]["tokens_per_s"] for n in clients], "o-",
+               label="aggregate tokens/s")
+    right.set_xticks(clients)
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("tokens/s")
+    right.set_title("Served ONNX model")
+    twin = right.twinx()
+    twin.plot(clients, [concurrency[str(n)]["p95_s"] for n in clients], "s--", color="tab:red",
+              label="p95 latency (s)")
+    twin.set_ylabel("p95 latency (s)")
+    right.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{results['model']} on {results['machine']['cores']} CPU cores "
+                 f"({results['machine']['cpu']})")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict, command: str, out: Path) -> dict:
+    """Targets and decode limits added to the results, which are written as OUT/performance.json,
+    .md and .png; the targets printed."""
+    results["targets"] = targets(results)
+    results["decode_limits"] = decode_limits(results)
+    results["peer_targets"] = peer_targets(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "performance.json").write_text(json.dumps(results, indent=1))
+    (out / "performance.md").write_text(markdown(results, command))
+    plot(results, out / "performance.png")
+    print(markdown(results, command).split(f"## {TARGETS}")[1])
+    print(f"written: {out / 'performance.md'}, .json, .png")
+    return results
+
+
