@@ -19,8 +19,8 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 from phi3flow import manifest, model_uris, names, system_messages
 from phi3flow.config import LogOnnxPyfuncConfig
 from phi3flow.manifest import Manifest
+from phi3flow.model_logging import CHAT_EXAMPLE, pinned_requirements
 from phi3flow.onnx_chat_model import ONNX_ARTIFACT
-from phi3flow.transformers_model import CHAT_EXAMPLE, pinned_requirements
 
 logger = logging.getLogger(__name__)
 

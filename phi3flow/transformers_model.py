@@ -8,7 +8,6 @@ the checkpoint's own chat template.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,9 @@ from phi3flow import model_uris, names, system_messages
 from phi3flow.config import LogTransformersConfig
 from phi3flow.errors import StepError
 from phi3flow.manifest import Manifest
+from phi3flow.model_logging import CHAT_EXAMPLE, pinned_requirements
 
 logger = logging.getLogger(__name__)
-
-CHAT_EXAMPLE = {
-    "messages": [{"role": "user", "content": "What is the capital of Spain?"}],
-    # Small, so MLflow's check of the example at log time stays cheap on the full model.
-    "max_tokens": 8,
-}
 
 # What the logged model needs at load time, pinned to the versions that logged it. torchvision is
 # not among them: MLflow's default inference would import it (docs/decisions.md), so we list
@@ -37,14 +31,6 @@ RUNTIME_DISTRIBUTIONS = (
     "mlflow", "transformers", "tokenizers", "huggingface_hub", "safetensors", "torch",
     "numpy", "pandas",
 )
-
-
-def pinned_requirements(distributions: tuple[str, ...]) -> list[str]:
-    pins = []
-    for dist in distributions:
-        version = importlib.metadata.version(dist).split("+")[0]  # torch 2.13.0+cpu -> 2.13.0
-        pins.append(f"{dist}=={version}")
-    return pins
 
 
 def load_pipeline(checkpoint: Path, torch_dtype: str, trust_remote_code: bool) -> Any:
