@@ -67,15 +67,6 @@ PIPELINE = (
     Stage(names.REGISTER, config.RegisterConfig, "register_run_id"),
 )
 
-# main's run-ID tags before they were named after the parameters that consume them; still
-# written, so scripts that read them keep working (docs/parameters.md, "main").
-DEPRECATED_OUTPUTS = {
-    "fetch_model_run_id": "fetch_run_id",
-    "log_transformers_run_id": "transformers_run_id",
-    "log_onnx_pyfunc_run_id": "onnx_run_id",
-}
-
-
 @record
 class Produced(Record):
     """What main made: `produced.json`, and tags `phi3flow.<field>` on the main run."""
@@ -94,14 +85,6 @@ class Produced(Record):
     registered_alias: str  # "none" when the version holds no alias
     alias_reason: str
     serve_uri: str
-
-    def to_dict(self) -> dict[str, Any]:
-        shown = super().to_dict()
-        return shown | {old: shown[new] for old, new in DEPRECATED_OUTPUTS.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Produced:
-        return super().from_dict({k: v for k, v in data.items() if k not in DEPRECATED_OUTPUTS})
 
 
 @dataclass
@@ -209,8 +192,7 @@ def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[st
     request = json.dumps({"model": model, "messages": [
         {"role": "user", "content": "What is the capital of Spain?"}]})
     lines = [f"main run {run_id} (experiment {experiment_id}) finished:"]
-    lines += [f"  {key:<26} {value}" for key, value in produced.to_dict().items()
-              if key not in DEPRECATED_OUTPUTS]
+    lines += [f"  {key:<26} {value}" for key, value in produced.to_dict().items()]
     lines.append(f"  {'reused steps':<26} {', '.join(reused) or 'none'}")
     lines.append("Look at it with (each in its own terminal, from any folder):")
     lines.append(f"  mlflow ui --backend-store-uri {store} -p {UI_PORT}")

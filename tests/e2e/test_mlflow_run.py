@@ -19,7 +19,7 @@ import pytest
 
 from phi3flow import names, pipeline
 from phi3flow.pipeline import Produced
-from tests.conftest import (
+from tests.helpers import (
     FIXTURE,
     QUESTION,
     ROOT,
@@ -87,9 +87,9 @@ def test_main_chains_reuses_and_reruns_on_code_change(tracking, tmp_path):
     tags = first.data.tags
     fetch_id, log_id = tags["phi3flow.fetch_run_id"], tags["phi3flow.transformers_run_id"]
     assert tags[names.TAG_REUSED] == "none"
-    # The names main's run-ID tags had before they were named after their consumers still work.
-    for old, new in pipeline.DEPRECATED_OUTPUTS.items():
-        assert tags[f"phi3flow.{old}"] == tags[f"phi3flow.{new}"]
+    # Each run ID under one name: the parameter that consumes it.
+    assert not {key for key in tags if key.endswith("_run_id")} - {
+        f"phi3flow.{stage.output}" for stage in pipeline.PIPELINE}
     produced = Produced.read(first)  # produced.json, the typed record
     assert (produced.fetch_run_id, produced.transformers_run_id) == (fetch_id, log_id)
     for child in (fetch_id, log_id):  # each step is a child run of main

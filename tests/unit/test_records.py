@@ -69,11 +69,12 @@ def test_a_registration_without_alias_api_serves_the_version():
         "models:/phi3@champion")
 
 
-def test_produced_keeps_the_old_output_names_readable():
+def test_produced_names_each_run_id_after_the_parameter_that_consumes_it():
     produced = Produced(*(RUN,) * 5, "u", "v", "w", "none", "r", "s")
     written = json.loads(produced.to_json())
-    for old, new in pipeline.DEPRECATED_OUTPUTS.items():
-        assert written[old] == written[new]
+    consumed = {stage.output for stage in pipeline.PIPELINE}
+    assert consumed <= written.keys()
+    assert not {key for key in written if key.endswith("_run_id")} - consumed
     assert Produced.from_json(produced.to_json(), "x") == produced
 
 
