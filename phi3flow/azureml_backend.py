@@ -137,7 +137,7 @@ class AzureMLConfig:
         for key, value in config.items():
             expected = {"dry_run": bool, "poll_seconds": (int, float), "extra_env": dict}.get(
                 key, str)
-            if not isinstance(value, expected) or isinstance(value, bool) and expected != bool:
+            if not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
                 raise AzureMLConfigError(f"backend-config key {key!r} must be "
                                          f"{getattr(expected, '__name__', 'a number')}, got "
                                          f"{json.dumps(value)}.")

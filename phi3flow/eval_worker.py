@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+
 from phi3flow import redact
 from phi3flow.eval_contract import Answer, LongPrompt, WorkerResult, WorkerSpec
 from phi3flow.eval_data import EvalRow

@@ -37,7 +37,7 @@ from tests.azureml_standin import (
     JobService,
     workspace,
 )
-from tests.conftest import QUESTION, ROOT, eval_rows, git, predict_in_fresh_process
+from tests.helpers import QUESTION, ROOT, eval_rows, git, predict_in_fresh_process
 
 pytestmark = pytest.mark.e2e
 
@@ -453,7 +453,7 @@ def test_workspace_stand_in_refusing_the_user_stops_before_submission(
 
 def test_unreachable_workspace_stops_before_submission(user_side, tmp_path, monkeypatch):
     """The tracking URI names the workspace, but nothing answers there (a closed local port)."""
-    from tests.ports import free_port
+    from tests.helpers import free_port
 
     jobs = _jobs(user_side, tmp_path, monkeypatch)
     unreachable = user_side.tracking_uri.replace(user_side.host, f"127.0.0.1:{free_port()}")

@@ -13,8 +13,8 @@ import mlflow
 import pytest
 
 from phi3flow import names, pipeline
-from tests.conftest import QUESTION, git, predict_in_fresh_process, run_project
 from tests.e2e.test_mlflow_run import _ok, _run_id
+from tests.helpers import QUESTION, git, predict_in_fresh_process, run_project
 
 pytestmark = pytest.mark.e2e
 

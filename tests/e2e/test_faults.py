@@ -20,7 +20,7 @@ import pytest
 from phi3flow import names, stale
 from phi3flow.errors import StepError
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
-from tests.conftest import FIXTURE, ROOT, free_port, run_project, tracking_server
+from tests.helpers import FIXTURE, ROOT, free_port, run_project, tracking_server
 
 # All of it: each test damages, kills or restarts what whole steps and servers depend on.
 pytestmark = pytest.mark.e2e

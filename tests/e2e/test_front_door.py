@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from phi3flow import names
-from tests.conftest import FIXTURE, FRONT_DOOR_NAMES, QUESTION, front_door
 from tests.e2e.test_load import REQUESTS_PER_CLIENT, run_load
+from tests.helpers import FIXTURE, FRONT_DOOR_NAMES, QUESTION, front_door
 
 pytestmark = pytest.mark.e2e
 

@@ -14,14 +14,14 @@ import mlflow
 import pytest
 
 from phi3flow import manifest, names, onnx_build
-from tests.conftest import (
+from tests.e2e.test_mlflow_run import _ok, _run_id
+from tests.helpers import (
     FIXTURE,
     QUESTION,
     free_port,
     predict_in_fresh_process,
     run_project,
 )
-from tests.e2e.test_mlflow_run import _ok, _run_id
 from tests.hub_server import LocalHub
 
 pytestmark = pytest.mark.e2e

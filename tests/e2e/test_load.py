@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.bad_input_table import WRITE_DOCS, writing_docs
-from tests.conftest import ROOT, eval_rows, ping, post
+from tests.helpers import ROOT, eval_rows, ping, post
 
 pytestmark = pytest.mark.e2e
 

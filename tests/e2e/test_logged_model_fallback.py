@@ -18,7 +18,7 @@ import pytest
 
 from phi3flow import names
 from steps import evaluate, fetch_model, log_onnx_pyfunc, log_transformers, register
-from tests.conftest import (
+from tests.helpers import (
     FIXTURE,
     QUESTION,
     created_run,

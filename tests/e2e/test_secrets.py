@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_project
+from tests.helpers import run_project
 
 pytestmark = pytest.mark.e2e
 

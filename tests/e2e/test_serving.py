@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import QUESTION, eval_rows, free_port
+from tests.helpers import QUESTION, eval_rows, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -3,12 +3,9 @@ and one evaluation of them (the one real evaluate run that several test files re
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 
-
-def run_of(model_uri: str) -> str:
-    return mlflow.get_logged_model(model_uri.split("/")[-1]).source_run_id
+from tests.helpers import created_run, evaluate_args, run_of
 
 
 @pytest.fixture(scope="session")
@@ -17,16 +14,10 @@ def log_runs(transformers_model_uri, onnx_model_uri):
             "onnx_run_id": run_of(onnx_model_uri)}
 
 
-def evaluate_args(log_runs, *extra) -> list[str]:
-    return ["--transformers_run_id", log_runs["transformers_run_id"],
-            "--onnx_run_id", log_runs["onnx_run_id"], "--max_new_tokens", "32", *extra]
-
-
 @pytest.fixture(scope="session")
 def evaluated(log_runs):
     """(the evaluate run, its Decision): evaluate on the smoke set, once per test run."""
     from steps import evaluate
-    from tests.conftest import created_run
 
     decision = evaluate.main(evaluate_args(log_runs))
     return created_run(), decision

@@ -19,16 +19,16 @@ import pytest
 
 from phi3flow import names, tracking
 from tests import bad_input_table
-from tests.conftest import (
+from tests.helpers import (
     FIXTURE,
     FRONT_DOOR_NAMES,
     QUESTION,
     front_door,
     ping,
     post,
+    run_of,
     serve,
 )
-from tests.steps.conftest import run_of
 
 STEPS_MATRIX = "Entry points (exit code and the one line the step logs; the run ends FAILED)"
 HTTP_MATRIX = ("Served models (`mlflow models serve -m models:/<name>@champion`; HTTP status "

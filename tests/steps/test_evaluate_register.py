@@ -13,14 +13,14 @@ from phi3flow import names
 from phi3flow.decision import QUALITY, Decision, decide
 from phi3flow.errors import StepError
 from steps import evaluate, register
-from tests.conftest import (
+from tests.helpers import (
     EVAL_DATA,
     FIXTURE,
     QUESTION,
     created_run,
+    evaluate_args,
     predict_in_fresh_process,
 )
-from tests.steps.conftest import evaluate_args
 
 METRICS = ("quality_contains", "quality_exact", "latency_p50_s", "latency_p95_s", "ttft_p50_s",
            "output_tokens_per_s", "load_s", "peak_rss_mb", "size_mb")

@@ -16,8 +16,7 @@ from phi3flow.decision import GATED_ON, MODELS, Decision
 from phi3flow.errors import StepError
 from phi3flow.eval_contract import Answer, WorkerResult, WorkerSpec
 from steps import evaluate
-from tests.conftest import EVAL_DATA, created_run, eval_rows
-from tests.steps.conftest import evaluate_args
+from tests.helpers import EVAL_DATA, created_run, eval_rows, evaluate_args
 
 SCORERS = (scorers.CONTAINS, scorers.EXACT, scorers.AGREEMENT)
 

@@ -12,7 +12,7 @@ from phi3flow import manifest, names, onnx_build
 from phi3flow.errors import StepError
 from phi3flow.manifest import Manifest
 from steps import fetch_model, log_transformers
-from tests.conftest import FIXTURE, QUESTION, created_run, predict_in_fresh_process
+from tests.helpers import FIXTURE, QUESTION, created_run, predict_in_fresh_process
 
 FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
 

@@ -21,7 +21,7 @@ from azure.ai.ml.entities import Command
 
 from phi3flow import azureml_backend
 from phi3flow.azureml_backend import AzureMLConfig, AzureMLConfigError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 WORKSPACE = {"subscription_id": "00000000-0000-0000-0000-000000000000",
              "resource_group": "rg-phi3", "workspace_name": "ws-phi3"}

@@ -15,7 +15,7 @@ from phi3flow.config import (
     parameters,
     parse_config,
 )
-from tests.conftest import FIXTURE
+from tests.helpers import FIXTURE
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 

@@ -6,7 +6,7 @@ import pytest
 
 from phi3flow import fetch, tracking
 from phi3flow.config import ConfigError, FetchModelConfig
-from tests.conftest import FIXTURE
+from tests.helpers import FIXTURE
 
 WORKSPACE_URI = ("azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/0/resourceGroups/g/"
                  "providers/Microsoft.MachineLearningServices/workspaces/w")

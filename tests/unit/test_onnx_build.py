@@ -7,7 +7,7 @@ import json
 import pytest
 
 from phi3flow import onnx_build
-from tests.conftest import FIXTURE, eval_rows
+from tests.helpers import FIXTURE, eval_rows
 
 ROWS = eval_rows()
 

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from phi3flow import names
 from steps import fetch_model, log_onnx_pyfunc
-from tests.conftest import FIXTURE, QUESTION, eval_rows
+from tests.helpers import FIXTURE, QUESTION, eval_rows
 
 ROWS = eval_rows()
 

@@ -10,7 +10,7 @@ import yaml
 from mlflow.projects._project_spec import load_project
 
 from phi3flow import config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 STEP_CONFIGS = config.STEP_CONFIGS
 RUN_ID = "0123456789abcdef0123456789abcdef"

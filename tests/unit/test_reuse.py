@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from phi3flow import reuse
-from tests.conftest import FIXTURE, ROOT
+from tests.helpers import FIXTURE, ROOT
 
 PARAMS = {"model_id": "x", "max_new_tokens": "32"}
 

@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from phi3flow import system_messages
-from tests.conftest import FIXTURE
+from tests.helpers import FIXTURE
 
 VOCAB = FIXTURE.parent / "phi3-vocab"
 PIRATE = [{"role": "system", "content": "You are a pirate."},
