@@ -99,6 +99,24 @@ def fetch_run_id():
 
 
 @pytest.fixture(scope="session")
+def fp32_onnx(fetch_run_id) -> Path:
+    """That fetch's fp32 ONNX build as a local folder, for a test that needs a fetch run of its
+    own (to damage it) without building again: `--onnx_source <folder>` copies it into the run."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=fetch_run_id, artifact_path="onnx"))
+
+
+@pytest.fixture(scope="session")
+def int4_onnx(tmp_path_factory) -> Path:
+    """One int4 build of the fixture (fetch_model's default precision) per test run; read-only:
+    a test that must change it copies it (fetch_model's `--onnx_source <folder>` does)."""
+    from phi3flow import onnx_build
+
+    return onnx_build.build(FIXTURE, tmp_path_factory.mktemp("int4") / "onnx", "int4", "cpu")
+
+
+@pytest.fixture(scope="session")
 def transformers_model_uri(fetch_run_id):
     from steps import log_transformers
 

@@ -14,8 +14,6 @@ from phi3flow.manifest import Manifest
 from steps import fetch_model, log_transformers
 from tests.helpers import FIXTURE, QUESTION, created_run, predict_in_fresh_process
 
-FETCH_ARGS = ["--model_id", str(FIXTURE), "--onnx_source", "build", "--precision", "fp32"]
-
 
 def test_fetch_model_logs_files_and_a_manifest_of_them(fetch_run_id):
     run = mlflow.get_run(fetch_run_id)
@@ -136,8 +134,8 @@ def test_fetch_model_builds_the_kv_cache_and_block_size_asked_and_records_them()
     assert onnx_build.block_size(built) == 16  # read from the graph: the builder took it
 
 
-def test_tampered_weights_are_refused_by_file_name():
-    run_id = fetch_model.main(FETCH_ARGS)
+def test_tampered_weights_are_refused_by_file_name(fp32_onnx):
+    run_id = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", str(fp32_onnx)])
     weights = _artifact_dir(run_id) / "checkpoint" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one flipped byte, same size
@@ -147,8 +145,8 @@ def test_tampered_weights_are_refused_by_file_name():
     _assert_failed_with(names.LOG_TRANSFORMERS, "model.safetensors")
 
 
-def test_tampered_manifest_is_refused():
-    run_id = fetch_model.main(FETCH_ARGS)
+def test_tampered_manifest_is_refused(fp32_onnx):
+    run_id = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", str(fp32_onnx)])
     path = _artifact_dir(run_id) / names.MANIFEST
     data = json.loads(path.read_text())
     data["files"]["checkpoint/model.safetensors"]["sha256"] = "0" * 64
@@ -157,23 +155,22 @@ def test_tampered_manifest_is_refused():
         log_transformers.main(["--fetch_run_id", run_id])
 
 
-def _fetch_with_code(tmp_path: Path, fetch_run_id: str, trust: str) -> tuple[dict, dict]:
-    """Fetch a checkpoint that ships Python code; the ONNX side comes from the session fetch."""
+def _fetch_with_code(tmp_path: Path, onnx: Path, trust: str) -> tuple[dict, dict]:
+    """Fetch a checkpoint that ships Python code; the ONNX side is the session fetch's."""
     import shutil
 
     checkpoint = tmp_path / f"with-code-{trust}"
     shutil.copytree(FIXTURE, checkpoint)
     (checkpoint / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
-    onnx = mlflow.artifacts.download_artifacts(run_id=fetch_run_id, artifact_path="onnx")
-    run_id = fetch_model.main(["--model_id", str(checkpoint), "--onnx_source", onnx,
+    run_id = fetch_model.main(["--model_id", str(checkpoint), "--onnx_source", str(onnx),
                                *(["--trust_remote_code", trust] if trust else [])])
     run = mlflow.get_run(run_id)
     data = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{names.MANIFEST}"))
     return run.data.tags, data["files"]
 
 
-def test_trust_remote_code_is_off_by_default_and_tagged(tmp_path, fetch_run_id):
-    tags, files = _fetch_with_code(tmp_path, fetch_run_id, "")
+def test_trust_remote_code_is_off_by_default_and_tagged(tmp_path, fetch_run_id, fp32_onnx):
+    tags, files = _fetch_with_code(tmp_path, fp32_onnx, "")
     assert tags[names.TAG_TRUST_REMOTE_CODE] == "false"
     assert "checkpoint/modeling_custom.py" not in files  # code is not even fetched
     assert mlflow.get_run(fetch_run_id).data.tags[names.TAG_TRUST_REMOTE_CODE] == "false"
@@ -181,7 +178,7 @@ def test_trust_remote_code_is_off_by_default_and_tagged(tmp_path, fetch_run_id):
     # test_log_transformers_tags_lineage_and_pins_requirements).
 
 
-def test_trust_remote_code_on_is_tagged_and_fetches_the_code(tmp_path, fetch_run_id):
-    tags, files = _fetch_with_code(tmp_path, fetch_run_id, "true")
+def test_trust_remote_code_on_is_tagged_and_fetches_the_code(tmp_path, fp32_onnx):
+    tags, files = _fetch_with_code(tmp_path, fp32_onnx, "true")
     assert tags[names.TAG_TRUST_REMOTE_CODE] == "true"
     assert "checkpoint/modeling_custom.py" in files  # and verified like every fetched file
