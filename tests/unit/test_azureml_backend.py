@@ -147,9 +147,11 @@ def test_tracking_uri_must_be_the_configured_workspace(uri, message):
         error.value)
 
 
-def test_tracking_uri_of_the_workspace_is_accepted_whatever_the_case():
+@pytest.mark.parametrize("uri", [TRACKING, TRACKING.replace("ws-phi3", "WS-Phi3")])
+def test_tracking_uri_of_the_workspace_is_accepted_whatever_the_case(uri):
+    """Azure resource names are case-insensitive: RG-PHI3 is the configured rg-phi3."""
     cfg = AzureMLConfig.from_backend_config({**WORKSPACE, "compute": "c"})
-    azureml_backend.check_tracking_uri(TRACKING, cfg)
+    assert azureml_backend.check_tracking_uri(uri, cfg) is None  # raises if refused
 
 
 def test_job_entry_refuses_to_run_outside_a_job(monkeypatch, capsys):
