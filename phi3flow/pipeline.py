@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,10 +195,13 @@ def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[st
     lines = [f"main run {run_id} (experiment {experiment_id}) finished:"]
     lines += [f"  {key:<26} {value}" for key, value in produced.to_dict().items()]
     lines.append(f"  {'reused steps':<26} {', '.join(reused) or 'none'}")
+    # This environment's own interpreter, by absolute path: a new terminal has neither its
+    # `python` (Debian ships python3 only) nor `mlflow` on PATH unless the environment is active.
+    python = shlex.quote(sys.executable)
     lines.append("Look at it with (each in its own terminal, from any folder):")
-    lines.append(f"  mlflow ui --backend-store-uri {store} -p {UI_PORT}")
+    lines.append(f"  {python} -m mlflow ui --backend-store-uri {store} -p {UI_PORT}")
     lines.append(f"  MLFLOW_TRACKING_URI={store} PYTHONPATH={shlex.quote(str(names.PROJECT_ROOT))} "
-                 f"python -m phi3flow.front_door --model {model} --port {SERVE_PORT}")
+                 f"{python} -m phi3flow.front_door --model {model} --port {SERVE_PORT}")
     lines.append(f"  curl -s localhost:{SERVE_PORT}/v1/chat/completions -H 'Content-Type: "
                  f"application/json' -d {shlex.quote(request)}")
     return "\n".join(lines)

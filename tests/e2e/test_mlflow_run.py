@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -145,8 +145,11 @@ def _printed_commands_work_as_printed(output: str, tmp_path) -> None:
 
     block = output.split("Look at it with")[1].splitlines()[1:4]
     ui, serve, curl = (line.strip() for line in block)
-    assert ui.startswith("mlflow ui --backend-store-uri sqlite:////") and serve.startswith(
-        "MLFLOW_TRACKING_URI=sqlite:////")
+    # The environment's own interpreter by absolute path: a new terminal's PATH has no venv.
+    python = shlex.quote(sys.executable)
+    assert ui.startswith(f"{python} -m mlflow ui --backend-store-uri sqlite:////"), ui
+    assert serve.startswith("MLFLOW_TRACKING_URI=sqlite:////") and (
+        f" {python} -m phi3flow.front_door " in serve), serve
     assert main_step.UI_PORT != main_step.SERVE_PORT
     ports = {main_step.UI_PORT: free_port(), main_step.SERVE_PORT: free_port()}
     ui, serve = (ui.replace(f"-p {main_step.UI_PORT}", f"-p {ports[main_step.UI_PORT]}"),
@@ -156,8 +159,9 @@ def _printed_commands_work_as_printed(output: str, tmp_path) -> None:
                         f"localhost:{ports[main_step.SERVE_PORT]}")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # a new terminal's: no venv, no `python`
     started = time.monotonic()
     procs = [subprocess.Popen(["bash", "-c", command], cwd=elsewhere, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
