@@ -21,12 +21,15 @@ the ONNX model's own checks for the values, and the models loaded in this proces
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import itertools
 import json
 import logging
-import queue
 import re
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +57,17 @@ DEFAULT_PORT = 8000
 # A chat request of a full 4,096-token context is well under 100 KB of JSON; 1 MB leaves room
 # and refuses, before reading it, a body that could only waste memory.
 DEFAULT_MAX_BODY_BYTES = 1_000_000
-# OpenAI fields that this front door cannot honour: refused by name rather than ignored.
-UNSUPPORTED = ("tools", "tool_choice", "response_format", "presence_penalty",
-               "frequency_penalty", "stream_options")
+# OpenAI request fields this front door cannot honour, each with the values that ask for
+# nothing (accepted: OpenAI documents them as the default, or they change nothing); any other
+# value is refused by name rather than ignored. None (JSON null) is always "not sent".
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+    "logprobs": (False,), "top_logprobs": (), "seed": (),
+}
+# Nesting no chat request needs (messages -> content parts -> fields is 4 deep): a deeper body
+# is refused before it can exhaust the parser's recursion.
+MAX_JSON_DEPTH = 32
 
 
 class ApiError(Exception):
@@ -99,12 +110,14 @@ class ServedModel:
         if self.streams:
             yield from self.pyfunc.predict_stream({"messages": messages, **options})
             return
-        response = self.complete(messages, options)
+        response = conform(self.complete(messages, options))
         choice = response["choices"][0]
+        delta = {key: choice["message"][key] for key in ("role", "content")}
         yield {"id": response["id"], "object": "chat.completion.chunk",
                "created": response["created"], "model": self.name,
-               "choices": [{"index": 0, "delta": dict(choice["message"]),
-                            "finish_reason": choice["finish_reason"]}]}
+               "choices": [{"index": 0, "delta": delta,
+                            "finish_reason": choice["finish_reason"]}],
+               "usage": response.get("usage")}
 
 
 def load(name: str, uri: str) -> ServedModel:
@@ -144,22 +157,35 @@ def load(name: str, uri: str) -> ServedModel:
 
 def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dict, dict, bool]:
     """The request, checked: (model, messages, generation options, stream) or an ApiError."""
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels; a chat request "
+                       "needs a few.")
     try:
         data = json.loads(body)
+    except RecursionError:  # nesting the depth check could not see (an unterminated string)
+        raise ApiError(400, "the body nests too deep to be a chat request.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc}).") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object with model and messages.")
+    if "model" not in data:  # required by OpenAI's API, even where one model is served
+        raise ApiError(400, f"model is required: one of {sorted(models)}.", param="model")
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        # OpenAI takes stop as a string or a list; MLflow's request type only as a list.
+        request = ChatCompletionRequest.model_validate(
+            {**data, "stop": [data["stop"]]} if isinstance(data.get("stop"), str) else data)
     except pydantic.ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         raise ApiError(400, f"{where}: {error['msg']}.", param=where) from None
-    for name in UNSUPPORTED:
-        if data.get(name) is not None:
-            raise ApiError(400, f"{name} is not supported by this server.", param=name)
-    model = _model(data.get("model"), models)
+    for name, asks_nothing in UNSUPPORTED.items():
+        if data.get(name) is not None and data[name] not in asks_nothing:
+            allowed = " (or " + ", ".join(json.dumps(v) for v in asks_nothing) + ")" if (
+                asks_nothing) else ""
+            raise ApiError(400, f"{name} is not supported by this server: leave it out"
+                           f"{allowed}.", param=name)
+    usage = _stream_options(data.get("stream_options"), bool(request.stream))
+    model = _model(data["model"], models)
     try:
         messages = checked_messages(data.get("messages"))
         if not model.keeps_system:  # the template would drop them: fold them in (documented)
@@ -183,13 +209,50 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
     except BadRequest as exc:
         raise ApiError(400, exc.message, param=_param_of(exc.message)) from None
     _check_context(model, messages, options.get("max_tokens"))
-    return model, messages, options, bool(request.stream)
+    return model, messages, options, Streaming(bool(request.stream), usage)
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How to answer: as server-sent events or not, and with a final usage chunk or not."""
+
+    on: bool
+    include_usage: bool = False
+
+    def __bool__(self) -> bool:
+        return self.on
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    """stream_options.include_usage (OpenAI's only stream option), checked."""
+    if value is None:
+        return False
+    if not stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true.",
+                       param="stream_options")
+    if not isinstance(value, dict) or set(value) - {"include_usage"}:
+        raise ApiError(400, "stream_options takes one field, include_usage (true or false).",
+                       param="stream_options")
+    include = value.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise ApiError(400, "stream_options.include_usage must be true or false.",
+                       param="stream_options.include_usage")
+    return include
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_A_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
+_OPENS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _depth(body: bytes) -> int:
+    """How deep the JSON in `body` nests, without parsing it: its brackets outside strings."""
+    brackets = _JSON_STRING.sub(b"", body).translate(_OPENS, _NOT_A_BRACKET)
+    return max(itertools.accumulate(b - 1 for b in brackets), default=0)
 
 
 def _model(name: Any, models: dict[str, ServedModel]) -> ServedModel:
-    if name is None and len(models) == 1:
-        return next(iter(models.values()))
-    if name not in models:
+    if not isinstance(name, str) or name not in models:
         raise ApiError(404, f"the model {str(name)[:100]!r} is not served here; this server "
                        f"serves {sorted(models)}.", param="model", code="model_not_found")
     return models[name]
@@ -244,16 +307,21 @@ def create_app(models: dict[str, ServedModel],
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "phi3flow"}
-            for name in sorted(models)]}
+        return {"object": "list", "data": [_model_object(name) for name in sorted(models)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        if model_id not in models:
+            raise ApiError(404, f"the model {model_id[:100]!r} is not served here; this server "
+                           f"serves {sorted(models)}.", param="model", code="model_not_found")
+        return _model_object(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _read_limited(request, max_body_bytes)
         model, messages, options, stream = parse(body, models)
         if stream:
-            return StreamingResponse(_events(model, messages, options),
+            return StreamingResponse(_events(model, messages, options, stream.include_usage),
                                      media_type="text/event-stream")
         response = await run_in_threadpool(_generate, model, messages, options)
         return JSONResponse(response)
@@ -277,47 +345,105 @@ async def _read_limited(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "phi3flow"}
+
+
 def _generate(model: ServedModel, messages: list[dict], options: dict) -> dict:
     try:
         response = model.complete(messages, options)
     except BadRequest as exc:  # a check only the model could make
         raise ApiError(400, exc.message) from None
-    return {**response, "model": model.name}
+    return conform({**response, "model": model.name})
 
 
-def _events(model: ServedModel, messages: list[dict], options: dict) -> Iterator[bytes]:
-    """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
-    for chunk in _in_one_thread(lambda: model.stream(messages, options)):
+def conform(response: dict[str, Any]) -> dict[str, Any]:
+    """A chat.completion as OpenAI's schema has it, whichever model made it: its id starts with
+    `chatcmpl-` (MLflow's transformers flavor gives a bare UUID), and the keys the schema
+    requires though they may be null (`message.refusal`, `logprobs`) are there."""
+    if not str(response.get("id", "")).startswith("chatcmpl-"):
+        response["id"] = f"chatcmpl-{response.get('id') or uuid.uuid4().hex}"
+    for choice in response.get("choices", []):
+        choice.setdefault("logprobs", None)
+        choice.get("message", {}).setdefault("refusal", None)
+    return response
+
+
+async def _events(model: ServedModel, messages: list[dict], options: dict,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: one `data:` line per chunk, a usage chunk if asked, `data: [DONE]`.
+
+    A client that goes away ends this generator (Starlette cancels it): the model's stream is
+    then closed, which stops its decoding at the next token and ends its thread.
+    """
+    usage, first = None, None
+    async for chunk in _in_one_thread(lambda: model.stream(messages, options)):
         if isinstance(chunk, Exception):  # the stream has begun: report in-band, as OpenAI does
             logger.warning("stream of %s failed: %s", model.name, chunk)
             error = ApiError(500, str(chunk)[:500], kind="server_error").body()
             yield f"data: {json.dumps(error)}\n\n".encode()
             break
+        first = first or chunk
+        usage = chunk.pop("usage", None) or usage
         yield f"data: {json.dumps({**chunk, 'model': model.name})}\n\n".encode()
+    if include_usage and first is not None:
+        if usage is None:  # a model that cannot count its stream's tokens
+            logger.warning("stream of %s: the model reported no usage", model.name)
+        final = {"id": first["id"], "object": "chat.completion.chunk",
+                 "created": first["created"], "model": model.name, "choices": [],
+                 "usage": usage}
+        yield f"data: {json.dumps(final)}\n\n".encode()
     yield b"data: [DONE]\n\n"
 
 
-def _in_one_thread(make: Any) -> Iterator[Any]:
+# Chunks a stream may run ahead of a slow client; past that its thread waits for the client.
+STREAM_AHEAD = 64
+
+
+async def _in_one_thread(make: Any) -> AsyncIterator[Any]:
     """Iterate `make()` in one thread of its own, handing each item (or the error) over.
 
     Starlette advances a streaming response's generator from whichever worker thread is free,
     but MLflow's predict_stream sets a context variable when it starts and resets it when it
     ends, which fails from another thread's context; one thread per stream keeps it whole.
+    When the consumer stops (a client that left), the thread closes `make()`'s iterator and
+    ends: it waits for room with a timeout, so it never blocks on a reader that is gone.
     """
-    handed: queue.Queue = queue.Queue(maxsize=64)
+    loop = asyncio.get_running_loop()
+    handed: asyncio.Queue = asyncio.Queue()
+    room = threading.Semaphore(STREAM_AHEAD)
+    stopped = threading.Event()
     done = object()
 
+    def hand(item: Any) -> None:
+        loop.call_soon_threadsafe(handed.put_nowait, item)
+
     def run() -> None:
+        items = make()
         try:
-            for item in make():
-                handed.put(item)
+            for item in items:
+                while not room.acquire(timeout=0.1):
+                    if stopped.is_set():
+                        return
+                if stopped.is_set():
+                    return
+                hand(item)
         except Exception as exc:  # noqa: BLE001 (handed to the response, which reports it)
-            handed.put(exc)
-        handed.put(done)
+            hand(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # the model's stream: its cleanup stops the decoding
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+                hand(done)
 
     threading.Thread(target=run, daemon=True, name="front-door-stream").start()
-    while (item := handed.get()) is not done:
-        yield item
+    try:
+        while (item := await handed.get()) is not done:
+            room.release()
+            yield item
+    finally:
+        stopped.set()
 
 
 def _model_arg(value: str) -> tuple[str, str]:

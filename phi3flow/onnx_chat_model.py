@@ -164,6 +164,11 @@ def checked_number(name: str, value: Any, kind: type, low: float, high: float | 
     return kind(value)
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def checked_stop(value: Any) -> list[str] | None:
     if value is None:
         return None
@@ -444,7 +449,7 @@ class OnnxChatModel(PythonModel):
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = True
         (job,) = self._submit([request])
-        for delta, finish, _ in self._stream_one(job):
+        for delta, finish, count in self._stream_one(job):
             if not delta and finish is None:
                 continue
             if self.interface == "prompt":
@@ -452,11 +457,14 @@ class OnnxChatModel(PythonModel):
                 continue
             message = {"role": "assistant", "content": delta} if first else {"content": delta}
             first = False
-            yield {
+            chunk = {
                 "id": completion_id, "object": "chat.completion.chunk", "created": created,
                 "model": self.model_name,
                 "choices": [{"index": 0, "delta": message, "finish_reason": finish}],
             }
+            if finish is not None:  # the last chunk: the request's usage, as OpenAI counts it
+                chunk["usage"] = _usage(len(request["ids"]), count)
+            yield chunk
 
     def _completion(self, request: dict[str, Any], output: tuple[str, str, int]) -> dict:
         text, finish, completion_tokens = output
@@ -468,14 +476,12 @@ class OnnxChatModel(PythonModel):
             "model": self.model_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text.strip()},
+                # refusal and logprobs: required by OpenAI's schema, null when there are none
+                "message": {"role": "assistant", "content": text.strip(), "refusal": None},
+                "logprobs": None,
                 "finish_reason": finish,
             }],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": _usage(prompt_tokens, completion_tokens),
         }
 
 

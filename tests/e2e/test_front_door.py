@@ -3,11 +3,16 @@ real clients: the official `openai` SDK and curl. Both registered champions behi
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import shutil
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import openai
@@ -104,6 +109,20 @@ BAD = {
     "n above one": ({"messages": MESSAGES, "n": 3}, "n"),
     "tools": ({"messages": MESSAGES, "tools": [{"type": "function", "function": {
         "name": "f"}}]}, "tools"),
+    # Fields no runtime here honours yet: refused by name, never answered as if absent.
+    "presence_penalty other than 0": ({"messages": MESSAGES, "presence_penalty": 0.5},
+                                      "presence_penalty"),
+    "frequency_penalty other than 0": ({"messages": MESSAGES, "frequency_penalty": -1},
+                                       "frequency_penalty"),
+    "logprobs": ({"messages": MESSAGES, "logprobs": True}, "logprobs"),
+    "top_logprobs": ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    "seed": ({"messages": MESSAGES, "seed": 7}, "seed"),
+    "logit_bias": ({"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),
+    "stream_options without a stream": (
+        {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
+    "stream_options unknown": ({"messages": MESSAGES, "stream": True,
+                                "stream_options": {"include_obfuscation": True}},
+                               "stream_options"),
 }
 
 
@@ -218,3 +237,137 @@ def test_system_messages_are_tagged_and_folded_in_where_the_template_drops_them(
     (alone,) = direct.predict({"messages": MESSAGES, "max_tokens": 4})
     (with_system,) = direct.predict({"messages": pirate, "max_tokens": 4})
     assert with_system["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+
+
+def test_a_request_without_model_is_refused_as_openai_refuses_it(door):
+    """`model` is required by OpenAI's API, even where one model is served."""
+    status, answer = _raw(door[0], json.dumps({"messages": MESSAGES}).encode())
+    assert status == 400 and answer["error"]["param"] == "model", answer
+    assert all(name in answer["error"]["message"] for name in NAMES.values())
+
+
+def test_a_deeply_nested_body_is_a_400_and_the_server_keeps_serving(door, client):
+    status, answer = _raw(door[0], b'{"model": "x", "messages": ' + b"[" * 100_000
+                          + b"]" * 100_000 + b"}")
+    assert status == 400 and "nests deeper" in answer["error"]["message"], answer
+    assert client.chat.completions.create(model=NAMES["onnx"], messages=MESSAGES,
+                                          max_tokens=8).choices[0].message.content
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_documented_no_op_values_and_a_string_stop_are_accepted(client, kind):
+    """OpenAI's defaults (penalties 0, n 1, logprobs false, an empty logit_bias) ask for
+    nothing and are accepted; `stop` may be one string, as OpenAI takes it."""
+    answer = client.chat.completions.create(
+        model=NAMES[kind], messages=MESSAGES, max_tokens=32, presence_penalty=0,
+        frequency_penalty=0, n=1, logprobs=False, logit_bias={}, stop="Lisbon")
+    assert "Madrid" in answer.choices[0].message.content
+    if kind == "onnx":  # the transformers model keeps the stop text: the next round's item
+        cut = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
+                                             max_tokens=32, stop="drid")
+        assert cut.choices[0].message.content.endswith(" Ma"), cut.choices[0].message.content
+        assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_responses_carry_the_keys_openais_schema_requires(door, client, kind):
+    """CreateChatCompletionResponse requires `choices[].logprobs` and `message.refusal` (both
+    nullable), and ids of the `chatcmpl-` form; the SDK's models.retrieve finds each model."""
+    status, answer = _raw(door[0], json.dumps({"model": NAMES[kind], "messages": MESSAGES,
+                                                "max_tokens": 8}).encode())
+    assert status == 200, answer
+    assert {"id", "object", "created", "model", "choices"} <= set(answer)
+    assert answer["id"].startswith("chatcmpl-"), answer["id"]
+    (choice,) = answer["choices"]
+    assert {"index", "message", "logprobs", "finish_reason"} <= set(choice)
+    assert {"role", "content", "refusal"} <= set(choice["message"])
+    assert choice["logprobs"] is None and choice["message"]["refusal"] is None
+    assert client.models.retrieve(NAMES[kind]).id == NAMES[kind]
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        client.models.retrieve("gpt-4")
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_a_stream_reports_its_usage_at_the_end_when_asked(client, kind):
+    """stream_options.include_usage: a last chunk with no choices and the request's usage, the
+    same as the unstreamed answer's; no usage on the other chunks."""
+    whole = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES, max_tokens=32)
+    chunks = list(client.chat.completions.create(
+        model=NAMES[kind], messages=MESSAGES, max_tokens=32, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
+                                                max_tokens=32, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("Threads:")))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.fixture(scope="module")
+def endless(fp32_onnx, tmp_path_factory):
+    """A front door serving the fixture's ONNX build with its end-of-text tokens swapped for
+    <unk>, which it never writes: it answers up to max_tokens, as a real model answering at
+    length does (the fixture itself stops after a few tokens)."""
+    from steps import fetch_model, log_onnx_pyfunc
+
+    folder = tmp_path_factory.mktemp("endless") / "onnx"
+    shutil.copytree(fp32_onnx, folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = [0]
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    fetch = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", str(folder)])
+    uri = log_onnx_pyfunc.main(["--fetch_run_id", fetch])
+    with front_door("--model", f"endless={uri}") as served:
+        yield served
+
+
+def test_a_stream_the_client_abandons_stops_decoding_and_frees_its_thread(endless):
+    """Five clients start a 4,000-token stream each and hang up after a few chunks: within
+    seconds the server is back to its threads before them and spends no more CPU, i.e. no
+    stream thread is left waiting on a reader that is gone and no row goes on decoding."""
+    url, proc = endless
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "endless", "messages": MESSAGES, "max_tokens": 4000,
+                       "stream": True})
+
+    def start() -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("POST", "/v1/chat/completions", body=body,
+                           headers={"Content-Type": "application/json"})
+        return connection
+
+    whole = start()  # once to the end: the model's threads are all started
+    events = whole.getresponse().read().decode().split("\n\n")
+    assert events[-2] == "data: [DONE]" and len(events) > 1000, len(events)
+    whole.close()
+    before = _threads(proc.pid)
+    hung_up = []
+    for _ in range(5):
+        connection = start()
+        response = connection.getresponse()
+        for _ in range(3):
+            assert response.readline().startswith(b"data: {")
+            response.readline()
+        hung_up.append(connection)
+    for connection in hung_up:
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+    deadline = time.monotonic() + 15
+    while _threads(proc.pid) > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _threads(proc.pid) <= before, (_threads(proc.pid), before)
+    spent = _cpu_seconds(proc.pid)
+    time.sleep(2)
+    assert _cpu_seconds(proc.pid) - spent < 0.3  # idle: nothing decodes for nobody
+    assert proc.poll() is None
