@@ -36,10 +36,11 @@ os.environ.update({
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
 
 
-def pytest_configure(config):
+def pytest_collection_finish(session):
     # The sqlite store puts artifacts under ./mlruns of the directory it is first used from,
     # which can be before any per-test chdir (session fixtures): make that directory the
-    # session's. Here, not at import: pytest resolves `testpaths` after importing this file.
+    # session's. After collection, not before: pytest (and each pytest-xdist worker) finds
+    # `testpaths` relative to the directory it was started in.
     os.chdir(_SESSION_DIR)
 
 
