@@ -43,7 +43,7 @@ class WorkerSpec(Record):
 class Answer:
     """One row's answer, or the error the model raised on it (then only trace_id and error)."""
 
-    trace_id: str | None  # None without tracing
+    trace_id: str | None = None  # None without tracing (and then absent from the JSON)
     answer: str = ""
     error: str | None = None
     # The chat.completion, which a scorer reads where there is no trace (tracing off only).

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import names, stale
+from phi3flow import names, pipeline, stale
 from phi3flow.errors import StepError
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
 from tests.helpers import FIXTURE, ROOT, free_port, run_project, tracking_server
@@ -322,7 +322,6 @@ def test_tracking_server_restarted_mid_run_then_main_completes(tmp_path, monkeyp
         assert final.data.tags[names.TAG_PREFIX + "registered_alias"] == "champion"
         versions = client.search_model_versions(f"name = '{names.DEFAULT_REGISTERED_MODEL}'")
         assert len(versions) == 1
-        for step in (names.FETCH_MODEL, names.LOG_TRANSFORMERS, names.LOG_ONNX_PYFUNC,
-                     names.EVALUATE, names.REGISTER):
-            run_id = final.data.tags[f"{names.TAG_PREFIX}{step}_run_id"]
+        for stage in pipeline.PIPELINE:  # each step's run, by the name of its output
+            run_id = final.data.tags[f"{names.TAG_PREFIX}{stage.output}"]
             assert client.get_run(run_id).info.status == "FINISHED"

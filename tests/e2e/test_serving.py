@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import QUESTION, eval_rows, free_port
+from tests.helpers import CHAMPIONS, QUESTION, ROOT, eval_rows, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -140,16 +140,14 @@ def test_ping_stays_prompt_while_a_long_request_is_in_flight(server):
 def test_both_registered_champions_answer_the_same_chat_request(served):
     """The README's serving commands: each model registered with alias champion, served with
     `mlflow models serve -m models:/<name>@champion --env-manager local`, asked the same thing."""
-    from tests import conftest
-
     answers = {}
     for kind, (url, _) in served.items():
-        status, raw = conftest.post(url, {**QUESTION, "max_tokens": 32})
-        assert status == 200, raw[:2000]
-        (body,) = json.loads(raw)
+        status, answered = post(url, {**QUESTION, "max_tokens": 32})
+        assert status == 200, answered
+        (body,) = answered
         assert body["object"] == "chat.completion"
         answers[kind] = body["choices"][0]["message"]["content"]
     assert answers["onnx"] == answers["transformers"] == "The capital of Spain is Madrid."
-    readme = (conftest.ROOT / "README.md").read_text()
-    for name in conftest.CHAMPIONS.values():
+    readme = (ROOT / "README.md").read_text()
+    for name in CHAMPIONS.values():
         assert f"mlflow models serve -m models:/{name}@champion --env-manager local" in readme

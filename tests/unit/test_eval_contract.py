@@ -70,3 +70,11 @@ def test_a_worker_result_without_its_answers_is_refused():
     text = json.dumps({"load_s": 1.0, "size_mb": 1.0, "peak_rss_mb": 1.0})
     with pytest.raises(RecordError, match=r"answers: Field required"):
         WorkerResult.from_json(text, "result.json")
+
+
+def test_a_worker_result_survives_its_file_with_and_without_traces():
+    """Without a trace API the answers have no trace ID and carry their whole response."""
+    untraced = Answer(answer="Madrid", response={"object": "chat.completion"}, latency_s=1.0)
+    result = WorkerResult(load_s=1.0, size_mb=1.0, peak_rss_mb=1.0,
+                          answers=(answered(1.0), untraced, Answer(error="ValueError: boom")))
+    assert WorkerResult.from_json(result.to_json(), "result.json") == result
