@@ -49,6 +49,7 @@ from phi3flow.onnx_chat_model import (
     checked_messages,
     checked_number,
     checked_stop,
+    find_stop,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,14 +58,87 @@ DEFAULT_PORT = 8000
 # A chat request of a full 4,096-token context is well under 100 KB of JSON; 1 MB leaves room
 # and refuses, before reading it, a body that could only waste memory.
 DEFAULT_MAX_BODY_BYTES = 1_000_000
-# OpenAI request fields this front door cannot honour, each with the values that ask for
-# nothing (accepted: OpenAI documents them as the default, or they change nothing); any other
-# value is refused by name rather than ignored. None (JSON null) is always "not sent".
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (), "tool_choice": ("none",), "response_format": ({"type": "text"},),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-    "logprobs": (False,), "top_logprobs": (), "seed": (),
-}
+
+@dataclass(frozen=True)
+class Field:
+    """One request field of OpenAI's chat completions API, and what this server does with it:
+    honours it (`supported`) or refuses it with a 400 naming it, except for the values that
+    ask for nothing (`asks_nothing`: OpenAI's documented default or no-op), which are accepted.
+    JSON null is "not sent" for every field."""
+
+    name: str
+    supported: bool
+    note: str
+    asks_nothing: tuple[Any, ...] = ()
+
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` may be sent: any for a supported field (its checks come later),
+        else null or a value that asks nothing (`false` is not `0`, as JSON has it)."""
+        return self.supported or value is None or any(
+            value == v and isinstance(value, bool) == isinstance(v, bool)
+            for v in self.asks_nothing)
+
+    def row(self) -> str:
+        """The field's row in docs/serving.md's conformance table."""
+        accepted = ", ".join(f"`{json.dumps(v)}`" for v in self.asks_nothing)
+        status = "supported" if self.supported else "refused (400)" + (
+            f"; accepted: {accepted}" if accepted else "")
+        return f"| `{self.name}` | {status} | {self.note} |"
+
+
+# Every field of OpenAI's chat completions request (CompletionCreateParams of the official
+# `openai` SDK, which is generated from OpenAI's API spec; a test checks the installed SDK has
+# no field this table lacks), and top_k, which OpenAI lacks and both runtimes have. Nothing is
+# accepted and ignored: docs/serving.md's conformance table is rendered from this one.
+FIELDS = (
+    Field("messages", True, "roles system, user, assistant; content a string (content-part "
+          "arrays, `name` and the tool roles are refused). Not yet: text in content that spells "
+          "a Phi-3 control tag (`<|end|>`) is read as that tag by both runtimes"),
+    Field("model", True, "required: a name this server serves"),
+    Field("max_tokens", True, "at least 1, within the context window"),
+    Field("max_completion_tokens", True, "the same as max_tokens (which it replaces)"),
+    Field("temperature", True, ">= 0; 0 is greedy. Not yet on the transformers model, which "
+          "answers greedily whatever the value (MLflow's transformers flavor takes no do_sample "
+          "from a request)"),
+    Field("top_p", True, "in (0, 1]; as temperature"),
+    Field("top_k", True, "not OpenAI's: at least 1; as temperature"),
+    Field("n", True, "1 only", asks_nothing=(1,)),
+    Field("stop", True, "a string or up to 4 strings; the answer ends before the first"),
+    Field("stream", True, "server-sent chunks, then [DONE]"),
+    Field("stream_options", True, "include_usage: a last chunk with the usage"),
+    Field("user", True, "an end-user id; it does not change the answer, nothing records it"),
+    Field("safety_identifier", True, "the same as user"),
+    Field("presence_penalty", False, "not implemented by either runtime", asks_nothing=(0,)),
+    Field("frequency_penalty", False, "not implemented by either runtime", asks_nothing=(0,)),
+    Field("logit_bias", False, "not implemented", asks_nothing=({},)),
+    Field("logprobs", False, "not implemented yet", asks_nothing=(False,)),
+    Field("top_logprobs", False, "not implemented yet", asks_nothing=(0,)),
+    Field("seed", False, "not implemented yet"),
+    Field("response_format", False, "structured outputs are not implemented yet",
+          asks_nothing=({"type": "text"},)),
+    Field("tools", False, "tool calls are not implemented yet", asks_nothing=([],)),
+    Field("tool_choice", False, "tool calls are not implemented yet", asks_nothing=("none",)),
+    Field("parallel_tool_calls", False, "tool calls are not implemented yet; without tools any "
+          "value asks nothing", asks_nothing=(True, False)),
+    Field("functions", False, "deprecated by OpenAI for tools", asks_nothing=([],)),
+    Field("function_call", False, "deprecated by OpenAI for tool_choice",
+          asks_nothing=("none",)),
+    Field("modalities", False, "text only", asks_nothing=(["text"],)),
+    Field("audio", False, "text only"),
+    Field("prediction", False, "no predicted outputs"),
+    Field("reasoning_effort", False, "Phi-3-mini does not reason in hidden tokens"),
+    Field("verbosity", False, "no verbosity control", asks_nothing=("medium",)),
+    Field("web_search_options", False, "no web search"),
+    Field("store", False, "nothing is stored", asks_nothing=(False,)),
+    Field("metadata", False, "only with store", asks_nothing=({},)),
+    Field("service_tier", False, "one tier", asks_nothing=("auto", "default")),
+    Field("moderation", False, "no moderation"),
+    Field("prompt_cache_key", False, "no prompt cache"),
+    Field("prompt_cache_options", False, "no prompt cache"),
+    Field("prompt_cache_retention", False, "no prompt cache"),
+)
+FIELD = {f.name: f for f in FIELDS}
+
 # Nesting no chat request needs (messages -> content parts -> fields is 4 deep): a deeper body
 # is refused before it can exhaust the parser's recursion.
 MAX_JSON_DEPTH = 32
@@ -104,6 +178,15 @@ class ServedModel:
         else:
             with self.lock:
                 (response,) = self.pyfunc.predict(payload)
+        if not self.streams and options.get("stop"):
+            # MLflow's transformers flavor stops generating at a stop string but keeps it in
+            # the answer; OpenAI (and the ONNX model) cut the answer before it.
+            for choice in response["choices"]:
+                content = choice["message"].get("content") or ""
+                cut = find_stop(content, options["stop"])
+                if cut is not None:
+                    choice["message"]["content"] = content[:cut].rstrip()
+                    choice["finish_reason"] = "stop"
         return response
 
     def stream(self, messages: list[dict], options: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -170,6 +253,7 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
         raise ApiError(400, "the body must be a JSON object with model and messages.")
     if "model" not in data:  # required by OpenAI's API, even where one model is served
         raise ApiError(400, f"model is required: one of {sorted(models)}.", param="model")
+    check_fields(data)
     try:
         # OpenAI takes stop as a string or a list; MLflow's request type only as a list.
         request = ChatCompletionRequest.model_validate(
@@ -178,12 +262,6 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         raise ApiError(400, f"{where}: {error['msg']}.", param=where) from None
-    for name, asks_nothing in UNSUPPORTED.items():
-        if data.get(name) is not None and data[name] not in asks_nothing:
-            allowed = " (or " + ", ".join(json.dumps(v) for v in asks_nothing) + ")" if (
-                asks_nothing) else ""
-            raise ApiError(400, f"{name} is not supported by this server: leave it out"
-                           f"{allowed}.", param=name)
     usage = _stream_options(data.get("stream_options"), bool(request.stream))
     model = _model(data["model"], models)
     try:
@@ -210,6 +288,22 @@ def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dic
         raise ApiError(400, exc.message, param=_param_of(exc.message)) from None
     _check_context(model, messages, options.get("max_tokens"))
     return model, messages, options, Streaming(bool(request.stream), usage)
+
+
+def check_fields(data: dict[str, Any]) -> None:
+    """Every field is one of FIELDS, and one this server cannot honour asks nothing of it."""
+    unknown = sorted(set(data) - FIELD.keys())
+    if unknown:  # as OpenAI answers them: "Unrecognized request argument supplied"
+        raise ApiError(400, f"unrecognized request argument(s) {unknown[:5]}: not a field of "
+                       "OpenAI's chat completions API.", param=unknown[0])
+    for name, value in data.items():
+        field = FIELD[name]
+        if field.accepts(value):
+            continue
+        allowed = (" (or " + ", ".join(json.dumps(v) for v in field.asks_nothing) + ")"
+                   if field.asks_nothing else "")
+        raise ApiError(400, f"{name} is not supported by this server ({field.note}): leave it "
+                       f"out{allowed}.", param=name)
 
 
 @dataclass(frozen=True)

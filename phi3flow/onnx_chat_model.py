@@ -412,7 +412,7 @@ class OnnxChatModel(PythonModel):
                 text += stream.decode(token)
                 if not sent:
                     text = text.lstrip()  # like the transformers model: no leading space
-                cut = _find_stop(text, stops)
+                cut = find_stop(text, stops)
                 if cut is not None:
                     yield text[sent:cut], "stop", count
                     return
@@ -574,7 +574,8 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
     return batches
 
 
-def _find_stop(text: str, stops: list[str]) -> int | None:
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of `stops` begins in `text`, or None."""
     positions = [text.find(s) for s in stops if s in text]
     return min(positions) if positions else None
 

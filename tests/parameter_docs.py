@@ -1,9 +1,11 @@
-"""docs/parameters.md's tables, generated from the step configs (phi3flow/config.py).
+"""The docs' generated tables: docs/parameters.md's from the step configs (phi3flow/config.py),
+and docs/serving.md's conformance table from the front door's fields (phi3flow/front_door.py).
 
 Each entry point's table sits between `<!-- parameters: <entry point> -->` and
-`<!-- end parameters -->`; everything else in the page is written by hand. The config fields are
-the one source of names, defaults and meanings: `tests/unit/test_parameter_docs.py` fails when
-the page differs from them, and this refreshes it:
+`<!-- end parameters -->`, the conformance table between `<!-- conformance -->` and
+`<!-- end conformance -->`; everything else in the pages is written by hand. The code is the one
+source of names, defaults and meanings: `tests/unit/test_parameter_docs.py` fails when a page
+differs from it, and this refreshes both:
 
     python -m tests.parameter_docs
 """
@@ -14,9 +16,11 @@ import re
 import sys
 from pathlib import Path
 
-from phi3flow import config
+from phi3flow import config, front_door
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
+SERVING = PAGE.with_name("serving.md")
+CONFORMANCE = re.compile(r"(<!-- conformance -->\n)(.*?)(<!-- end conformance -->)", re.S)
 COMMAND = "python -m tests.parameter_docs"
 BLOCK = re.compile(r"(<!-- parameters: (\w+) -->\n)(.*?)(<!-- end parameters -->)", re.S)
 CONFIGS = config.STEP_CONFIGS
@@ -47,9 +51,22 @@ def render(text: str) -> str:
     return BLOCK.sub(lambda m: m.group(1) + table(m.group(2)) + m.group(4), text)
 
 
+def conformance() -> str:
+    rows = ["| field | here | notes |", "|---|---|---|"]
+    return "\n".join(rows + [field.row() for field in front_door.FIELDS]) + "\n"
+
+
+def render_serving(text: str) -> str:
+    """docs/serving.md with its conformance table brought up to date."""
+    if not CONFORMANCE.search(text):
+        raise ValueError(f"{SERVING} has no <!-- conformance --> block")
+    return CONFORMANCE.sub(lambda m: m.group(1) + conformance() + m.group(3), text)
+
+
 def main() -> None:
     PAGE.write_text(render(PAGE.read_text()))
-    print(f"wrote {PAGE}")
+    SERVING.write_text(render_serving(SERVING.read_text()))
+    print(f"wrote {PAGE}, {SERVING}")
 
 
 if __name__ == "__main__":

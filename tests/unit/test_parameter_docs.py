@@ -1,4 +1,5 @@
-"""docs/parameters.md's tables are the config fields' defaults and help texts (one source)."""
+"""The docs' generated tables are the code's: docs/parameters.md's the config fields' defaults and
+help texts, docs/serving.md's conformance table the front door's fields (one source each)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def test_each_table_lists_exactly_its_entry_points_parameters():
         fields = {f.name for f in parameter_docs.config.cli_fields(
             parameter_docs.CONFIGS[entry_point])}
         assert listed == fields, entry_point
+
+
+def test_the_conformance_table_matches_the_front_doors_fields():
+    page = parameter_docs.SERVING.read_text()
+    assert parameter_docs.render_serving(page) == page, (
+        f"docs/serving.md differs from phi3flow/front_door.py: run `{parameter_docs.COMMAND}`")
