@@ -31,6 +31,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import mlflow
@@ -97,11 +98,9 @@ FIELDS = (
     Field("model", True, "required: a name this server serves"),
     Field("max_tokens", True, "at least 1, within the context window"),
     Field("max_completion_tokens", True, "the same as max_tokens (which it replaces)"),
-    Field("temperature", True, ">= 0; 0 is greedy. Not yet on the transformers model, which "
-          "answers greedily whatever the value (MLflow's transformers flavor takes no do_sample "
-          "from a request)"),
-    Field("top_p", True, "in (0, 1]; as temperature"),
-    Field("top_k", True, "not OpenAI's: at least 1; as temperature"),
+    Field("temperature", True, ">= 0; 0 is greedy"),
+    Field("top_p", True, "in (0, 1]"),
+    Field("top_k", True, "not OpenAI's: at least 1"),
     Field("n", True, "1 only", asks_nothing=(1,)),
     Field("stop", True, "a string or up to 4 strings; the answer ends before the first"),
     Field("stream", True, "server-sent chunks, then [DONE]"),
@@ -170,13 +169,15 @@ class ServedModel:
     streams: bool  # the model streams token by token (else: one chunk with the whole answer)
     keeps_system: bool  # its chat template shows system messages (else they are folded in)
     lock: threading.Lock | None = field(default=None)  # a model that must answer one at a time
+    # MLflow's transformers wrapper, whose logged model_config decides do_sample (None: ONNX)
+    transformers_wrapper: Any = None
 
     def complete(self, messages: list[dict], options: dict[str, Any]) -> dict[str, Any]:
         payload = {"messages": messages, **options}
         if self.lock is None:
             (response,) = self.pyfunc.predict(payload)
         else:
-            with self.lock:
+            with self.lock, self._sampling(payload):
                 (response,) = self.pyfunc.predict(payload)
         if not self.streams and options.get("stop"):
             # MLflow's transformers flavor stops generating at a stop string but keeps it in
@@ -188,6 +189,31 @@ class ServedModel:
                     choice["message"]["content"] = content[:cut].rstrip()
                     choice["finish_reason"] = "stop"
         return response
+
+    @contextlib.contextmanager
+    def _sampling(self, payload: dict[str, Any]) -> Iterator[None]:
+        """Sample or not as the request's temperature says, on the transformers model.
+
+        MLflow's transformers flavor samples only if the logged model_config says `do_sample`
+        (a model logged with temperature 0 says false), and a request cannot change it: the
+        llm/v1/chat input schema has no such field and drops it. So for one request, under
+        the model's lock, the wrapper's model_config says what the temperature asks; greedy
+        (temperature 0) sends no sampling options at all, which transformers would warn about.
+        """
+        wrapper = self.transformers_wrapper
+        if wrapper is None or "temperature" not in payload:
+            yield
+            return
+        sample = payload["temperature"] > 0
+        if not sample:
+            for key in ("temperature", "top_p", "top_k"):
+                payload.pop(key, None)
+        logged = wrapper.model_config
+        wrapper.model_config = MappingProxyType({**logged, "do_sample": sample})
+        try:
+            yield
+        finally:
+            wrapper.model_config = logged
 
     def stream(self, messages: list[dict], options: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if self.streams:
@@ -220,7 +246,8 @@ def load(name: str, uri: str) -> ServedModel:
             messages, tokenize=False, add_generation_prompt=True), name)
         # A transformers pipeline is not safe to call from several threads at once.
         return ServedModel(name, uri, model, context, count, streams=False,
-                           keeps_system=keeps == system_messages.KEPT, lock=threading.Lock())
+                           keeps_system=keeps == system_messages.KEPT, lock=threading.Lock(),
+                           transformers_wrapper=model._model_impl)
     inner = model.unwrap_python_model()
     if not hasattr(inner, "tokenizer") or getattr(inner, "interface", "chat") != "chat":
         raise SystemExit(f"{uri} is not a chat model of this project (log it with "

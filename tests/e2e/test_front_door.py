@@ -1,5 +1,6 @@
 """The OpenAI-compatible front door (`python -m phi3flow.front_door`) over real HTTP, with the
-real clients: the official `openai` SDK and curl. Both registered champions behind one port."""
+real clients: the official `openai` SDK and curl. Both registered champions behind one port.
+Bodies, chunks and errors are validated against OpenAI's published schemas (tests/openai_schemas.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 from phi3flow import names
 from tests.e2e.test_load import REQUESTS_PER_CLIENT, run_load
 from tests.helpers import FIXTURE, FRONT_DOOR_NAMES, QUESTION, front_door
+from tests.openai_schemas import validate
 
 pytestmark = pytest.mark.e2e
 
@@ -82,6 +84,8 @@ def test_streamed_deltas_add_up_to_the_answer_and_end_with_done(client, door, ki
                            "stream": True})], capture_output=True, text=True, timeout=120).stdout
     lines = [line for line in events.splitlines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    for line in lines[:-1]:  # each chunk as OpenAI's schema has it
+        validate("CreateChatCompletionStreamResponse", json.loads(line.removeprefix("data: ")))
 
 
 def test_curl_as_documented(door):
@@ -132,6 +136,7 @@ def test_bad_requests_get_a_4xx_in_openais_shape_naming_the_field(door, kind, ca
     body, param = BAD[case]
     status, answer = _raw(door[0], json.dumps({"model": NAMES[kind], **body}).encode())
     assert status == 400, answer
+    validate("ErrorResponse", answer)
     error = answer["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
@@ -157,11 +162,13 @@ def test_errors_the_sdk_raises_and_the_server_keeps_serving(client, door, tmp_pa
                           capture_output=True, text=True, timeout=60)
     body, status = done.stdout.rsplit("\n", 1)
     assert status == "413" and json.loads(body)["error"]["code"] == "request_too_large"
+    validate("ErrorResponse", json.loads(body))
     assert time.monotonic() - started < 10
     status, answer = _raw(door[0], b"not json")
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
     status, answer = _raw(door[0], b"{}", path="/v1/nothing")
     assert status == 404 and "error" in answer
+    validate("ErrorResponse", answer)
     # Still serving, and answering well.
     answer = client.chat.completions.create(model=NAMES["onnx"], messages=MESSAGES, max_tokens=32)
     assert "Madrid" in answer.choices[0].message.content
@@ -285,6 +292,7 @@ def test_responses_carry_the_keys_openais_schema_requires(door, client, kind):
     status, answer = _raw(door[0], json.dumps({"model": NAMES[kind], "messages": MESSAGES,
                                                 "max_tokens": 8}).encode())
     assert status == 200, answer
+    validate("CreateChatCompletionResponse", answer)  # OpenAI's published schema
     assert {"id", "object", "created", "model", "choices"} <= set(answer)
     assert answer["id"].startswith("chatcmpl-"), answer["id"]
     (choice,) = answer["choices"]
@@ -292,12 +300,16 @@ def test_responses_carry_the_keys_openais_schema_requires(door, client, kind):
     assert {"role", "content", "refusal"} <= set(choice["message"])
     assert choice["logprobs"] is None and choice["message"]["refusal"] is None
     assert client.models.retrieve(NAMES[kind]).id == NAMES[kind]
+    for path, schema in ((f"/v1/models/{NAMES[kind]}", "Model"), ("/v1/models",
+                                                                   "ListModelsResponse")):
+        with urllib.request.urlopen(f"{door[0]}{path}", timeout=30) as response:
+            validate(schema, json.loads(response.read()))
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         client.models.retrieve("gpt-4")
 
 
 @pytest.mark.parametrize("kind", sorted(NAMES))
-def test_a_stream_reports_its_usage_at_the_end_when_asked(client, kind):
+def test_a_stream_reports_its_usage_at_the_end_when_asked(client, door, kind):
     """stream_options.include_usage: a last chunk with no choices and the request's usage, the
     same as the unstreamed answer's; no usage on the other chunks."""
     whole = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES, max_tokens=32)
@@ -310,6 +322,16 @@ def test_a_stream_reports_its_usage_at_the_end_when_asked(client, kind):
     plain = list(client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
                                                 max_tokens=32, stream=True))
     assert all(c.usage is None for c in plain) and plain[-1].choices
+    events = subprocess.run(
+        ["curl", "-sN", f"{door[0]}/v1/chat/completions", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"model": NAMES[kind], "messages": MESSAGES, "max_tokens": 8,
+                           "stream": True, "stream_options": {"include_usage": True}})],
+        capture_output=True, text=True, timeout=120).stdout
+    chunks = [json.loads(line.removeprefix("data: ")) for line in events.splitlines()
+              if line.startswith("data: {")]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
 
 
 def _threads(pid: int) -> int:
@@ -380,3 +402,16 @@ def test_a_stream_the_client_abandons_stops_decoding_and_frees_its_thread(endles
     time.sleep(2)
     assert _cpu_seconds(proc.pid) - spent < 0.3  # idle: nothing decodes for nobody
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_temperature_samples_on_both_runtimes_and_zero_is_greedy(client, kind):
+    """At temperature 2 eight answers differ (MLflow's transformers flavor alone would answer
+    greedily: its logged model_config says do_sample false); at 0 they are one."""
+    def answers(temperature: float) -> set[str]:
+        return {client.chat.completions.create(
+            model=NAMES[kind], messages=MESSAGES, max_tokens=16,
+            temperature=temperature).choices[0].message.content for _ in range(8)}
+
+    assert len(answers(2.0)) > 1
+    assert len(answers(0.0)) == 1
