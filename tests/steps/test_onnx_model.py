@@ -281,14 +281,17 @@ def test_logged_from_code_without_pickles_or_torch(onnx_model_uri, fetch_run_id)
     assert model.tags[names.TAG_ONNX_SOURCE] == "build"
     assert model.tags[names.TAG_ONNX_EXECUTION_PROVIDER] == "cpu"
 
-    code = ("import json, sys, mlflow\n"
+    # A process that hangs prints where it is, before the timeout kills it.
+    code = ("import faulthandler, json, sys\n"
+            "faulthandler.dump_traceback_later(240, exit=True)\n"
+            "import mlflow\n"
             "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
             "print(json.dumps(m.predict(json.loads(sys.argv[2]))))\n")
     done = subprocess.run(
         [sys.executable, "-c", code, onnx_model_uri, json.dumps(QUESTION)],
         capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-6000:]
     assert "Madrid" in done.stdout
 
 
