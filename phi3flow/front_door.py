@@ -101,7 +101,7 @@ FIELDS = (
     Field("temperature", True, ">= 0; 0 is greedy"),
     Field("top_p", True, "in (0, 1]"),
     Field("top_k", True, "not OpenAI's: at least 1"),
-    Field("n", True, "1 only", asks_nothing=(1,)),
+    Field("n", True, "1 only"),
     Field("stop", True, "a string or up to 4 strings; the answer ends before the first"),
     Field("stream", True, "server-sent chunks, then [DONE]"),
     Field("stream_options", True, "include_usage: a last chunk with the usage"),
@@ -265,7 +265,8 @@ def load(name: str, uri: str) -> ServedModel:
                        keeps_system=keeps)
 
 
-def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dict, dict, bool]:
+def parse(body: bytes,
+          models: dict[str, ServedModel]) -> tuple[ServedModel, dict, dict, Streaming]:
     """The request, checked: (model, messages, generation options, stream) or an ApiError."""
     if _depth(body) > MAX_JSON_DEPTH:
         raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels; a chat request "
@@ -339,9 +340,6 @@ class Streaming:
 
     on: bool
     include_usage: bool = False
-
-    def __bool__(self) -> bool:
-        return self.on
 
 
 def _stream_options(value: Any, stream: bool) -> bool:
@@ -432,16 +430,13 @@ def create_app(models: dict[str, ServedModel],
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str):
-        if model_id not in models:
-            raise ApiError(404, f"the model {model_id[:100]!r} is not served here; this server "
-                           f"serves {sorted(models)}.", param="model", code="model_not_found")
-        return _model_object(model_id)
+        return _model_object(_model(model_id, models).name)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _read_limited(request, max_body_bytes)
         model, messages, options, stream = parse(body, models)
-        if stream:
+        if stream.on:
             return StreamingResponse(_events(model, messages, options, stream.include_usage),
                                      media_type="text/event-stream")
         response = await run_in_threadpool(_generate, model, messages, options)
