@@ -28,10 +28,8 @@ import json
 import logging
 import re
 import threading
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -45,13 +43,14 @@ from starlette.exceptions import HTTPException
 
 from phi3flow import names, system_messages
 from phi3flow.onnx_chat_model import (
+    DEFAULTS,
     MAX_CHARS_PER_TOKEN,
+    MAX_TOP_LOGPROBS,
     BadRequest,
     checked_messages,
-    checked_number,
-    checked_stop,
-    find_stop,
+    checked_options,
 )
+from phi3flow.transformers_chat import TransformersChat
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,8 @@ class Field:
 # accepted and ignored: docs/serving.md's conformance table is rendered from this one.
 FIELDS = (
     Field("messages", True, "roles system, user, assistant; content a string (content-part "
-          "arrays, `name` and the tool roles are refused). Not yet: text in content that spells "
-          "a Phi-3 control tag (`<|end|>`) is read as that tag by both runtimes"),
+          "arrays, `name` and the tool roles are refused); content is text: a control tag it "
+          "spells (`<|end|>`) is tokenized as characters, never as the tag"),
     Field("model", True, "required: a name this server serves"),
     Field("max_tokens", True, "at least 1, within the context window"),
     Field("max_completion_tokens", True, "the same as max_tokens (which it replaces)"),
@@ -110,9 +109,12 @@ FIELDS = (
     Field("presence_penalty", False, "not implemented by either runtime", asks_nothing=(0,)),
     Field("frequency_penalty", False, "not implemented by either runtime", asks_nothing=(0,)),
     Field("logit_bias", False, "not implemented", asks_nothing=({},)),
-    Field("logprobs", False, "not implemented yet", asks_nothing=(False,)),
-    Field("top_logprobs", False, "not implemented yet", asks_nothing=(0,)),
-    Field("seed", False, "not implemented yet"),
+    Field("logprobs", True, "each answer token's log-probability (log-softmax of the model's "
+          "logits, before temperature), streamed and not"),
+    Field("top_logprobs", True, f"0 to {MAX_TOP_LOGPROBS} alternatives per token; needs "
+          "logprobs"),
+    Field("seed", True, "the same request with the same seed gets the same answer (per "
+          "runtime; taken modulo 2^31)"),
     Field("response_format", False, "structured outputs are not implemented yet",
           asks_nothing=({"type": "text"},)),
     Field("tools", False, "tool calls are not implemented yet", asks_nothing=([],)),
@@ -159,74 +161,26 @@ class ApiError(Exception):
 
 @dataclass
 class ServedModel:
-    """One loaded model and what the front door needs to know of it."""
+    """One loaded model and what the front door needs to know of it.
+
+    `runtime` answers the ONNX chat model's contract (onnx_chat_model.py): `predict(payload)` ->
+    [chat.completion], `predict_stream(payload)` -> chat.completion.chunk dicts. For the ONNX
+    model that is its pyfunc; for the transformers model, TransformersChat on its pipeline.
+    """
 
     name: str  # the `model` clients ask for
     uri: str
-    pyfunc: Any
+    runtime: Any
     context_length: int
-    count_tokens: Any  # messages -> prompt tokens, with the model's own chat template
-    streams: bool  # the model streams token by token (else: one chunk with the whole answer)
+    chat_ids: Callable[[list[dict]], list[int]]  # messages -> prompt ids, as the model makes them
     keeps_system: bool  # its chat template shows system messages (else they are folded in)
-    lock: threading.Lock | None = field(default=None)  # a model that must answer one at a time
-    # MLflow's transformers wrapper, whose logged model_config decides do_sample (None: ONNX)
-    transformers_wrapper: Any = None
 
     def complete(self, messages: list[dict], options: dict[str, Any]) -> dict[str, Any]:
-        payload = {"messages": messages, **options}
-        if self.lock is None:
-            (response,) = self.pyfunc.predict(payload)
-        else:
-            with self.lock, self._sampling(payload):
-                (response,) = self.pyfunc.predict(payload)
-        if not self.streams and options.get("stop"):
-            # MLflow's transformers flavor stops generating at a stop string but keeps it in
-            # the answer; OpenAI (and the ONNX model) cut the answer before it.
-            for choice in response["choices"]:
-                content = choice["message"].get("content") or ""
-                cut = find_stop(content, options["stop"])
-                if cut is not None:
-                    choice["message"]["content"] = content[:cut].rstrip()
-                    choice["finish_reason"] = "stop"
+        (response,) = self.runtime.predict({"messages": messages, **options})
         return response
 
-    @contextlib.contextmanager
-    def _sampling(self, payload: dict[str, Any]) -> Iterator[None]:
-        """Sample or not as the request's temperature says, on the transformers model.
-
-        MLflow's transformers flavor samples only if the logged model_config says `do_sample`
-        (a model logged with temperature 0 says false), and a request cannot change it: the
-        llm/v1/chat input schema has no such field and drops it. So for one request, under
-        the model's lock, the wrapper's model_config says what the temperature asks; greedy
-        (temperature 0) sends no sampling options at all, which transformers would warn about.
-        """
-        wrapper = self.transformers_wrapper
-        if wrapper is None or "temperature" not in payload:
-            yield
-            return
-        sample = payload["temperature"] > 0
-        if not sample:
-            for key in ("temperature", "top_p", "top_k"):
-                payload.pop(key, None)
-        logged = wrapper.model_config
-        wrapper.model_config = MappingProxyType({**logged, "do_sample": sample})
-        try:
-            yield
-        finally:
-            wrapper.model_config = logged
-
     def stream(self, messages: list[dict], options: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        if self.streams:
-            yield from self.pyfunc.predict_stream({"messages": messages, **options})
-            return
-        response = conform(self.complete(messages, options))
-        choice = response["choices"][0]
-        delta = {key: choice["message"][key] for key in ("role", "content")}
-        yield {"id": response["id"], "object": "chat.completion.chunk",
-               "created": response["created"], "model": self.name,
-               "choices": [{"index": 0, "delta": delta,
-                            "finish_reason": choice["finish_reason"]}],
-               "usage": response.get("usage")}
+        return self.runtime.predict_stream({"messages": messages, **options})
 
 
 def load(name: str, uri: str) -> ServedModel:
@@ -234,34 +188,17 @@ def load(name: str, uri: str) -> ServedModel:
     logger.info("loading %s as %r", uri, name)
     model = mlflow.pyfunc.load_model(uri)
     if "transformers" in model.metadata.flavors:
-        pipeline = model._model_impl.pipeline
-        tokenizer = pipeline.tokenizer
-
-        def count(messages: list[dict]) -> int:
-            return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False))
-
-        context = int(pipeline.model.config.max_position_embeddings)
-        keeps = system_messages.probe(lambda messages: tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True), name)
-        # A transformers pipeline is not safe to call from several threads at once.
-        return ServedModel(name, uri, model, context, count, streams=False,
-                           keeps_system=keeps == system_messages.KEPT, lock=threading.Lock(),
-                           transformers_wrapper=model._model_impl)
+        runtime = TransformersChat(model)
+        keeps = system_messages.probe(runtime.render, name)
+        return ServedModel(name, uri, runtime, runtime.context_length, runtime.chat_ids,
+                           keeps_system=keeps == system_messages.KEPT)
     inner = model.unwrap_python_model()
-    if not hasattr(inner, "tokenizer") or getattr(inner, "interface", "chat") != "chat":
+    if not hasattr(inner, "chat_ids") or getattr(inner, "interface", "chat") != "chat":
         raise SystemExit(f"{uri} is not a chat model of this project (log it with "
-                         "log_transformers, or log_onnx_pyfunc with interface=chat).")
-
-    def render(messages: list[dict]) -> str:
-        return inner.tokenizer.apply_chat_template(json.dumps(messages),
-                                                   add_generation_prompt=True)
-
-    def count_onnx(messages: list[dict]) -> int:
-        return len(inner.tokenizer.encode(render(messages)))
-
-    keeps = system_messages.probe(render, name) == system_messages.KEPT
-    return ServedModel(name, uri, model, inner.context_length, count_onnx, streams=True,
+                         "log_transformers, or log_onnx_pyfunc with interface=chat; a model "
+                         "logged by an older version of this project: log it again).")
+    keeps = system_messages.probe(inner.render, name) == system_messages.KEPT
+    return ServedModel(name, uri, model, inner.context_length, inner.chat_ids,
                        keeps_system=keeps)
 
 
@@ -299,23 +236,27 @@ def parse(body: bytes,
         if request.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (one answer per request), got {request.n}.",
                            param="n")
-        max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
-        options = {
-            key: value for key, value in {
-                "max_tokens": None if max_tokens is None else checked_number(
-                    "max_tokens", max_tokens, int, 1),
-                "temperature": None if request.temperature is None else checked_number(
-                    "temperature", data["temperature"], float, 0),
-                "top_p": None if request.top_p is None else checked_number(
-                    "top_p", data["top_p"], float, 0, 1, low_inclusive=False),
-                "top_k": None if request.top_k is None else checked_number(
-                    "top_k", data["top_k"], int, 1),
-                "stop": checked_stop(data.get("stop")),
-            }.items() if value is not None}
+        options = _options(data)
     except BadRequest as exc:
         raise ApiError(400, exc.message, param=_param_of(exc.message)) from None
     _check_context(model, messages, options.get("max_tokens"))
     return model, messages, options, Streaming(bool(request.stream), usage)
+
+
+# The request fields that are generation options, as the chat models name them.
+OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "logprobs",
+                 "top_logprobs")
+
+
+def _options(data: dict[str, Any]) -> dict[str, Any]:
+    """The generation options the request sends, checked as the ONNX model checks them (the
+    model's logged defaults fill in the rest, in the model)."""
+    sent = {name: data.get(name) for name in OPTION_FIELDS}
+    if data.get("max_completion_tokens") is not None:
+        sent["max_tokens"] = data["max_completion_tokens"]
+    sent = {name: value for name, value in sent.items() if value is not None}
+    checked = checked_options({**DEFAULTS, **sent})
+    return {name: checked[name] for name in sent}
 
 
 def check_fields(data: dict[str, Any]) -> None:
@@ -384,7 +325,7 @@ def _param_of(message: str) -> str | None:
 
 
 PARAM = re.compile(r"^(messages(\[\d+\](\.(role|content))?)?|max_tokens|temperature|top_p|top_k"
-                   r"|stop|n)\b")
+                   r"|stop|n|seed|logprobs|top_logprobs)\b")
 
 
 def _check_context(model: ServedModel, messages: list[dict], max_tokens: int | None) -> None:
@@ -393,7 +334,7 @@ def _check_context(model: ServedModel, messages: list[dict], max_tokens: int | N
         raise ApiError(400, f"the messages have {characters} characters, more than the context "
                        f"window of {model.context_length} tokens can hold: shorten them.",
                        param="messages", code="context_length_exceeded")
-    tokens = model.count_tokens(messages)
+    tokens = len(model.chat_ids(messages))
     room = model.context_length - tokens
     if room <= 0:
         raise ApiError(400, f"the messages are {tokens} tokens, more than the context window of "
@@ -470,19 +411,7 @@ def _generate(model: ServedModel, messages: list[dict], options: dict) -> dict:
         response = model.complete(messages, options)
     except BadRequest as exc:  # a check only the model could make
         raise ApiError(400, exc.message) from None
-    return conform({**response, "model": model.name})
-
-
-def conform(response: dict[str, Any]) -> dict[str, Any]:
-    """A chat.completion as OpenAI's schema has it, whichever model made it: its id starts with
-    `chatcmpl-` (MLflow's transformers flavor gives a bare UUID), and the keys the schema
-    requires though they may be null (`message.refusal`, `logprobs`) are there."""
-    if not str(response.get("id", "")).startswith("chatcmpl-"):
-        response["id"] = f"chatcmpl-{response.get('id') or uuid.uuid4().hex}"
-    for choice in response.get("choices", []):
-        choice.setdefault("logprobs", None)
-        choice.get("message", {}).setdefault("refusal", None)
-    return response
+    return {**response, "model": model.name}
 
 
 async def _events(model: ServedModel, messages: list[dict], options: dict,

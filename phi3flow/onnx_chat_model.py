@@ -1,19 +1,32 @@
 """An onnxruntime-genai chat model as an MLflow pyfunc, logged from this file (no pickle).
 
 Self-contained on purpose: MLflow copies this one file into the logged model, which needs nothing
-else from this repository (only mlflow, numpy, pandas and onnxruntime-genai).
+else from this repository (only mlflow, numpy, pandas, tokenizers and onnxruntime-genai). The
+front door (phi3flow/front_door.py) drives the transformers model with the same request checks,
+prompt tokens, logprobs and answer assembly, imported from here, so both runtimes answer alike.
 
 Contract, `interface=chat` (the default): the OpenAI chat format that MLflow's transformers
 `llm/v1/chat` models speak, so a client written for one works against the other:
     {"messages": [{"role": "user", "content": "..."}], "max_tokens": 64, "temperature": 0.0,
-     "top_p": 1.0, "top_k": 50, "stop": ["..."], "n": 1}
+     "top_p": 1.0, "top_k": 50, "stop": ["..."], "n": 1, "seed": 7, "logprobs": true,
+     "top_logprobs": 2}
     -> [{"id", "object": "chat.completion", "created", "model",
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."},
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "...",
+                                              "refusal": null},
+                      "logprobs": null | {"content": [{"token", "logprob", "bytes",
+                                                       "top_logprobs": [...]}], "refusal": null},
                       "finish_reason": "stop" | "length"}],
          "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}]
+Message text is only ever text: a message that spells a control tag (`<|end|>`, `<|assistant|>`)
+gets the tag's characters as ordinary tokens, never the control token (`chat_ids`), so a user
+cannot close their own turn and write the assistant's. `seed` makes sampling repeatable: the
+same request with the same seed gets the same answer. `logprobs` reports each answer token's
+log-probability under the model (log-softmax of its logits, before temperature), with up to 20
+alternatives (`top_logprobs`).
 `interface=prompt`: the Phi-3 cookbook's contract, {"prompt": "..."} -> "answer". A prompt that
 carries the chat template's tags (<|system|>, <|user|>, <|assistant|>, <|end|>) is tokenized as
-it is, as the cookbook does; plain text is wrapped as one user turn.
+it is, as the cookbook does (its contract is pre-formatted prompts); plain text is wrapped as one
+user turn.
 
 Design, for serving (`mlflow models serve` calls predict from several threads at once):
 - One `og.Model` and `og.Tokenizer`, loaded once in load_context and only read afterwards.
@@ -52,12 +65,13 @@ import contextlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -75,11 +89,14 @@ MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
 ROLES = ("system", "user", "assistant")
 TEMPLATE_TAGS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # Phi-3's chat format
-OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "stop")
+OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "logprobs",
+           "top_logprobs")
 CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS)
 PROMPT_FIELDS = ("prompt", *OPTIONS)
 DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 50, "stop": None}
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+SEED_RANGE = 2**31  # onnxruntime-genai's random_seed is a C int: a seed is taken modulo this
 # A prompt longer than this many characters per token of the context window cannot fit (no
 # tokenizer packs more into one token): refused before tokenizing, so a 10 MB body costs nothing.
 MAX_CHARS_PER_TOKEN = 16
@@ -164,11 +181,6 @@ def checked_number(name: str, value: Any, kind: type, low: float, high: float | 
     return kind(value)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def checked_stop(value: Any) -> list[str] | None:
     if value is None:
         return None
@@ -178,6 +190,47 @@ def checked_stop(value: Any) -> list[str] | None:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise BadRequest(f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}.")
     return stops or None
+
+
+def checked_seed(value: Any) -> int | None:
+    """seed: any integer (OpenAI's range), or None for a fresh random draw."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if not (isinstance(value, float) and value.is_integer()):
+            raise BadRequest(f"seed must be an integer, got {_shown(value)}.")
+    return int(value)
+
+
+def checked_logprobs(logprobs: Any, top_logprobs: Any) -> tuple[bool, int]:
+    """(logprobs, top_logprobs) as OpenAI takes them: top_logprobs 0-20, only with logprobs."""
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise BadRequest(f"logprobs must be true or false, got {_shown(logprobs)}.")
+    if top_logprobs is None:
+        return logprobs, 0
+    top = checked_number("top_logprobs", top_logprobs, int, 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true (it asks for alternatives to each "
+                         "answer token's log-probability).")
+    return logprobs, top
+
+
+def checked_options(merged: dict[str, Any]) -> dict[str, Any]:
+    """The generation options of a request (defaults filled in), checked: one place for both
+    runtimes, so they refuse and accept the same values."""
+    logprobs, top_logprobs = checked_logprobs(merged.get("logprobs"), merged.get("top_logprobs"))
+    return {
+        "max_tokens": checked_number("max_tokens", merged["max_tokens"], int, 1),
+        "temperature": checked_number("temperature", merged["temperature"], float, 0),
+        "top_p": checked_number("top_p", merged["top_p"], float, 0, 1, low_inclusive=False),
+        "top_k": checked_number("top_k", merged["top_k"], int, 1),
+        "stop": checked_stop(merged.get("stop")),
+        "seed": checked_seed(merged.get("seed")),
+        "logprobs": logprobs,
+        "top_logprobs": top_logprobs,
+    }
 
 
 def checked_messages(value: Any) -> list[dict[str, str]]:
@@ -205,6 +258,232 @@ def checked_messages(value: Any) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+# --- prompt tokens: message text is text -----------------------------------------------------
+
+_SLOT = "\ue000{}\ue001"  # private-use characters no tokenizer maps to a control tag
+_SLOT_PATTERN = re.compile("(\ue000\\d+\ue001)")
+
+
+def chat_ids(messages: list[dict[str, str]], render: Callable[[list[dict]], str],
+             encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]],
+             tags: dict[str, int], always: bool = False) -> list[int]:
+    """The prompt's token ids, with every message's content tokenized as text.
+
+    A tokenizer reads a control tag (`<|end|>`, `<|assistant|>`: its added tokens, `tags`)
+    wherever the text spells it, content included, so typed tags would let a message close its
+    own turn and write the next. Tokenizers split text at those tags and tokenize each piece on
+    its own (Phi-3's prepends its word-start marker to each piece), so the same ids come from
+    splitting only at the template's own tags and tokenizing each piece between them, content
+    included, as text (`encode_text`: no tag is read). A prompt whose content spells no tag is
+    `encode(render(messages))`, as ever; `always` takes the piecewise path anyway (tests compare
+    the two). `encode("")` gives what the tokenizer puts before any text (a BOS, or nothing).
+    """
+    contents = [m["content"] for m in messages]
+    if not always and not any(tag in text for text in contents for tag in tags):
+        return encode(render(messages))
+    slots = [_SLOT.format(i) for i in range(len(messages))]
+    template = render([{**m, "content": slot} for m, slot in zip(messages, slots)])
+    filled = _SLOT_PATTERN.sub(lambda found: contents[slots.index(found.group(1))], template)
+    if filled != render(messages) or any(template.count(slot) != 1 for slot in slots):
+        raise BadRequest("a message spells a control tag of the chat format (such as <|end|>), "
+                         "and this model's chat template changes message text, so the tag "
+                         "cannot be kept as text: remove it from the message.")
+    tag_pattern = re.compile("(" + "|".join(
+        re.escape(tag) for tag in sorted(tags, key=len, reverse=True)) + ")")
+    ids, text = list(encode("")), ""
+    for piece in _SLOT_PATTERN.split(template):
+        if _SLOT_PATTERN.fullmatch(piece):
+            text += contents[slots.index(piece)]
+            continue
+        for part in tag_pattern.split(piece):
+            if part in tags:
+                ids += encode_text(text) if text else []
+                ids.append(tags[part])
+                text = ""
+            else:
+                text += part
+    return ids + (encode_text(text) if text else [])
+
+
+def plain_text_encoder(tokenizer_json: str) -> Callable[[str], list[int]]:
+    """text -> ids with the `tokenizers` library, reading no control tag (encode_special_tokens)
+    and adding nothing before or after: the `encode_text` of chat_ids."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tokenizer_json)
+    plain.encode_special_tokens = True
+    return lambda text: plain.encode(text, add_special_tokens=False).ids
+
+
+def added_tokens(tokenizer_json: str) -> dict[str, int]:
+    """Every added token (control tags, BOS, EOS, ...) of a tokenizer.json: text -> id."""
+    return {t["content"]: int(t["id"]) for t in json.loads(tokenizer_json)["added_tokens"]}
+
+
+# --- logprobs ----------------------------------------------------------------------------------
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_bytes(tokenizer_json: str) -> list[bytes]:
+    """Each token id's bytes (OpenAI's `bytes` of a logprob), read from a tokenizer.json.
+
+    Phi-3's vocabulary is SentencePiece-style BPE: `▁` is a space and `<0x0A>` one raw byte
+    (byte fallback); a byte-level BPE (GPT-2 style) maps bytes to printable characters instead.
+    """
+    spec = json.loads(tokenizer_json)
+    vocab: dict[str, int] = dict(spec["model"].get("vocab") or {})
+    vocab.update({t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])})
+    added = {t["content"] for t in spec.get("added_tokens", [])}
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+    if byte_level:  # GPT-2's printable stand-ins for bytes
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        extra = [b for b in range(256) if b not in printable]
+        unbyte = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(extra)}
+    table = [b""] * (max(vocab.values(), default=-1) + 1)
+    for piece, index in vocab.items():
+        found = _BYTE_PIECE.match(piece)
+        if piece in added:
+            table[index] = piece.encode()
+        elif found and spec["model"].get("byte_fallback"):
+            table[index] = bytes([int(found.group(1), 16)])
+        elif byte_level:
+            table[index] = bytes(unbyte.get(c, 0) for c in piece)
+        else:
+            table[index] = piece.replace("\u2581", " ").encode()
+    return table
+
+
+def logprob_entry(logits: np.ndarray, token: int, top: int, pieces: list[bytes]) -> dict:
+    """OpenAI's logprob of `token` from one step's logits (log-softmax, in float64), with the
+    `top` most likely tokens of that step."""
+    values = logits.astype(np.float64).reshape(-1)
+    peak = values.max()
+    logprobs = values - (peak + np.log(np.exp(values - peak).sum()))
+
+    def described(index: int) -> dict[str, Any]:
+        raw = pieces[index] if index < len(pieces) else b""
+        return {"token": raw.decode("utf-8", errors="backslashreplace"),
+                "logprob": float(logprobs[index]), "bytes": list(raw)}
+
+    best = np.argpartition(-logprobs, top - 1)[:top] if top else np.array([], dtype=int)
+    best = sorted(best.tolist(), key=lambda i: -logprobs[i])
+    return {**described(token), "top_logprobs": [described(i) for i in best]}
+
+
+# --- answers: tokens -> text deltas, stop strings, completions and chunks ----------------------
+
+class Delta(NamedTuple):
+    """A piece of an answer: its text, why it ended (on the last one), the tokens generated so
+    far, and the logprob entries of the tokens whose text it carries."""
+
+    text: str
+    finish: str | None
+    count: int
+    logprobs: list[dict]
+
+
+def deltas(tokens: Iterator[tuple[int, dict | None]], decode: Callable[[int], str],
+           eos: frozenset[int], stops: list[str]) -> Iterator[Delta]:
+    """An answer's text as it grows, from (token id, logprob entry or None) pairs.
+
+    Text that may begin a stop string is held back until it cannot; the answer ends before the
+    first stop string (as OpenAI's does), and leading whitespace is dropped (as the transformers
+    model does). A token's logprob entry goes with the delta that releases its text; the tokens
+    of a stop string, and the end-of-text token, have none.
+    """
+    hold = max((len(s) for s in stops), default=1) - 1
+    text, sent, count, ended = "", 0, 0, False
+    pending: list[tuple[int, dict]] = []  # (where the token's text starts, its entry)
+
+    def released(upto: int) -> list[dict]:
+        nonlocal pending
+        out = [entry for start, entry in pending if start < upto]
+        pending = [(start, entry) for start, entry in pending if start >= upto]
+        return out
+
+    for token, entry in tokens:
+        count += 1
+        if token in eos:
+            ended = True
+            break
+        start = len(text)
+        text += decode(token)
+        if entry is not None:
+            pending.append((start, entry))
+        if not sent:
+            stripped = text.lstrip()
+            removed = len(text) - len(stripped)
+            if removed:
+                text = stripped
+                pending = [(max(0, at - removed), e) for at, e in pending]
+        cut = find_stop(text, stops)
+        if cut is not None:
+            yield Delta(text[sent:cut], "stop", count, released(cut))
+            return
+        safe = len(text) - hold
+        if safe > sent:
+            yield Delta(text[sent:safe], None, count, released(safe))
+            sent = safe
+    yield Delta(text[sent:], "stop" if ended else "length", count, released(len(text) + 1))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+               logprobs: list[dict] | None) -> dict[str, Any]:
+    """A chat.completion as OpenAI's schema has it (refusal and logprobs are required keys,
+    null when there are none)."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            # as streamed: leading whitespace dropped (deltas), the rest as the model wrote it
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+            "finish_reason": finish,
+        }],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunks(model: str, pieces: Iterator[Delta], prompt_tokens: int,
+           logprobs: bool) -> Iterator[dict[str, Any]]:
+    """chat.completion.chunk dicts for an answer's deltas; the last carries the finish reason
+    and the request's usage (the front door moves it to a chunk of its own when asked)."""
+    completion_id, created, first = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), True
+    for piece in pieces:
+        if not piece.text and piece.finish is None:
+            continue
+        delta = {"role": "assistant", "content": piece.text} if first else {
+            "content": piece.text}
+        first = False
+        choice = {"index": 0, "delta": delta, "finish_reason": piece.finish}
+        if logprobs:
+            choice["logprobs"] = {"content": piece.logprobs, "refusal": None}
+        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                 "model": model, "choices": [choice]}
+        if piece.finish is not None:
+            chunk["usage"] = usage(prompt_tokens, piece.count)
+        yield chunk
+
+
+def collected(pieces: Iterator[Delta]) -> tuple[str, str, int, list[dict]]:
+    """(text, finish reason, tokens generated, logprob entries) of a whole answer."""
+    text, finish, count, entries = "", "length", 0, []
+    for piece in pieces:
+        text += piece.text
+        finish, count = piece.finish or finish, piece.count
+        entries += piece.logprobs
+    return text, finish, count, entries
+
+
 class OnnxChatModel(PythonModel):
     def load_context(self, context) -> None:
         import onnxruntime_genai as og
@@ -228,6 +507,10 @@ class OnnxChatModel(PythonModel):
         self.alone_chunk = _alone_chunk()
         self.tokenizer = og.Tokenizer(self.model)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        self.tags = added_tokens(tokenizer_json)
+        self.encode_text = plain_text_encoder(tokenizer_json)
+        self.pieces = token_bytes(tokenizer_json)
         self._inbox: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._scheduler: threading.Thread | None = None
@@ -252,9 +535,7 @@ class OnnxChatModel(PythonModel):
                                  "in Python (MLflow serving has no streaming over REST).")
             messages = checked_messages(row["messages"])
             self._check_size(sum(len(m["content"]) for m in messages))
-            prompt = self.tokenizer.apply_chat_template(
-                json.dumps(messages), add_generation_prompt=True
-            )
+            ids = self.chat_ids(messages)
         else:
             prompt = row.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
@@ -265,17 +546,10 @@ class OnnxChatModel(PythonModel):
             # "<|system|>...<|end|><|user|>...<|end|><|assistant|>") goes to the tokenizer as it
             # is. Plain text is wrapped as one user turn with the checkpoint's own template.
             if not any(tag in prompt for tag in TEMPLATE_TAGS):
-                prompt = self.tokenizer.apply_chat_template(
-                    json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
-                )
-        options = {
-            "max_tokens": checked_number("max_tokens", merged["max_tokens"], int, 1),
-            "temperature": checked_number("temperature", merged["temperature"], float, 0),
-            "top_p": checked_number("top_p", merged["top_p"], float, 0, 1, low_inclusive=False),
-            "top_k": checked_number("top_k", merged["top_k"], int, 1),
-            "stop": checked_stop(merged.get("stop")),
-        }
-        ids = self.tokenizer.encode(prompt)
+                ids = self.chat_ids([{"role": "user", "content": prompt}])
+            else:
+                ids = self.encode(prompt)
+        options = checked_options(merged)
         room = self.context_length - len(ids)
         if room <= 0:
             raise BadRequest(f"the prompt has {len(ids)} tokens, more than the context window of "
@@ -287,6 +561,16 @@ class OnnxChatModel(PythonModel):
                 f"{room}."
             )
         return {"ids": ids, "options": options}
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text)]
+
+    def chat_ids(self, messages: list[dict], always: bool = False) -> list[int]:
+        """The conversation's prompt ids, its message text read as text (chat_ids)."""
+        return chat_ids(messages, self.render, self.encode, self.encode_text, self.tags, always)
 
     def _check_size(self, characters: int) -> None:
         limit = self.context_length * MAX_CHARS_PER_TOKEN
@@ -305,6 +589,8 @@ class OnnxChatModel(PythonModel):
                           top_p=options["top_p"], top_k=options["top_k"])
         else:
             search.update(do_sample=False)
+        if options["seed"] is not None:
+            search["random_seed"] = options["seed"] % SEED_RANGE
         params.set_search_options(**search)
         return params
 
@@ -386,103 +672,59 @@ class OnnxChatModel(PythonModel):
             batch.generator.append_tokens(chunk)
             batch.prompt = rest or None
             return False
+        logits = None
+        if any(job.options["logprobs"] for job in batch.jobs):
+            # The logits the next tokens are chosen from (get_logits after generate_next_token
+            # would already run the step after).
+            logits = batch.generator.get_logits().reshape(len(batch.jobs), -1).copy()
         batch.generator.generate_next_token()
-        for job, token in zip(batch.jobs, batch.generator.get_next_tokens()):
+        for row, (job, token) in enumerate(zip(batch.jobs, batch.generator.get_next_tokens())):
             if not (job.done or job.cancelled):  # nobody reads a cancelled row's tokens
-                job.put(int(token))
-                job.done = int(token) in self.eos
+                token = int(token)
+                entry = None if logits is None or not job.options["logprobs"] else (
+                    logprob_entry(logits[row], token, job.options["top_logprobs"], self.pieces))
+                job.put((token, entry))
+                job.done = token in self.eos
         if batch.generator.is_done() or all(job.done or job.cancelled for job in batch.jobs):
             for job in batch.jobs:
                 job.put(None)  # end of tokens (after an eos, or at max_tokens)
             return True
         return False
 
-    def _stream_one(self, job: _Job) -> Iterator[tuple[str, str | None, int]]:
-        """Yield (text delta, finish reason or None, generated token count) for one request."""
+    def _answer(self, job: _Job) -> Iterator[Delta]:
+        """One request's answer as it grows; whatever ends the reading (a stop string, a
+        closed stream) marks the row cancelled, so the scheduler drops it at its next token."""
         stream = self.tokenizer.create_stream()
-        stops = job.options["stop"] or []
-        hold = max((len(s) for s in stops), default=1) - 1  # text that may start a stop string
-        text, sent, count, ended = "", 0, 0, False
         try:
-            for token in job.tokens():
-                count += 1
-                if token in self.eos:
-                    ended = True
-                    break
-                text += stream.decode(token)
-                if not sent:
-                    text = text.lstrip()  # like the transformers model: no leading space
-                cut = find_stop(text, stops)
-                if cut is not None:
-                    yield text[sent:cut], "stop", count
-                    return
-                safe = len(text) - hold
-                if safe > sent:
-                    yield text[sent:safe], None, count
-                    sent = safe
-            yield text[sent:], "stop" if ended else "length", count
+            yield from deltas(job.tokens(), stream.decode, self.eos, job.options["stop"] or [])
         finally:
-            job.cancelled = True  # a stop string, a closed stream: the scheduler drops the row
-
-    def _complete(self, job: _Job) -> tuple[str, str, int]:
-        text, finish, count = "", "length", 0
-        for delta, reason, count in self._stream_one(job):
-            text += delta
-            finish = reason or finish
-        return text, finish, count
+            job.cancelled = True
 
     # --- pyfunc API ------------------------------------------------------------------------
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         requests = [self._parse(row, params or {}) for row in _rows(model_input)]
-        results = [self._complete(job) for job in self._submit(requests)]
+        results = [collected(self._answer(job)) for job in self._submit(requests)]
         if self.interface == "prompt":
-            texts = [text.strip() for text, _, _ in results]
+            texts = [text.strip() for text, *_ in results]
             return texts[0] if isinstance(model_input, dict) else texts
-        return [self._completion(r, out) for r, out in zip(requests, results)]
+        return [
+            completion(self.model_name, text, finish, len(request["ids"]), count,
+                       entries if request["options"]["logprobs"] else None)
+            for request, (text, finish, count, entries) in zip(requests, results)
+        ]
 
     def predict_stream(self, context, model_input, params: dict[str, Any] | None = None):
         rows = _rows(model_input)
         if len(rows) != 1:
             raise BadRequest(f"predict_stream takes one request, got {len(rows)} rows.")
         request = self._parse(rows[0], params or {})
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        first = True
         (job,) = self._submit([request])
-        for delta, finish, count in self._stream_one(job):
-            if not delta and finish is None:
-                continue
-            if self.interface == "prompt":
-                yield delta
-                continue
-            message = {"role": "assistant", "content": delta} if first else {"content": delta}
-            first = False
-            chunk = {
-                "id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": self.model_name,
-                "choices": [{"index": 0, "delta": message, "finish_reason": finish}],
-            }
-            if finish is not None:  # the last chunk: the request's usage, as OpenAI counts it
-                chunk["usage"] = _usage(len(request["ids"]), count)
-            yield chunk
-
-    def _completion(self, request: dict[str, Any], output: tuple[str, str, int]) -> dict:
-        text, finish, completion_tokens = output
-        prompt_tokens = len(request["ids"])
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{
-                "index": 0,
-                # refusal and logprobs: required by OpenAI's schema, null when there are none
-                "message": {"role": "assistant", "content": text.strip(), "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish,
-            }],
-            "usage": _usage(prompt_tokens, completion_tokens),
-        }
+        if self.interface == "prompt":
+            yield from (piece.text for piece in self._answer(job) if piece.text)
+            return
+        yield from chunks(self.model_name, self._answer(job), len(request["ids"]),
+                          request["options"]["logprobs"])
 
 
 def _threads(genai_config: dict[str, Any]) -> int | None:
@@ -525,10 +767,10 @@ class _Job:
         self.cancelled = False  # the caller stopped reading
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
-    def put(self, item: int | None | Exception) -> None:
+    def put(self, item: tuple[int, dict | None] | None | Exception) -> None:
         self._queue.put(item)
 
-    def tokens(self) -> Iterator[int]:
+    def tokens(self) -> Iterator[tuple[int, dict | None]]:
         while (item := self._queue.get()) is not None:
             if isinstance(item, Exception):
                 raise item
@@ -555,11 +797,16 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
 
     A batch's prompts go in with one call that holds the GIL (and every other batch) for its
     whole length, so rows x longest prompt is capped at MAX_BATCH_PREFILL tokens; a longer
-    prompt runs alone, fed in chunks. Stop strings are applied per row, so they do not split.
+    prompt runs alone, fed in chunks. Stop strings and logprobs are applied per row, so they
+    do not split. A seeded row runs alone: rows of one batch draw from one random stream, so a
+    batch-mate would change what the seed gives.
     """
     groups: dict[str, list[_Job]] = {}
     for job in jobs:
-        key = {k: v for k, v in job.options.items() if k != "stop"}
+        key = {k: v for k, v in job.options.items() if k not in ("stop", "logprobs",
+                                                                   "top_logprobs")}
+        if job.options["seed"] is not None:
+            key["row"] = id(job)
         groups.setdefault(json.dumps(key, sort_keys=True), []).append(job)
     batches = []
     for group in groups.values():

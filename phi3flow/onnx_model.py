@@ -25,7 +25,8 @@ from phi3flow.onnx_chat_model import ONNX_ARTIFACT
 logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("onnx_chat_model.py")
-RUNTIME_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas")
+RUNTIME_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "tokenizers", "numpy",
+                         "pandas")
 PROMPT_EXAMPLE = {"prompt": "What is the capital of Spain?", "max_tokens": 8}
 
 # Per-request generation options, as MLflow params (in-process `params=`, and over REST the

@@ -12,7 +12,6 @@ from phi3flow.front_door import FIELD, FIELDS, ApiError, check_fields
 # For each field this server refuses: a value that asks for something.
 ASKS_SOMETHING = {
     "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"42": 5},
-    "logprobs": True, "top_logprobs": 2, "seed": 7,
     "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
     "parallel_tool_calls": "sometimes", "functions": [{"name": "f"}], "function_call": "auto",
