@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import build as build_mod
-from benchmarks.probe import HEAD_OF_LINE, progress
+from benchmarks.probe import CONCURRENT, HEAD_OF_LINE, progress
 from phi3flow.eval_contract import percentile
 from phi3flow.eval_worker import peak_rss_mb
 
@@ -50,6 +50,7 @@ class Plan:
     repeats: int = 5  # runs per measurement (median), for prompts up to 256 tokens
     transformers_repeats: int = 1  # it is several times slower; one run of each is minutes
     clients: tuple[int, ...] = (1, 2, 4, 8)
+    stream_clients: int = 4  # concurrent streams, in process and through the front door
     requests_per_client: int = 2
     pipeline: bool = True
     llama_quants: tuple[str, ...] = ()  # llama.cpp peers (opt-in: --llama-cpp)
@@ -89,6 +90,9 @@ def chat_prompts(checkpoint: Path, lengths: tuple[int, ...]) -> dict[str, list[d
 
 
 # --- in-process runtimes (each in a fresh process) ------------------------------------------
+
+# Runtimes also timed with Plan.stream_clients concurrent streams (in alternation).
+STREAMED_TOGETHER = ("onnx_pyfunc", "front_door")
 
 
 def probe(name: str, runtime: str, model: Path, prompts: dict, plan: Plan, repeats: int,
@@ -137,6 +141,14 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
                     proc.stdin.write(length + "\n")
                     proc.stdin.flush()
                     runs[key][length].append(json.loads(_read_line(proc, _is_json)))
+        together: dict[str, list[dict]] = {key: [] for key in procs if key in STREAMED_TOGETHER}
+        for index in range(2 if together else 0):
+            for key in together:
+                progress(f"{runtimes[key][0]}: {plan.stream_clients} concurrent streams, run "
+                         f"{index + 1}/2 (alternating)")
+                procs[key].stdin.write(f"{CONCURRENT} {plan.stream_clients}\n")
+                procs[key].stdin.flush()
+                together[key].append(json.loads(_read_line(procs[key], _is_json)))
         blocking = None
         if "onnx_pyfunc" in procs:
             progress("ONNX pyfunc: a 1-token request beside the longest prompt's prefill")
@@ -160,6 +172,11 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
                 log(runtimes[key][0], length, row)
         if blocking:
             results["onnx_pyfunc"]["head_of_line"] = blocking
+        for key, runs_of_key in together.items():
+            results[key]["concurrent"] = {
+                field: statistics.median(run[field] for run in runs_of_key)
+                for field in runs_of_key[0] if field != "clients"} | {
+                "clients": plan.stream_clients, "runs": runs_of_key}
         return results
 
 

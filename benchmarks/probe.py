@@ -2,8 +2,9 @@
 
 A fresh process per runtime makes load time and peak RSS (VmHWM) its own. Timing, per prompt:
 - runtimes that stream (raw onnxruntime-genai, the ONNX pyfunc's predict_stream, llama.cpp's
-  generate loop): one request of N new tokens; TTFT = time to the first token, decode tokens/s =
-  (N - 1) / (last - first token);
+  generate loop, the ONNX pyfunc behind the front door read as server-sent events, as an OpenAI
+  client reads them): one request of N new tokens; TTFT = time to the first token, decode
+  tokens/s = (N - 1) / (last - first token);
 - runtimes that cannot (the transformers pyfunc, MLflow's REST server): TTFT = latency of a
   1-token request, decode tokens/s = (N - 1) / (latency of N tokens - TTFT);
 each the median of `repeats` runs, except for prompts over LONG_PROMPT tokens, timed once.
@@ -24,6 +25,8 @@ from typing import Any
 from phi3flow.eval_worker import peak_rss_mb
 
 HEAD_OF_LINE = "head-of-line"  # the paired protocol's line that asks for head_of_line()
+CONCURRENT = "concurrent"  # the paired protocol's line that asks for concurrent()
+FRONT_DOOR_NAME = "bench"  # the model's name behind the front door
 LONG_PROMPT = 256  # tokens; longer prompts are timed once, not `repeats` times
 # Set by benchmarks.run when it starts (seconds since the epoch), inherited by every probe: the
 # progress lines of all processes count from the start of the whole run.
@@ -113,6 +116,50 @@ def pyfunc_runtime(model_uri: str):
     return generate
 
 
+def front_door_runtime(model_path: str):
+    """The model behind the front door (`python -m phi3flow.front_door`, a process of its own,
+    as users start it), each request streamed over HTTP and read chunk by chunk."""
+    import atexit
+    import http.client
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "phi3flow.front_door", "--model", f"{FRONT_DOOR_NAME}={model_path}",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(server.terminate)
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the front door exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                break
+        except OSError:
+            time.sleep(0.2)
+
+    def stream(messages: list[dict], new_tokens: int) -> Iterator[dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+        connection.request("POST", "/v1/chat/completions", json.dumps({
+            "model": FRONT_DOOR_NAME, "messages": messages, "max_tokens": new_tokens,
+            "stream": True}), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        try:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        yield chunk
+        finally:
+            connection.close()
+
+    stream.pid = server.pid  # its peak RSS is the server's
+    return stream
+
+
 def once(generate, messages: list[dict], new_tokens: int, stream: bool) -> dict[str, float]:
     """One measurement of one prompt (see the module docstring for the two methods)."""
     if stream:
@@ -164,6 +211,29 @@ def head_of_line(stream, prompts: dict[str, list[dict]], delay_s: float) -> dict
             "peak_rss_after_mb": peak_rss_mb()}
 
 
+def concurrent(stream, messages: list[dict], new_tokens: int, clients: int) -> dict[str, float]:
+    """`clients` streams of one request each, started together: aggregate tokens/s over the
+    wall time, each stream's TTFT and decode tokens/s (medians)."""
+    started = time.perf_counter()
+    stamps: list[list[float]] = [[] for _ in range(clients)]
+
+    def client(index: int) -> None:
+        for _ in stream(messages, new_tokens):
+            stamps[index].append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {"clients": clients, "wall_s": wall,
+            "tokens_per_s": sum(len(s) for s in stamps) / wall,
+            "ttft_s": statistics.median(s[0] for s in stamps),
+            "decode_tokens_per_s": statistics.median(
+                (len(s) - 1) / max(s[-1] - s[0], 1e-9) for s in stamps)}
+
+
 def runs_for(length: str, repeats: int) -> int:
     return repeats if int(length) <= LONG_PROMPT else 1  # a 2048-token prefill takes a minute
 
@@ -191,10 +261,11 @@ if __name__ == "__main__":
     # of stdin (its length), answering a JSON line each, so the harness can alternate runtimes.
     spec: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
     started = time.perf_counter()
-    runtime = {"raw": raw_runtime, "llama_cpp": llama_runtime}.get(spec["runtime"], pyfunc_runtime)
+    runtime = {"raw": raw_runtime, "llama_cpp": llama_runtime,
+               "front_door": front_door_runtime}.get(spec["runtime"], pyfunc_runtime)
     generate = runtime(spec["model"])
     load_s = time.perf_counter() - started
-    stream = spec["runtime"] in ("raw", "llama_cpp") or spec.get("stream", False)
+    stream = spec["runtime"] in ("raw", "llama_cpp", "front_door") or spec.get("stream", False)
     once(generate, spec["warmup"], 2, stream)  # first-call costs are not the steady state
     result: dict[str, Any] = {"load_s": load_s}
     if spec.get("paired"):
@@ -204,10 +275,14 @@ if __name__ == "__main__":
                 print(json.dumps(head_of_line(generate, spec["prompts"], float(line.split()[1]))),
                       flush=True)
                 continue
+            if line.startswith(CONCURRENT):  # "concurrent CLIENTS"
+                print(json.dumps(concurrent(generate, spec["prompts"][min(spec["prompts"], key=int)],
+                                            spec["new_tokens"], int(line.split()[1]))), flush=True)
+                continue
             print(json.dumps(once(generate, spec["prompts"][line.strip()], spec["new_tokens"],
                                   stream)), flush=True)
     else:
         result["prompts"] = measure(generate, spec["prompts"], spec["new_tokens"],
                                     spec["repeats"], stream, spec["name"])
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb(getattr(generate, "pid", None) or os.getpid())
     Path(sys.argv[2]).write_text(json.dumps(result, indent=1))

@@ -18,6 +18,7 @@ from benchmarks.cost import STEP_MODEL, decode_limits
 RUNTIMES = {  # result key -> label, in the order of the table (llama.cpp only with --llama-cpp)
     "raw": "onnxruntime-genai (raw)",
     "onnx_pyfunc": "ONNX pyfunc",
+    "front_door": "ONNX pyfunc behind the front door (streamed)",
     "served": "ONNX pyfunc, served (HTTP)",
     "transformers_pyfunc": "transformers pyfunc",
     **{f"llama_cpp_{q}": f"llama.cpp {q}" for q in llamacpp.QUANTS},
@@ -125,6 +126,20 @@ def targets(results: dict) -> list[dict]:
     roofline = results["machine"]["read_bandwidth_gbs"] * 1e9 / results["weight_bytes"]
     target(f"ONNX pyfunc decode / roofline ({roofline:.1f} tokens/s), {lengths[0]}-token prompt",
            decode("onnx_pyfunc", lengths[0]) / roofline, 0.40, True)
+    if "front_door" in runtimes:
+        for field, name, bound, at_least in (
+                ("ttft_s", "TTFT", 1.05, False), ("decode_tokens_per_s", "decode tokens/s",
+                                                  0.95, True)):
+            values = {n: paired_ratio(runtimes, "front_door", "onnx_pyfunc", n, field)
+                      for n in lengths}
+            length = (min if at_least else max)(values, key=values.get)
+            target(f"front door / in-process ONNX pyfunc {name}, paired runs (worst: "
+                   f"{length}-token prompt)", values[length], bound, at_least)
+        together = [runtimes[k].get("concurrent") for k in ("front_door", "onnx_pyfunc")]
+        if all(together):
+            target(f"front door / in-process, {together[0]['clients']} concurrent streams: "
+                   "aggregate tokens/s", together[0]["tokens_per_s"] / together[1]["tokens_per_s"],
+                   0.95, True)
     concurrency = runtimes["served"]["concurrency"]
     if "4" in concurrency:
         target("served: 4 clients / 1 client aggregate tokens/s",
@@ -188,6 +203,7 @@ def markdown(results: dict, command: str) -> str:
                     if i == 0 else "| | | ")
             lines.append(f"{head}| {length} | {row['ttft_s']:.3f} | "
                          f"{row['decode_tokens_per_s']:.2f} |")
+    lines += front_door_section(results)
     served = results["runtimes"]["served"]
     lines += ["", "## Served, concurrent clients (short prompt, "
               f"{results['plan']['requests_per_client']} requests per client)", "",
@@ -235,6 +251,40 @@ def markdown(results: dict, command: str) -> str:
             lines.append(f"| {row['target']} | {row['measured']:.2f} | {row['bound']} | {met} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def front_door_section(results: dict) -> list[str]:
+    """The ONNX pyfunc through the front door against in process, run for run."""
+    runtimes = results["runtimes"]
+    if "front_door" not in runtimes:
+        return []
+    lines = ["", "## Through the front door", "",
+             "The ONNX pyfunc behind `python -m phi3flow.front_door` (its own process), each "
+             "request streamed over HTTP and timed from the chunks as an OpenAI client reads "
+             "them, in alternation with the same pyfunc in process (`predict_stream`): TTFT and "
+             "decode from the stream's token times on both sides. Ratios are medians over the "
+             "alternating pairs.", "",
+             "| prompt | TTFT in process (s) | TTFT front door (s) | x | decode in process "
+             "(tokens/s) | decode front door (tokens/s) | x |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for length in runtimes["front_door"]["prompts"]:
+        inside = runtimes["onnx_pyfunc"]["prompts"][length]
+        door = runtimes["front_door"]["prompts"][length]
+        lines.append(
+            f"| {length} | {inside['ttft_s']:.3f} | {door['ttft_s']:.3f} | "
+            f"{paired_ratio(runtimes, 'front_door', 'onnx_pyfunc', length, 'ttft_s'):.3f} | "
+            f"{inside['decode_tokens_per_s']:.2f} | {door['decode_tokens_per_s']:.2f} | "
+            f"{paired_ratio(runtimes, 'front_door', 'onnx_pyfunc', length, 'decode_tokens_per_s'):.3f} |")
+    together = [runtimes[k].get("concurrent") for k in ("onnx_pyfunc", "front_door")]
+    if all(together):
+        lines += ["", f"{together[0]['clients']} concurrent streams of the shortest prompt "
+                  "(medians of 2 alternating runs): aggregate "
+                  f"{together[0]['tokens_per_s']:.2f} tokens/s in process, "
+                  f"{together[1]['tokens_per_s']:.2f} through the front door "
+                  f"({together[1]['tokens_per_s'] / together[0]['tokens_per_s']:.2f}x); per "
+                  f"stream TTFT {together[0]['ttft_s']:.2f} / {together[1]['ttft_s']:.2f} s, "
+                  f"decode {together[0]['decode_tokens_per_s']:.2f} / "
+                  f"{together[1]['decode_tokens_per_s']:.2f} tokens/s."]
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:

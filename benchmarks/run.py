@@ -2,7 +2,9 @@
 
 In one run, side by side on this machine:
 1. raw onnxruntime-genai, the ONNX pyfunc (mlflow.pyfunc.load_model), the transformers pyfunc,
-   and the ONNX pyfunc served by `mlflow models serve` over HTTP: load time, time to first token,
+   the ONNX pyfunc behind the front door (streamed over HTTP, timed in alternation with the
+   in-process pyfunc, and with 4 concurrent streams each), and the ONNX pyfunc served by
+   `mlflow models serve` over HTTP: load time, time to first token,
    decode tokens/s and peak RSS at prompts of 16, 256 and 2048 tokens (benchmarks/probe.py says
    how each is timed; each runtime runs in its own fresh process);
 2. the served ONNX model under 1, 2, 4 and 8 concurrent clients: aggregate tokens/s, p50/p95;
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["runtimes"] = paired_probes({
         "raw": ("raw onnxruntime-genai", "raw", onnx),
         "onnx_pyfunc": ("ONNX pyfunc", "pyfunc", models["onnx"]),
+        "front_door": ("ONNX pyfunc behind the front door", "front_door", models["onnx"]),
         **dict(peers[:1]),
     }, prompts, plan, checkpoint)
     for key, (name, runtime, path) in peers[1:]:
