@@ -62,7 +62,8 @@ def save_models(checkpoint: Path, onnx: Path, cache: Path, plan: Plan) -> dict[s
     generation = dict(max_new_tokens=plan.new_tokens, temperature=0.0)
     paths = {"onnx": cache / f"{onnx.name}-pyfunc", "transformers": cache / f"{checkpoint.name}-pyfunc"}
     # The saved ONNX model carries a copy of its code: save again whenever that code changed.
-    code = hashlib.sha256(onnx_model.MODEL_CODE.read_bytes()).hexdigest()
+    code = hashlib.sha256(onnx_model.MODEL_CODE.read_bytes()
+                          + onnx_model.CONTRACT_CODE.read_bytes()).hexdigest()
     marker = paths["onnx"] / build_mod.DONE
     if not marker.is_file() or json.loads(marker.read_text()).get("code_sha256") != code:
         shutil.rmtree(paths["onnx"], ignore_errors=True)

@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from phi3flow import names, system_messages
-from phi3flow.onnx_chat_model import (
+from phi3flow.chat_contract import (
     DEFAULTS,
     MAX_CHARS_PER_TOKEN,
     MAX_TOP_LOGPROBS,
@@ -163,7 +163,7 @@ class ApiError(Exception):
 class ServedModel:
     """One loaded model and what the front door needs to know of it.
 
-    `runtime` answers the ONNX chat model's contract (onnx_chat_model.py): `predict(payload)` ->
+    `runtime` answers the chat contract (chat_contract.py): `predict(payload)` ->
     [chat.completion], `predict_stream(payload)` -> chat.completion.chunk dicts. For the ONNX
     model that is its pyfunc; for the transformers model, TransformersChat on its pipeline.
     """

@@ -1,8 +1,9 @@
 """Logging the onnxruntime-genai chat model: from code, with only what it needs.
 
 The model's code is phi3flow/onnx_chat_model.py, logged as a file (`python_model=` a path,
-models-from-code): nothing is pickled, and the logged model carries that one file, the ONNX
-folder as its artifact, and pinned requirements without torch.
+models-from-code): nothing is pickled, and the logged model carries that file and the chat
+contract it imports (`code_paths`), the ONNX folder as its artifact, and pinned requirements
+without torch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from phi3flow.onnx_chat_model import ONNX_ARTIFACT
 logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("onnx_chat_model.py")
+# The one module the model's code imports from this package, shipped beside it.
+CONTRACT_CODE = Path(__file__).with_name("chat_contract.py")
 RUNTIME_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "tokenizers", "numpy",
                          "pandas")
 PROMPT_EXAMPLE = {"prompt": "What is the capital of Spain?", "max_tokens": 8}
@@ -56,6 +59,7 @@ def model_options(cfg: LogOnnxPyfuncConfig, onnx_folder: Path, model_id: str) ->
     """Arguments of mlflow.pyfunc.log_model/save_model (shared with benchmarks/)."""
     return dict(
         python_model=str(MODEL_CODE),
+        code_paths=[str(CONTRACT_CODE)],
         artifacts={ONNX_ARTIFACT: str(onnx_folder)},
         model_config=model_config(cfg, model_id),
         signature=ModelSignature(params=PARAMS),

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from phi3flow.onnx_chat_model import (
+from phi3flow.chat_contract import (
     DEFAULTS,
     SEED_RANGE,
     BadRequest,

@@ -2,7 +2,8 @@
 
 Inputs: `fetch_run_id` (a FINISHED fetch_model run); `interface` (chat|prompt); generation
 defaults (`max_new_tokens`, `temperature`, `top_p`, `top_k`).
-Outputs: a logged model `phi3-onnx` whose code is phi3flow/onnx_chat_model.py (no pickle), whose
+Outputs: a logged model `phi3-onnx` whose code is phi3flow/onnx_chat_model.py and the chat
+contract it imports (no pickle), whose
 artifact is the fetched ONNX folder (verified against the manifest before and after logging),
 with pinned requirements and no torch; `config.json`.
 Tags (run and logged model): fetch run, model id, revision, manifest sha256, ONNX source,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from phi3flow.onnx_chat_model import BadRequest, token_bytes
+from phi3flow.chat_contract import BadRequest, token_bytes
 from phi3flow.transformers_chat import TransformersChat
 from tests.helpers import FIXTURE, eval_rows
 
@@ -103,7 +103,7 @@ def test_the_real_phi3_tokenizer_keeps_its_bos_and_reads_no_tag_from_text():
     keep the tokenizer's ids, typed tags are text."""
     import transformers
 
-    from phi3flow.onnx_chat_model import added_tokens, chat_ids, plain_text_encoder
+    from phi3flow.chat_contract import added_tokens, chat_ids, plain_text_encoder
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         FIXTURE.parent / "phi3-vocab", gguf_file="ggml-vocab-phi-3.gguf")
@@ -129,7 +129,7 @@ def test_the_real_phi3_tokenizer_keeps_its_bos_and_reads_no_tag_from_text():
 def test_a_template_that_changes_message_text_refuses_typed_tags():
     """Where the template transforms content (here: trims it), the tags cannot be located as
     text: the request is refused with what to do, never tokenized as tags."""
-    from phi3flow.onnx_chat_model import chat_ids
+    from phi3flow.chat_contract import chat_ids
 
     def render(messages):
         return "".join(f"<|user|>\n{m['content'].strip()}<|end|>\n" for m in messages)
