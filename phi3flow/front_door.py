@@ -46,7 +46,8 @@ from phi3flow.chat_contract import (
     DEFAULTS,
     MAX_CHARS_PER_TOKEN,
     MAX_TOP_LOGPROBS,
-    BadRequest,
+    SHAPE_FIELDS,
+    Chat,
     checked_messages,
     checked_options,
 )
@@ -91,9 +92,10 @@ class Field:
 # no field this table lacks), and top_k, which OpenAI lacks and both runtimes have. Nothing is
 # accepted and ignored: docs/serving.md's conformance table is rendered from this one.
 FIELDS = (
-    Field("messages", True, "roles system, user, assistant; content a string (content-part "
-          "arrays, `name` and the tool roles are refused); content is text: a control tag it "
-          "spells (`<|end|>`) is tokenized as characters, never as the tag"),
+    Field("messages", True, "roles system, user, assistant (content, or tool_calls), tool "
+          "(content, tool_call_id); content a string (content-part arrays and `name` are "
+          "refused); content is text: a control tag it spells (`<|end|>`) is tokenized as "
+          "characters, never as the tag"),
     Field("model", True, "required: a name this server serves"),
     Field("max_tokens", True, "at least 1, within the context window"),
     Field("max_completion_tokens", True, "the same as max_tokens (which it replaces)"),
@@ -115,12 +117,15 @@ FIELDS = (
           "logprobs"),
     Field("seed", True, "the same request with the same seed gets the same answer (per "
           "runtime; taken modulo 2^31)"),
-    Field("response_format", False, "structured outputs are not implemented yet",
-          asks_nothing=({"type": "text"},)),
-    Field("tools", False, "tool calls are not implemented yet", asks_nothing=([],)),
-    Field("tool_choice", False, "tool calls are not implemented yet", asks_nothing=("none",)),
-    Field("parallel_tool_calls", False, "tool calls are not implemented yet; without tools any "
-          "value asks nothing", asks_nothing=(True, False)),
+    Field("response_format", True, "text, json_object, json_schema (strict or not): the answer "
+          "follows the schema by grammar-constrained decoding; a schema feature the grammar "
+          "engine lacks is a 400 naming it"),
+    Field("tools", True, "function tools: calls in `message.tool_calls` whose arguments follow "
+          "each function's parameters schema (grammar-constrained), streamed as OpenAI streams "
+          "them"),
+    Field("tool_choice", True, "none, auto (the default with tools), required, or a named "
+          "function; allowed_tools is refused"),
+    Field("parallel_tool_calls", True, "true (the default): one or more calls; false: one"),
     Field("functions", False, "deprecated by OpenAI for tools", asks_nothing=([],)),
     Field("function_call", False, "deprecated by OpenAI for tool_choice",
           asks_nothing=("none",)),
@@ -172,15 +177,15 @@ class ServedModel:
     uri: str
     runtime: Any
     context_length: int
-    chat_ids: Callable[[list[dict]], list[int]]  # messages -> prompt ids, as the model makes them
+    prepare: Callable[[dict], Chat]  # a payload checked and tokenized, as the model will
     keeps_system: bool  # its chat template shows system messages (else they are folded in)
 
-    def complete(self, messages: list[dict], options: dict[str, Any]) -> dict[str, Any]:
-        (response,) = self.runtime.predict({"messages": messages, **options})
+    def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
+        (response,) = self.runtime.predict(payload)
         return response
 
-    def stream(self, messages: list[dict], options: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        return self.runtime.predict_stream({"messages": messages, **options})
+    def stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        return self.runtime.predict_stream(payload)
 
 
 def load(name: str, uri: str) -> ServedModel:
@@ -190,21 +195,20 @@ def load(name: str, uri: str) -> ServedModel:
     if "transformers" in model.metadata.flavors:
         runtime = TransformersChat(model)
         keeps = system_messages.probe(runtime.render, name)
-        return ServedModel(name, uri, runtime, runtime.context_length, runtime.chat_ids,
+        return ServedModel(name, uri, runtime, runtime.context_length, runtime.parse,
                            keeps_system=keeps == system_messages.KEPT)
     inner = model.unwrap_python_model()
-    if not hasattr(inner, "chat_ids") or getattr(inner, "interface", "chat") != "chat":
+    if not hasattr(inner, "parse") or getattr(inner, "interface", "chat") != "chat":
         raise SystemExit(f"{uri} is not a chat model of this project (log it with "
                          "log_transformers, or log_onnx_pyfunc with interface=chat; a model "
                          "logged by an older version of this project: log it again).")
     keeps = system_messages.probe(inner.render, name) == system_messages.KEPT
-    return ServedModel(name, uri, model, inner.context_length, inner.chat_ids,
-                       keeps_system=keeps)
+    return ServedModel(name, uri, model, inner.context_length, inner.parse, keeps_system=keeps)
 
 
-def parse(body: bytes,
-          models: dict[str, ServedModel]) -> tuple[ServedModel, dict, dict, Streaming]:
-    """The request, checked: (model, messages, generation options, stream) or an ApiError."""
+def parse(body: bytes, models: dict[str, ServedModel]) -> tuple[ServedModel, dict, Streaming]:
+    """The request, checked as the model will check it: (model, the payload for its runtime,
+    how to answer) or an ApiError."""
     if _depth(body) > MAX_JSON_DEPTH:
         raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels; a chat request "
                        "needs a few.")
@@ -236,11 +240,24 @@ def parse(body: bytes,
         if request.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (one answer per request), got {request.n}.",
                            param="n")
-        options = _options(data)
-    except BadRequest as exc:
-        raise ApiError(400, exc.message, param=_param_of(exc.message)) from None
-    _check_context(model, messages, options.get("max_tokens"))
-    return model, messages, options, Streaming(bool(request.stream), usage)
+        _check_size(model, messages)
+        payload = {"messages": messages, **_options(data),
+                   **{name: data[name] for name in SHAPE_FIELDS if data.get(name) is not None}}
+        model.prepare(payload)  # the model's own checks: nothing is computed for a bad request
+    except MlflowException as exc:
+        raise _refused(exc) from None
+    return model, payload, Streaming(bool(request.stream), usage)
+
+
+def _refused(exc: MlflowException) -> ApiError:
+    """A model's refusal as OpenAI's 400, or the exception itself if it is no refusal.
+
+    The ONNX model's BadRequest is its own class (its code is loaded from the logged model), so
+    a refusal is known by MLflow's error code, which both classes carry."""
+    if exc.error_code != "INVALID_PARAMETER_VALUE":
+        raise exc
+    message = getattr(exc, "message", str(exc))
+    return ApiError(400, message, param=_param_of(message), code=getattr(exc, "code", None))
 
 
 # The request fields that are generation options, as the chat models name them.
@@ -324,27 +341,18 @@ def _param_of(message: str) -> str | None:
     return found.group(0) if found else ("messages" if "message" in message else None)
 
 
-PARAM = re.compile(r"^(messages(\[\d+\](\.(role|content))?)?|max_tokens|temperature|top_p|top_k"
-                   r"|stop|n|seed|logprobs|top_logprobs)\b")
+PARAM = re.compile(r"^(messages(\[\d+\](\.(role|content|tool_calls|tool_call_id))?)?|max_tokens"
+                   r"|temperature|top_p|top_k|stop|n|seed|logprobs|top_logprobs|response_format"
+                   r"|tools(\[\d+\])?|tool_choice|parallel_tool_calls)\b")
 
 
-def _check_context(model: ServedModel, messages: list[dict], max_tokens: int | None) -> None:
-    characters = sum(len(m["content"]) for m in messages)
+def _check_size(model: ServedModel, messages: list[dict]) -> None:
+    """Refuse, before tokenizing it, a conversation too long for any tokenizer to fit."""
+    characters = sum(len(m.get("content") or "") for m in messages)
     if characters > model.context_length * MAX_CHARS_PER_TOKEN:  # no tokenizer packs more
         raise ApiError(400, f"the messages have {characters} characters, more than the context "
                        f"window of {model.context_length} tokens can hold: shorten them.",
                        param="messages", code="context_length_exceeded")
-    tokens = len(model.chat_ids(messages))
-    room = model.context_length - tokens
-    if room <= 0:
-        raise ApiError(400, f"the messages are {tokens} tokens, more than the context window of "
-                       f"{model.context_length}: shorten them.", param="messages",
-                       code="context_length_exceeded")
-    if max_tokens is not None and max_tokens > room:
-        raise ApiError(400, f"max_tokens={max_tokens} does not fit: the messages are {tokens} "
-                       f"tokens and the context window is {model.context_length}; pass "
-                       f"max_tokens <= {room}.", param="max_tokens",
-                       code="context_length_exceeded")
 
 
 def create_app(models: dict[str, ServedModel],
@@ -376,11 +384,11 @@ def create_app(models: dict[str, ServedModel],
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _read_limited(request, max_body_bytes)
-        model, messages, options, stream = parse(body, models)
+        model, payload, stream = parse(body, models)
         if stream.on:
-            return StreamingResponse(_events(model, messages, options, stream.include_usage),
+            return StreamingResponse(_events(model, payload, stream.include_usage),
                                      media_type="text/event-stream")
-        response = await run_in_threadpool(_generate, model, messages, options)
+        response = await run_in_threadpool(_generate, model, payload)
         return JSONResponse(response)
 
     return app
@@ -406,23 +414,22 @@ def _model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "phi3flow"}
 
 
-def _generate(model: ServedModel, messages: list[dict], options: dict) -> dict:
+def _generate(model: ServedModel, payload: dict) -> dict:
     try:
-        response = model.complete(messages, options)
-    except BadRequest as exc:  # a check only the model could make
-        raise ApiError(400, exc.message) from None
+        response = model.complete(payload)
+    except MlflowException as exc:  # a check only the model could make
+        raise _refused(exc) from None
     return {**response, "model": model.name}
 
 
-async def _events(model: ServedModel, messages: list[dict], options: dict,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _events(model: ServedModel, payload: dict, include_usage: bool) -> AsyncIterator[bytes]:
     """Server-sent events: one `data:` line per chunk, a usage chunk if asked, `data: [DONE]`.
 
     A client that goes away ends this generator (Starlette cancels it): the model's stream is
     then closed, which stops its decoding at the next token and ends its thread.
     """
     usage, first = None, None
-    async for chunk in _in_one_thread(lambda: model.stream(messages, options)):
+    async for chunk in _in_one_thread(lambda: model.stream(payload)):
         if isinstance(chunk, Exception):  # the stream has begun: report in-band, as OpenAI does
             logger.warning("stream of %s failed: %s", model.name, chunk)
             error = ApiError(500, str(chunk)[:500], kind="server_error").body()

@@ -94,7 +94,7 @@ THREADS_ENV = "PHI3FLOW_ONNX_THREADS"
 MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
 TEMPLATE_TAGS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # Phi-3's chat format
-CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS)
+CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS, *contract.SHAPE_FIELDS)
 PROMPT_FIELDS = ("prompt", *OPTIONS)
 
 
@@ -163,19 +163,24 @@ class OnnxChatModel(PythonModel):
         self.tags = contract.added_tokens(tokenizer_json)
         self.encode_text = contract.plain_text_encoder(tokenizer_json)
         self.pieces = contract.token_bytes(tokenizer_json)
+        self.keeps_system = contract.keeps_system(self.render)
+        self.grammar_tokenizer = contract.grammar_tokenizer(
+            tokenizer_json, int(genai_config["model"]["vocab_size"]), sorted(self.eos))
         self._inbox: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._scheduler: threading.Thread | None = None
 
     # --- requests --------------------------------------------------------------------------
 
-    def _parse(self, row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    def parse(self, row: dict[str, Any], params: dict[str, Any] | None = None) -> contract.Chat:
+        """One request row, checked and tokenized (the front door checks requests with it)."""
         fields = CHAT_FIELDS if self.interface == "chat" else PROMPT_FIELDS
         unknown = sorted(set(row) - set(fields))
         if unknown:
             raise BadRequest(f"unknown field(s) {contract.shown(None, 200, str(unknown))}; "
                              f"this model accepts {list(fields)}.")
-        merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}, **row}
+        merged = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None},
+                  **row}
         if self.interface == "chat":
             if "messages" not in row:
                 raise BadRequest("the request has no messages: send {\"messages\": [{\"role\": "
@@ -185,9 +190,10 @@ class OnnxChatModel(PythonModel):
             if merged.get("stream") not in (None, False):
                 raise BadRequest("stream=true is not available over predict: use predict_stream "
                                  "in Python (MLflow serving has no streaming over REST).")
-            messages = contract.checked_messages(row["messages"])
-            self._check_size(sum(len(m["content"]) for m in messages))
-            ids = self.chat_ids(messages)
+            if isinstance(row["messages"], list):
+                self._check_size(sum(len(m.get("content") or "") for m in row["messages"]
+                                     if isinstance(m, dict) and isinstance(m.get("content"), str)))
+            chat = contract.chat_request(merged, {}, self)
         else:
             prompt = row.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
@@ -201,18 +207,9 @@ class OnnxChatModel(PythonModel):
                 ids = self.chat_ids([{"role": "user", "content": prompt}])
             else:
                 ids = self.encode(prompt)
-        options = contract.checked_options(merged)
-        room = self.context_length - len(ids)
-        if room <= 0:
-            raise BadRequest(f"the prompt has {len(ids)} tokens, more than the context window of "
-                             f"{self.context_length}: shorten the conversation.")
-        if options["max_tokens"] > room:
-            raise BadRequest(
-                f"max_tokens={options['max_tokens']} does not fit: the prompt has {len(ids)} "
-                f"tokens and the context window is {self.context_length}; pass max_tokens <= "
-                f"{room}."
-            )
-        return {"ids": ids, "options": options}
+            chat = contract.Chat(ids, contract.checked_options(merged), None, False)
+        contract.check_room(len(chat.ids), chat.options["max_tokens"], self.context_length)
+        return chat
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
@@ -249,8 +246,10 @@ class OnnxChatModel(PythonModel):
 
     # --- generation: one scheduler thread batches whatever requests are in flight ------------
 
-    def _submit(self, requests: list[dict[str, Any]]) -> list[_Job]:
-        jobs = [_Job(r["ids"], r["options"]) for r in requests]
+    def _submit(self, requests: list[contract.Chat]) -> list[_Job]:
+        jobs = [_Job(r.ids, r.options, r.grammar and contract.Guide(self.grammar_tokenizer,
+                                                                     r.grammar))
+                for r in requests]
         with self._lock:  # start the scheduler on first use (and again after a fork)
             if self._scheduler is None or not self._scheduler.is_alive():
                 self._scheduler = threading.Thread(target=self._schedule, daemon=True,
@@ -326,14 +325,25 @@ class OnnxChatModel(PythonModel):
             batch.prompt = rest or None
             return False
         logits = None
-        if any(job.options["logprobs"] for job in batch.jobs):
+        live = [not (job.done or job.cancelled) for job in batch.jobs]
+        guided = any(job.guide and on for job, on in zip(batch.jobs, live))
+        if guided or any(job.options["logprobs"] for job in batch.jobs):
             # The logits the next tokens are chosen from (get_logits after generate_next_token
             # would already run the step after).
-            logits = batch.generator.get_logits().reshape(len(batch.jobs), -1).copy()
+            raw = batch.generator.get_logits()
+            logits = raw.reshape(len(batch.jobs), -1).copy()
+        if guided:  # each guided row's grammar masks its own logits; the others keep theirs
+            masked = logits.copy()
+            for row, (job, on) in enumerate(zip(batch.jobs, live)):
+                if job.guide and on:
+                    job.guide.mask(masked[row])
+            batch.generator.set_logits(masked.reshape(raw.shape))
         batch.generator.generate_next_token()
         for row, (job, token) in enumerate(zip(batch.jobs, batch.generator.get_next_tokens())):
             if not (job.done or job.cancelled):  # nobody reads a cancelled row's tokens
                 token = int(token)
+                if job.guide:
+                    job.guide.follow(token)
                 entry = None if logits is None or not job.options["logprobs"] else (
                     contract.logprob_entry(logits[row], token, job.options["top_logprobs"],
                                            self.pieces))
@@ -358,14 +368,14 @@ class OnnxChatModel(PythonModel):
     # --- pyfunc API ------------------------------------------------------------------------
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        requests = [self._parse(row, params or {}) for row in _rows(model_input)]
+        requests = [self.parse(row, params) for row in _rows(model_input)]
         results = [contract.collected(self._answer(job)) for job in self._submit(requests)]
         if self.interface == "prompt":
             texts = [text.strip() for text, *_ in results]
             return texts[0] if isinstance(model_input, dict) else texts
         return [
-            contract.completion(self.model_name, text, finish, len(request["ids"]), count,
-                       entries if request["options"]["logprobs"] else None)
+            contract.completion(self.model_name, text, finish, len(request.ids), count,
+                                entries if request.options["logprobs"] else None, request.calls)
             for request, (text, finish, count, entries) in zip(requests, results)
         ]
 
@@ -373,13 +383,13 @@ class OnnxChatModel(PythonModel):
         rows = _rows(model_input)
         if len(rows) != 1:
             raise BadRequest(f"predict_stream takes one request, got {len(rows)} rows.")
-        request = self._parse(rows[0], params or {})
+        request = self.parse(rows[0], params)
         (job,) = self._submit([request])
         if self.interface == "prompt":
             yield from (piece.text for piece in self._answer(job) if piece.text)
             return
-        yield from contract.chunks(self.model_name, self._answer(job), len(request["ids"]),
-                          request["options"]["logprobs"])
+        yield from contract.chunks(self.model_name, self._answer(job), len(request.ids),
+                                   request.options["logprobs"], request.calls)
 
 
 def _threads(genai_config: dict[str, Any]) -> int | None:
@@ -416,8 +426,9 @@ def _alone_chunk() -> int:
 class _Job:
     """One request row on its way through the scheduler: its tokens arrive on a queue."""
 
-    def __init__(self, ids: list[int], options: dict[str, Any]):
+    def __init__(self, ids: list[int], options: dict[str, Any], guide: Any = None):
         self.ids, self.options = ids, options
+        self.guide = guide  # the grammar the answer follows (contract.Guide), or None
         self.done = False  # the scheduler saw its eos
         self.cancelled = False  # the caller stopped reading
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("onnx_chat_model.py")
 # The one module the model's code imports from this package, shipped beside it.
 CONTRACT_CODE = Path(__file__).with_name("chat_contract.py")
-RUNTIME_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "tokenizers", "numpy",
-                         "pandas")
+RUNTIME_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "tokenizers", "llguidance",
+                         "numpy", "pandas")
 PROMPT_EXAMPLE = {"prompt": "What is the capital of Spain?", "max_tokens": 8}
 
 # Per-request generation options, as MLflow params (in-process `params=`, and over REST the

@@ -13,17 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from phi3flow.chat_contract import keeps_system
+
 logger = logging.getLogger(__name__)
 
-PROBE = "phi3flow system message probe"
 KEPT, DROPPED = "kept", "dropped"
-
-
-def keeps_system(render: Callable[[list[dict]], str]) -> bool:
-    """Whether `render` (messages -> prompt text, the model's chat template) shows a system
-    message in the prompt."""
-    return PROBE in render([{"role": "system", "content": PROBE},
-                            {"role": "user", "content": "Hello."}])
 
 
 def probe(render: Callable[[list[dict]], str], what: str) -> str:

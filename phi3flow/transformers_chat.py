@@ -27,16 +27,19 @@ from typing import Any
 from phi3flow.chat_contract import (
     DEFAULTS,
     SEED_RANGE,
-    BadRequest,
+    Chat,
     Delta,
+    Guide,
     added_tokens,
     chat_ids,
-    checked_messages,
-    checked_options,
+    chat_request,
+    check_room,
     chunks,
     collected,
     completion,
     deltas,
+    grammar_tokenizer,
+    keeps_system,
     logprob_entry,
     plain_text_encoder,
     token_bytes,
@@ -68,6 +71,9 @@ class TransformersChat:
         eos = self.model.generation_config.eos_token_id
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.pad_token_id = self.model.generation_config.pad_token_id or min(self.eos, default=0)
+        self.keeps_system = keeps_system(self.render)
+        self.grammar_tokenizer = grammar_tokenizer(
+            tokenizer_json, int(self.model.config.vocab_size), sorted(self.eos))
         self.lock = threading.Lock()
 
     # --- prompts ---------------------------------------------------------------------------
@@ -86,30 +92,25 @@ class TransformersChat:
     # --- the pyfunc contract -----------------------------------------------------------------
 
     def predict(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        ids, options = self._parse(payload)
-        text, finish, count, entries = collected(self._answer(ids, options))
-        return [completion(self.model_name, text, finish, len(ids), count,
-                           entries if options["logprobs"] else None)]
+        chat = self.parse(payload)
+        text, finish, count, entries = collected(self._answer(chat))
+        return [completion(self.model_name, text, finish, len(chat.ids), count,
+                           entries if chat.options["logprobs"] else None, chat.calls)]
 
     def predict_stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        ids, options = self._parse(payload)
-        yield from chunks(self.model_name, self._answer(ids, options), len(ids),
-                          options["logprobs"])
+        chat = self.parse(payload)
+        yield from chunks(self.model_name, self._answer(chat), len(chat.ids),
+                          chat.options["logprobs"], chat.calls)
 
-    def _parse(self, payload: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
-        messages = checked_messages(payload.get("messages"))
-        options = checked_options({**self.defaults, **{
-            k: v for k, v in payload.items() if k != "messages" and v is not None}})
-        ids = self.chat_ids(messages)
-        if len(ids) + options["max_tokens"] > self.context_length:
-            raise BadRequest(f"max_tokens={options['max_tokens']} does not fit: the prompt has "
-                             f"{len(ids)} tokens and the context window is "
-                             f"{self.context_length}.")
-        return ids, options
+    def parse(self, payload: dict[str, Any]) -> Chat:
+        """A request, checked and tokenized as the ONNX model does (chat_contract)."""
+        chat = chat_request(payload, self.defaults, self)
+        check_room(len(chat.ids), chat.options["max_tokens"], self.context_length)
+        return chat
 
     # --- generation --------------------------------------------------------------------------
 
-    def _answer(self, ids: list[int], options: dict[str, Any]) -> Iterator[Delta]:
+    def _answer(self, chat: Chat) -> Iterator[Delta]:
         """The answer's deltas; closing the iterator (a stop string, a client that left) stops
         the generation at its next token."""
         from tokenizers.decoders import DecodeStream
@@ -118,7 +119,7 @@ class TransformersChat:
         backend = self.tokenizer.backend_tokenizer
         stopped = threading.Event()
         tokens: queue.SimpleQueue = queue.SimpleQueue()
-        worker = threading.Thread(target=self._generate, args=(ids, options, tokens, stopped),
+        worker = threading.Thread(target=self._generate, args=(chat, tokens, stopped),
                                   daemon=True, name="transformers-generate")
         worker.start()
 
@@ -130,19 +131,20 @@ class TransformersChat:
 
         try:
             yield from deltas(generated(), lambda token: stream.step(backend, token) or "",
-                              self.eos, options["stop"] or [])
+                              self.eos, chat.options["stop"] or [])
         finally:
             stopped.set()
             worker.join()  # within one decode step: the stop check runs at each token
 
-    def _generate(self, ids: list[int], options: dict[str, Any], tokens: queue.SimpleQueue,
-                  stopped: threading.Event) -> None:
+    def _generate(self, chat: Chat, tokens: queue.SimpleQueue, stopped: threading.Event) -> None:
         """model.generate for one request, under the lock, each token (with its logprob entry
         when asked) put on `tokens`, then None (or the error)."""
         import torch
         import transformers
 
+        ids, options = chat.ids, chat.options
         pieces, top = self.pieces, options["top_logprobs"]
+        guide = Guide(self.grammar_tokenizer, chat.grammar) if chat.grammar else None
         last_logits: list[Any] = []  # the logits of the step being decided
 
         class Recorder(transformers.LogitsProcessor):
@@ -152,6 +154,15 @@ class TransformersChat:
             def __call__(self, input_ids, scores):
                 last_logits[:] = [scores[0].float().numpy().copy()]
                 return scores
+
+        class Guided(transformers.LogitsProcessor):
+            """The grammar's mask (after the recorder: logprobs stay the model's own)."""
+
+            def __call__(self, input_ids, scores):
+                if input_ids.shape[1] > len(ids):  # the last step's token moves the grammar on
+                    guide.follow(int(input_ids[0, -1]))
+                allowed = torch.from_numpy(guide.allowed(scores.shape[-1]))
+                return scores.masked_fill(~allowed, float("-inf"))
 
         class Streamer(transformers.generation.streamers.BaseStreamer):
             prompt_seen = False
@@ -178,7 +189,7 @@ class TransformersChat:
             do_sample=sampled, streamer=Streamer(),
             stopping_criteria=transformers.StoppingCriteriaList([Stop()]),
             logits_processor=transformers.LogitsProcessorList(
-                [Recorder()] if options["logprobs"] else []),
+                ([Recorder()] if options["logprobs"] else []) + ([Guided()] if guide else [])),
         )
         if sampled:
             kwargs.update(temperature=options["temperature"], top_p=options["top_p"],

@@ -110,8 +110,9 @@ BAD = {
         {"messages": [{"role": "user", "content": "word " * 5000}]}, "messages"),
     "temperature negative": ({"messages": MESSAGES, "temperature": -1}, "temperature"),
     "n above one": ({"messages": MESSAGES, "n": 3}, "n"),
-    "tools": ({"messages": MESSAGES, "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, "tools"),
+    "a tool that is not a function": ({"messages": MESSAGES, "tools": [{"type": "custom",
+                                                                     "custom": {"name": "f"}}]},
+                                      "tools"),
     # Fields no runtime here honours yet: refused by name, never answered as if absent.
     "presence_penalty other than 0": ({"messages": MESSAGES, "presence_penalty": 0.5},
                                       "presence_penalty"),
@@ -463,3 +464,200 @@ def test_typed_control_tags_do_not_forge_turns(client, onnx_model_uri, kind):
     inner = mlflow.pyfunc.load_model(onnx_model_uri).unwrap_python_model()
     assert used == len(inner.chat_ids(forged))
     assert used > len(inner.encode(inner.render(forged))) + 10
+
+
+# --- structured outputs and tool calls ----------------------------------------------------------
+# The fixture's answers are short and learned; under a grammar it writes whatever the grammar
+# lets it, so these schemas bound every string, number and list (as a real model needs not).
+
+CAPITAL = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12},
+    "country": {"type": "string", "enum": ["Spain", "France", "Italy"]},
+    "facts": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+              "maxItems": 3},
+    "where": {"type": "object", "properties": {"lat": {"type": "integer", "minimum": -90,
+                                                       "maximum": 90}},
+              "required": ["lat"], "additionalProperties": False}},
+    "required": ["city", "country", "facts", "where"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 10}, "unit": {"type": "string",
+                                                              "enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Adds two digits.",
+    "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer", "minimum": 0, "maximum": 9},
+        "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"], "additionalProperties": False}}}
+TOOLS = [WEATHER, ADD]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def _valid_calls(calls) -> list[str]:
+    """Each call's arguments parse and follow its function's schema: the called names."""
+    import jsonschema
+
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+        assert call.id and call.type == "function"
+    return [call.function.name for call in calls]
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+@pytest.mark.parametrize("strict", [True, False])
+def test_json_schema_answers_parse_and_validate(client, kind, strict):
+    """response_format json_schema (nested object, array, enum, required), strict or not:
+    every answer parses and follows the schema, streamed or not, and the SDK's parse() reads
+    it."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL,
+                                                  "strict": strict}}
+    for temperature in (0.0, 1.0):
+        answer = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
+                                                max_tokens=120, response_format=fmt,
+                                                temperature=temperature, seed=5)
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.choices[0].message.content), CAPITAL)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=NAMES[kind], messages=MESSAGES, max_tokens=120, response_format=fmt, stream=True)
+        if c.choices)
+    jsonschema.validate(json.loads(streamed), CAPITAL)
+    as_object = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
+                                               max_tokens=60,
+                                               response_format={"type": "json_object"})
+    assert isinstance(json.loads(as_object.choices[0].message.content), dict)
+
+
+def test_the_sdks_parse_reads_a_pydantic_model(client):
+    """client.chat.completions.parse() sends a strict schema made from a pydantic model and
+    reads the answer back into it."""
+    import typing
+
+    import pydantic
+
+    class Capital(pydantic.BaseModel):
+        city: typing.Annotated[str, pydantic.StringConstraints(max_length=12)]
+        country: typing.Literal["Spain", "France"]
+
+    for name in NAMES.values():
+        parsed = client.chat.completions.parse(model=name, messages=MESSAGES, max_tokens=60,
+                                               response_format=Capital)
+        assert isinstance(parsed.choices[0].message.parsed, Capital), name
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_tool_choice_required_named_auto_and_none(client, kind):
+    """required and a named function answer with valid calls and finish_reason tool_calls;
+    none answers in words; auto answers one way or the other, validly."""
+    def ask(**extra):
+        return client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
+                                              max_tokens=80, tools=TOOLS, **extra).choices[0]
+
+    required = ask(tool_choice="required", parallel_tool_calls=False)
+    assert required.finish_reason == "tool_calls" and required.message.content is None
+    assert len(_valid_calls(required.message.tool_calls)) == 1
+    named = ask(tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.finish_reason == "tool_calls"
+    assert _valid_calls(named.message.tool_calls) == ["get_weather"]
+    none = ask(tool_choice="none")
+    assert none.finish_reason == "stop" and none.message.content and not none.message.tool_calls
+    auto = ask()
+    if auto.message.tool_calls:
+        _valid_calls(auto.message.tool_calls)
+        assert auto.finish_reason == "tool_calls"
+    else:
+        assert auto.message.content and TOOL_CALL_TAG not in auto.message.content
+
+
+TOOL_CALL_TAG = "<tool_call>"
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_tool_calls_stream_as_openai_streams_them(client, door, kind):
+    """The first delta of a call has its index, id, type and name; the arguments follow in
+    pieces; the last chunk says tool_calls; the SDK's stream helper rebuilds the calls."""
+    chunks = list(client.chat.completions.create(
+        model=NAMES[kind], messages=MESSAGES, max_tokens=80, tools=TOOLS,
+        tool_choice="required", parallel_tool_calls=False, stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name and deltas[0].type == "function"
+    assert len(deltas) > 2 and all(d.index == 0 and d.id is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    single = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES, max_tokens=80,
+                                            tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False)
+    assert arguments == single.choices[0].message.tool_calls[0].function.arguments  # greedy
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    with client.chat.completions.stream(
+            model=NAMES[kind], messages=MESSAGES, max_tokens=80,
+            tools=[{**tool, "function": {**tool["function"], "strict": True}} for tool in TOOLS],
+            tool_choice="required", parallel_tool_calls=False) as stream:
+        final = stream.get_final_completion()
+    assert _valid_calls(final.choices[0].message.tool_calls)
+    events = subprocess.run(
+        ["curl", "-sN", f"{door[0]}/v1/chat/completions", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"model": NAMES[kind], "messages": MESSAGES, "max_tokens": 80,
+                           "tools": TOOLS, "tool_choice": "required", "stream": True})],
+        capture_output=True, text=True, timeout=120).stdout
+    for line in events.splitlines():
+        if line.startswith("data: {"):
+            validate("CreateChatCompletionStreamResponse", json.loads(line[6:]))
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_a_tool_call_round_trip_reaches_the_prompt(client, door, kind):
+    """The request's tools reach the prompt (more prompt tokens with them), an assistant turn
+    with tool_calls and a `tool` turn with its result are accepted, and an answer follows."""
+    plain = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES, max_tokens=4)
+    with_tools = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES,
+                                                max_tokens=4, tools=TOOLS)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+    first = client.chat.completions.create(model=NAMES[kind], messages=MESSAGES, max_tokens=80,
+                                           tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False).choices[0].message
+    history = [*MESSAGES, first.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"}]
+    second = client.chat.completions.create(model=NAMES[kind], messages=history, max_tokens=16,
+                                            tools=TOOLS, tool_choice="none")
+    # tool_choice none describes no tools; the call and its result are in the prompt as text.
+    assert second.choices[0].message.content
+    assert second.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    status, raw = _raw(door[0], json.dumps({"model": NAMES[kind], "messages": history,
+                                             "max_tokens": 8, "tools": TOOLS}).encode())
+    assert status == 200
+    validate("CreateChatCompletionResponse", raw)
+
+
+STRUCTURE_BAD = {
+    "an unsupported schema keyword": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "array", "uniqueItems": True}}}}, "response_format", "uniqueItems"),
+    "an unsupported keyword in a tool's parameters": (
+        {"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}]},
+        "tools", "not"),
+    "tool_choice without tools": ({"tool_choice": "required"}, "tool_choice", "tools"),
+    "a named tool that is not given": (
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
+        "tool_choice", "tool_choice"),
+    "a response_format of no known type": ({"response_format": {"type": "xml"}},
+                                           "response_format", "json_schema"),
+    "a tool message without its call id": (
+        {"messages": [*MESSAGES, {"role": "tool", "content": "sunny"}]}, "messages",
+        "tool_call_id"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+@pytest.mark.parametrize("case", sorted(STRUCTURE_BAD))
+def test_a_structure_the_server_cannot_honour_is_a_400_naming_it(door, kind, case):
+    body, param, named = STRUCTURE_BAD[case]
+    status, answer = _raw(door[0], json.dumps({"model": NAMES[kind], "messages": MESSAGES,
+                                                **body}).encode())
+    assert status == 400, answer
+    validate("ErrorResponse", answer)
+    assert (answer["error"]["param"] or "").startswith(param), answer
+    assert named in answer["error"]["message"], answer

@@ -79,7 +79,7 @@ def test_served_batch_and_stop_field(server):
     answers = [b["choices"][0]["message"]["content"] for b in body["predictions"]]
     assert answers == [r["answer"] for r in ROWS[:3]]
     status, body = post(server, {**QUESTION, "stop": "Spain"})  # a string, as OpenAI allows
-    assert status == 200 and body[0]["choices"][0]["message"]["content"] == "The capital of"
+    assert status == 200 and body[0]["choices"][0]["message"]["content"] == "The capital of "
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,9 @@ def test_served_batch_and_stop_field(server):
         ({**QUESTION, "temperature": -1}, "temperature must be >= 0"),
         ({**QUESTION, "n": 3}, "n must be 1"),
         ({**QUESTION, "stream": True}, "stream=true is not available"),
-        ({**QUESTION, "tools": []}, "unknown field(s) ['tools']"),
+        ({**QUESTION, "functions": []}, "unknown field(s) ['functions']"),
+        ({**QUESTION, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "uniqueItems"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -151,3 +153,26 @@ def test_both_registered_champions_answer_the_same_chat_request(served):
     readme = (ROOT / "README.md").read_text()
     for name in CHAMPIONS.values():
         assert f"mlflow models serve -m models:/{name}@champion --env-manager local" in readme
+
+
+def test_served_onnx_model_answers_json_schemas_and_tool_calls(server):
+    """Structured outputs and tool calls live in the logged model, not only behind the front
+    door: `mlflow models serve` answers them in the same shapes (schemas and tools from the
+    front-door tests)."""
+    import jsonschema
+
+    from tests.e2e.test_front_door import CAPITAL, PARAMETERS, TOOLS
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL,
+                                                  "strict": True}}
+    status, body = post(server, {**QUESTION, "max_tokens": 120, "response_format": fmt})
+    assert status == 200, body
+    jsonschema.validate(json.loads(body[0]["choices"][0]["message"]["content"]), CAPITAL)
+    status, body = post(server, {**QUESTION, "max_tokens": 80, "tools": TOOLS,
+                                 "tool_choice": "required", "parallel_tool_calls": False})
+    assert status == 200, body
+    (choice,) = body[0]["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]),
+                        PARAMETERS[call["function"]["name"]])

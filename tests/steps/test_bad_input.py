@@ -311,8 +311,11 @@ DOOR_CASES = [
      400, "more than the context window"),
     ("unknown model", lambda m: {**QUESTION, "model": "gpt-4"}, 404, "is not served here"),
     ("unsupported option", lambda m: _door(m, **QUESTION, n=2), 400, "n must be 1"),
-    ("unsupported option", lambda m: _door(m, **QUESTION, tools=[
-        {"type": "function", "function": {"name": "lookup"}}]), 400, "tools is not supported"),
+    ("unsupported option", lambda m: _door(m, **QUESTION, functions=[{"name": "lookup"}]),
+     400, "functions is not supported"),
+    ("unsupported schema feature", lambda m: _door(m, **QUESTION, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "array", "uniqueItems": True}}}), 400, "uniqueItems"),
     ("10 MB body", lambda m: _door(m, **_user("x" * TEN_MB)), 413, "more than this server's limit"),
     ("10 MB body, invalid JSON", b'{"messages": "' + b"x" * TEN_MB, 413,
      "more than this server's limit"),

@@ -248,8 +248,8 @@ def test_prompt_interface_answers_a_string(fetch_run_id):
     seed = ("<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom"
             "<|end|><|assistant|>")
     inner = model.unwrap_python_model()
-    assert list(inner._parse({"prompt": seed}, {})["ids"]) == list(inner.tokenizer.encode(seed))
-    plain = list(inner._parse({"prompt": "What is the capital of Spain?"}, {})["ids"])
+    assert list(inner.parse({"prompt": seed}).ids) == list(inner.tokenizer.encode(seed))
+    plain = list(inner.parse({"prompt": "What is the capital of Spain?"}).ids)
     wrapped = inner.tokenizer.apply_chat_template(json.dumps(
         [{"role": "user", "content": "What is the capital of Spain?"}]), add_generation_prompt=True)
     assert plain == list(inner.tokenizer.encode(wrapped))

@@ -12,9 +12,7 @@ from phi3flow.front_door import FIELD, FIELDS, ApiError, check_fields
 # For each field this server refuses: a value that asks for something.
 ASKS_SOMETHING = {
     "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"42": 5},
-    "response_format": {"type": "json_object"},
-    "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
-    "parallel_tool_calls": "sometimes", "functions": [{"name": "f"}], "function_call": "auto",
+    "functions": [{"name": "f"}], "function_call": "auto",
     "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"},
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
     "verbosity": "high", "web_search_options": {}, "store": True, "metadata": {"k": "v"},
