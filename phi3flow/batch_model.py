@@ -35,10 +35,10 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 MODEL_ARTIFACT = "model"
+ROLES = ("system", "user", "assistant")  # what the ONNX chat model takes
 RESULT_FIELDS = ("answer", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s",
                  "error")
 CORRUPT_RECORD = "_corrupt_record"
@@ -169,14 +169,20 @@ class BatchChatModel(PythonModel):
             # its model_config's do_sample=False instead (_load_once).
             request["temperature"] = self.temperature
         if self.pipeline is not None:
-            self._check_context(request["messages"])
+            self._check_transformers(request["messages"])
         return request
 
-    def _check_context(self, messages: Any) -> None:
-        """Refuse a prompt over the context window, which MLflow's transformers flavor does not
-        check (it answers past it: docs/serving.md); the ONNX model refuses it itself."""
+    def _check_transformers(self, messages: Any) -> None:
+        """Refuse an unknown role and a prompt over the context window, which MLflow's
+        transformers flavor answers anyway (docs/serving.md); the ONNX model refuses them
+        itself, in the same words."""
         if not isinstance(messages, list) or not messages:
             return  # the model's own error says what is wrong
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in ROLES:
+                raise RowError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
+                               f"{json.dumps(role)[:60]}.")
         tokenizer = self.pipeline.tokenizer
         context = int(self.pipeline.model.config.max_position_embeddings)
         try:
@@ -189,7 +195,7 @@ class BatchChatModel(PythonModel):
                            f"that is more than the context window of {context}: shorten the "
                            "conversation or lower max_new_tokens.")
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+    def predict(self, context, model_input, params=None):  # untyped: MLflow checks no type hints
         rows = model_input.to_dict(orient="records")
         results: list[dict[str, Any] | None] = [None] * len(rows)
         requests = []

@@ -217,7 +217,6 @@ def spark_session(cfg: BatchScoreConfig) -> Iterator[tuple[Any, int]]:
         logger.info("using this process's SparkSession (master %s)", master)
         yield spark, int(spark.conf.get("spark.task.cpus", "1"))
         return
-    _check_reachable(cfg.spark_master)
     local = _local_cores(cfg.spark_master)
     cores = cfg.cores_per_model or local
     if local is not None and cores > local:
@@ -267,6 +266,9 @@ def read_input(spark, cfg: BatchScoreConfig):
         raise StepError(f"input={cfg.input}: Spark cannot read it ({_first_line(exc)}). Pass a "
                         "path (or table) that exists and that every Spark node can read.") from None
     columns = list(df.columns)
+    if not columns:  # an empty file has no schema to infer
+        raise StepError(f"input={cfg.input} holds no rows: pass a file or table with at least "
+                        "one.")
     if columns == [CORRUPT_RECORD]:
         raise StepError(f"input={cfg.input}: no line is a JSON object. JSONL holds one object "
                         "per line, such as {\"messages\": [{\"role\": \"user\", \"content\": "
@@ -331,13 +333,14 @@ class Progress(threading.Thread):
 def score(cfg: BatchScoreConfig, run) -> BatchScored:
     """Everything batch_score does inside its run (see the module docstring)."""
     started = time.perf_counter()
+    require_spark()
+    _check_reachable(cfg.spark_master)
     model = resolve_model(cfg.model_uri)
     mlflow.set_tags({names.TAG_SCORED_MODEL_URI: model.uri,
                      names.TAG_SCORED_MODEL_VERSION: model.version or "none",
                      names.TAG_INPUT: cfg.input})
     logger.info("scoring %s%s", model.uri,
                 f" (model_uri={cfg.model_uri})" if model.uri != cfg.model_uri else "")
-    require_spark()
     with spark_session(cfg) as (spark, cores), \
             tempfile.TemporaryDirectory(prefix="phi3flow-batch-") as tmp:
         df = read_input(spark, cfg)
@@ -418,6 +421,7 @@ def _score(spark, cfg: BatchScoreConfig, df, rows: int, model_dir: Path, output:
                         f"requirements; see docs/batch-scoring.md.{leftover}") from None
     finally:
         progress.stopped.set()
+        progress.join()
         for key in ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel"):
             sc.setLocalProperty(key, None)  # setJobGroup's, so later jobs are not counted
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
