@@ -260,6 +260,7 @@ def standalone_cluster(folder: Path, cores: int = 2):
     ensure_java()
     env = spark_env()
     launcher = Path(env["SPARK_HOME"]) / "bin" / "spark-class"
+    folder.mkdir(parents=True, exist_ok=True)
     properties = folder / "spark.conf"
     properties.write_text("spark.master.rest.enabled false\n")
     port, ui = free_port(), free_port()
