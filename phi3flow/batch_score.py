@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
+from mlflow.pyfunc import MODEL_CONFIG
 
 from phi3flow import names, registry, tracking
 from phi3flow.config import ACTIVE_SESSION, BatchScoreConfig
@@ -140,7 +141,8 @@ def resolve_model(model_uri: str) -> ScoredModel:
                         f"{', '.join(info.flavors)}): pass a chat model.")
     inputs = info.signature.inputs if info.signature else None
     names_ = [str(n) for n in inputs.input_names()] if inputs else []
-    interface = (info.flavors["python_function"].get("model_config") or {}).get("interface")
+    # the model_config it was logged with: an ONNX model of ours says its interface there
+    interface = (info.flavors["python_function"].get(MODEL_CONFIG) or {}).get("interface")
     if (names_ and "messages" not in names_) or interface not in (None, "chat"):
         raise StepError(f"model_uri={model_uri} is not a chat model (it takes "
                         f"{interface or ', '.join(names_)}, not messages): pass a chat model, "
@@ -162,8 +164,9 @@ def require_spark() -> None:
     home = os.environ.get("JAVA_HOME")
     java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
     if not java or not Path(java).exists():
+        where = f"JAVA_HOME={home} has no bin/java" if home else "JAVA_HOME unset, none on PATH"
         raise StepError(f"batch_score needs Java {MIN_JAVA} or newer for Spark, and found no "
-                        f"java (JAVA_HOME unset, none on PATH): {INSTALL}.")
+                        f"java ({where}): {INSTALL}.")
     shown = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
     found = re.search(r'version "(\d+)(?:\.(\d+))?', shown)
     major = int(found.group(1)) if found else 0
