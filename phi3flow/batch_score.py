@@ -63,7 +63,7 @@ logging.getLogger("py4j").setLevel(logging.WARNING)  # a line per closed connect
 # The one pin of the optional dependency (pyproject.toml's extra `spark` and
 # requirements-test.txt say the same: tests/unit/test_batch_score.py checks).
 PYSPARK_PIN = "pyspark==4.3.0"
-MIN_JAVA = 17  # pyspark 4 runs on Java 17 or newer
+MIN_JAVA = 17  # pyspark 4 runs on Java 17 or newer (pyspark 3 on 8, 11 or 17)
 INSTALL = (f"pip install {PYSPARK_PIN} (or pip install -e '.[spark]') and Java {MIN_JAVA} "
            "(Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless)")
 BATCH_MODEL_CODE = Path(__file__).with_name("batch_model.py")
@@ -154,27 +154,48 @@ def resolve_model(model_uri: str) -> ScoredModel:
     return ScoredModel(pinned, str(version.version) if version else "", model_id)
 
 
-def require_spark() -> None:
-    """pyspark importable and Java new enough, or a StepError that says how to get them."""
+def require_spark(starts_jvm: bool = True) -> None:
+    """pyspark importable and, where this process is to start Spark's JVM, a Java it runs on;
+    else a StepError that says how to get them. (A session already running, such as a
+    Databricks or Azure ML one, brings its own JVM and pyspark version.)"""
     try:
         import pyspark  # noqa: F401
     except ImportError:
         raise StepError(f"batch_score needs pyspark, which requirements.txt leaves out: "
                         f"{INSTALL}.") from None
+    if starts_jvm:
+        _require_java()
+
+
+def _require_java() -> None:
+    import pyspark
+
+    needed = MIN_JAVA if int(pyspark.__version__.split(".")[0]) >= 4 else 8
     home = os.environ.get("JAVA_HOME")
     java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
     if not java or not Path(java).exists():
         where = f"JAVA_HOME={home} has no bin/java" if home else "JAVA_HOME unset, none on PATH"
-        raise StepError(f"batch_score needs Java {MIN_JAVA} or newer for Spark, and found no "
+        raise StepError(f"batch_score needs Java {needed} or newer for Spark, and found no "
                         f"java ({where}): {INSTALL}.")
     shown = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
     found = re.search(r'version "(\d+)(?:\.(\d+))?', shown)
     major = int(found.group(1)) if found else 0
     major = int(found.group(2)) if major == 1 and found.group(2) else major  # "1.8" is Java 8
-    if major < MIN_JAVA:
-        raise StepError(f"batch_score needs Java {MIN_JAVA} or newer for Spark; {java} is "
+    if major < needed:
+        raise StepError(f"batch_score needs Java {needed} or newer for Spark; {java} is "
                         f"{shown.splitlines()[0] if shown else 'unknown'}: {INSTALL}, and set "
                         "JAVA_HOME to it.")
+
+
+def _session_running(cfg: BatchScoreConfig) -> bool:
+    """Spark is up in this process already, or spark_master=active asks for the one that is."""
+    if cfg.spark_master == ACTIVE_SESSION:
+        return True
+    with contextlib.suppress(ImportError):
+        from pyspark.sql import SparkSession
+
+        return SparkSession.getActiveSession() is not None
+    return False
 
 
 def _local_cores(master: str) -> int | None:
@@ -336,7 +357,7 @@ class Progress(threading.Thread):
 def score(cfg: BatchScoreConfig, run) -> BatchScored:
     """Everything batch_score does inside its run (see the module docstring)."""
     started = time.perf_counter()
-    require_spark()
+    require_spark(starts_jvm=not _session_running(cfg))
     _check_reachable(cfg.spark_master)
     model = resolve_model(cfg.model_uri)
     mlflow.set_tags({names.TAG_SCORED_MODEL_URI: model.uri,
