@@ -202,7 +202,7 @@ def probe_batch_score(spec: dict) -> dict:
     import pandas as pd
     from pyspark.sql import SparkSession
 
-    from phi3flow.batch_score import _local_cores
+    from phi3flow.batch_score import local_cores
     from steps import batch_score
 
     folder = Path(tempfile.mkdtemp(prefix="phi3flow-bench-spark-"))
@@ -211,7 +211,7 @@ def probe_batch_score(spec: dict) -> dict:
     sampler.start()
     clock = time.perf_counter()
     spark = (SparkSession.builder.master("local[*]").appName("phi3flow batch_score benchmark")
-             .config("spark.task.cpus", str(_local_cores("local[*]")))
+             .config("spark.task.cpus", str(local_cores("local[*]")))
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.pyspark.python", sys.executable).getOrCreate())
     spark_start_s = time.perf_counter() - clock

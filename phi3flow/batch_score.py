@@ -198,7 +198,7 @@ def _session_running(cfg: BatchScoreConfig) -> bool:
     return False
 
 
-def _local_cores(master: str) -> int | None:
+def local_cores(master: str) -> int | None:
     """The cores of a local[...] master (local[*]: every core this process may use)."""
     match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master)
     if not match:
@@ -241,7 +241,7 @@ def spark_session(cfg: BatchScoreConfig) -> Iterator[tuple[Any, int]]:
         logger.info("using this process's SparkSession (master %s)", master)
         yield spark, int(spark.conf.get("spark.task.cpus", "1"))
         return
-    local = _local_cores(cfg.spark_master)
+    local = local_cores(cfg.spark_master)
     cores = cfg.cores_per_model or local
     if local is not None and cores > local:
         raise StepError(f"cores_per_model={cores} is more than {cfg.spark_master}'s {local} "

@@ -102,8 +102,8 @@ def test_an_existing_output_is_never_overwritten(tmp_path):
 @pytest.mark.parametrize(("master", "cores"), [
     ("local", 1), ("local[3]", 3), ("local[2,4]", 2), ("spark://h:7077", None), ("yarn", None)])
 def test_local_masters_cores(master, cores):
-    assert batch_score._local_cores(master) == cores
-    assert batch_score._local_cores("local[*]") == len(os.sched_getaffinity(0))
+    assert batch_score.local_cores(master) == cores
+    assert batch_score.local_cores("local[*]") == len(os.sched_getaffinity(0))
 
 
 def test_pyspark_is_pinned_once_as_an_extra_and_for_tests_but_not_for_the_quickstart():
