@@ -54,10 +54,14 @@ class Plan:
     requests_per_client: int = 2
     pipeline: bool = True
     llama_quants: tuple[str, ...] = ()  # llama.cpp peers (opt-in: --llama-cpp)
+    # batch_score against in-process predict (benchmarks/batch.py)
+    batch_lengths: tuple[int, ...] = (16, 256)
+    batch_prompts: int = 64
+    batch_size: int = 16  # batch_score's default
 
 
 SMOKE = Plan(prompt_lengths=(16, 256), new_tokens=8, repeats=1, clients=(1, 2),
-             requests_per_client=2)
+             requests_per_client=2, batch_prompts=8, batch_size=4)
 
 
 

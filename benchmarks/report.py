@@ -28,6 +28,8 @@ RUNTIMES = {  # result key -> label, in the order of the table (llama.cpp only w
 # The two tables of targets, by what they measure.
 TARGETS = "Targets: the pyfunc's overhead, serving, the pipeline"
 PEER_TARGETS = "Targets: the machine's limit and the peer runtimes"
+BATCH_TARGETS = "Targets: batch_score on Spark"
+BATCH = "batch_score on Spark against in-process predict"
 
 
 def measured(results: dict) -> dict[str, str]:
@@ -155,6 +157,53 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
+def batch_targets(results: dict) -> list[dict]:
+    """batch_score's aggregate tokens/s against in-process predict with the same batch size
+    (Spark's overhead stays small) and against one row at a time (batching pays), per length."""
+    rows: list[dict] = []
+    for length, row in results.get("batch_score", {}).get("lengths", {}).items():
+        _target(rows, f"batch_score / in-process predict (batches of {row['batch_size']}) "
+                f"aggregate tokens/s, {length}-token prompts",
+                row["batch_score_vs_in_process"], 0.9, True)
+        _target(rows, f"batch_score / one-at-a-time predict aggregate tokens/s, {length}-token "
+                "prompts", row["batch_score_vs_one_at_a_time"], 1.8, True)
+    return rows
+
+
+def batch_markdown(results: dict) -> list[str]:
+    batch = results.get("batch_score")
+    if not batch:
+        return []
+    machine = batch.get("machine", results["machine"])
+    lines = [f"## {BATCH}", "",
+             f"The ONNX pyfunc, {results['plan']['new_tokens']} new tokens per prompt, greedy, on "
+             f"{machine['cpu']} ({machine['cores']} cores, {machine['date']}). Each way in a "
+             "fresh process: `predict` one row at a time; `predict` on batches of the size "
+             "batch_score uses; `batch_score` on `local[*]` (its defaults: one model copy with "
+             "every core). Aggregate tokens/s = completion tokens / seconds from the model's "
+             "load to the last answer (batch_score: its Spark job, the worker's model load "
+             "included); warm = without the load (batch_score: the seconds inside predict "
+             "calls). benchmarks/batch.py.", "",
+             "| prompt | prompts | batch | one at a time | in-process batches | batch_score | "
+             "x in-process | x one at a time | warm: one / batches / batch_score |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for length, row in batch["lengths"].items():
+        one, inproc, spark = row["one_at_a_time"], row["in_process"], row["batch_score"]
+        lines.append(
+            f"| {length} | {row['prompts']} | {row['batch_size']} | {one['tokens_per_s']:.2f} | "
+            f"{inproc['tokens_per_s']:.2f} | {spark['tokens_per_s']:.2f} | "
+            f"{row['batch_score_vs_in_process']:.2f} | {row['batch_score_vs_one_at_a_time']:.2f} "
+            f"| {one['warm_tokens_per_s']:.2f} / {inproc['warm_tokens_per_s']:.2f} / "
+            f"{spark['warm_tokens_per_s']:.2f} |")
+    lines += ["", f"Memory: the Spark Python worker holding the model peaked at "
+              f"{batch['worker_peak_rss_mb']:.0f} MB ({batch['workers']} Python worker process(es) "
+              f"seen), the in-process predict process at {batch['in_process_peak_rss_mb']:.0f} "
+              f"MB; Spark's JVM (driver and executor in one, local mode) at "
+              f"{batch['jvm_peak_rss_mb']:.0f} MB. Spark started in "
+              f"{batch['spark_start_s']:.1f} s (not in the figures above).", ""]
+    return lines
+
+
 def markdown(results: dict, command: str) -> str:
     m = results["machine"]
     lines = [
@@ -241,7 +290,9 @@ def markdown(results: dict, command: str) -> str:
                          f"{row['tokens_per_s']:.2f} | {row['achieved_gbs']:.1f} | "
                          f"{row['of_probe']:.2f} | {met} |")
         lines.append("")
-    for title, key in ((TARGETS, "targets"), (PEER_TARGETS, "peer_targets")):
+    lines += batch_markdown(results)
+    for title, key in ((TARGETS, "targets"), (PEER_TARGETS, "peer_targets"),
+                       (BATCH_TARGETS, "batch_targets")):
         if not results.get(key):
             continue
         lines += [f"## {title}", "", "| target | measured | bound | met |", "|---|---:|---|---|"]
@@ -339,6 +390,7 @@ def report(results: dict, command: str, out: Path) -> dict:
     results["targets"] = targets(results)
     results["decode_limits"] = decode_limits(results)
     results["peer_targets"] = peer_targets(results)
+    results["batch_targets"] = batch_targets(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "performance.json").write_text(json.dumps(results, indent=1))
     (out / "performance.md").write_text(markdown(results, command))

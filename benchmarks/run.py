@@ -12,7 +12,10 @@ In one run, side by side on this machine:
 3. the pipeline: `main` on the fixture, cold and with every step reused;
 4. the machine's memory read bandwidth (all cores), against which each decode step's bytes
    (weights + KV cache) per second are compared;
-5. with --llama-cpp (opt-in, benchmarks/llamacpp.py): llama.cpp on the same checkpoint as GGUF
+5. batch_score (Spark, local[*]) against the ONNX pyfunc's predict in one process, batched the
+   same and one row at a time: 64 prompts of 16 and of 256 tokens; memory per worker
+   (benchmarks/batch.py; `--batch-score-only` measures just this and updates the report);
+6. with --llama-cpp (opt-in, benchmarks/llamacpp.py): llama.cpp on the same checkpoint as GGUF
    Q4_0 and Q4_K_M, timed in alternation with raw onnxruntime-genai and the ONNX pyfunc.
 
 It writes docs/performance.{md,json,png} (or --out), and prints the ratios the targets are about.
@@ -29,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import batch, llamacpp
 from benchmarks import build as build_mod
-from benchmarks import llamacpp
 from benchmarks.cost import kv_bytes_per_token, step_bytes, weight_bytes
 from benchmarks.measure import (
     QUIET,
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
                         f"(default: {','.join(llamacpp.QUANTS)})")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: rewrite the report from OUT/performance.json")
+    parser.add_argument("--batch-score-only", action="store_true",
+                        help="measure only batch_score against in-process predict, and put it "
+                        "into OUT/performance.json's report (which must exist)")
     args = parser.parse_args(argv)
     if args.report_only:
         results = json.loads((args.out / "performance.json").read_text())
@@ -128,6 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint, onnx = build_mod.build(args.cache, args.smoke)
     progress("the two MLflow models (saved once, then cached)")
     models = save_models(checkpoint, onnx, args.cache, plan)
+    if args.batch_score_only:
+        results = json.loads((args.out / "performance.json").read_text())
+        results["plan"] |= {k: v for k, v in plan.__dict__.items() if k.startswith("batch_")}
+        results["batch_score"] = batch.measure(models["onnx"], checkpoint, plan)
+        results["batch_score"]["machine"] = machine()  # this part's own run
+        return report(results, results["command"], args.out)
     ggufs = llamacpp.models(checkpoint, args.cache, plan.llama_quants) if plan.llama_quants else {}
     os.sync()  # a freshly saved model's pages would otherwise be written back while we measure
     prompts = chat_prompts(checkpoint, plan.prompt_lengths)
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers_pyfunc": probe("transformers pyfunc", "pyfunc", models["transformers"],
                                      prompts, plan, plan.transformers_repeats),
     }
+    results["batch_score"] = batch.measure(models["onnx"], checkpoint, plan)
     if plan.pipeline:
         progress("the pipeline: main on the fixture, cold and reused")
         results["pipeline"] = pipeline()

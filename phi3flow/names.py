@@ -32,6 +32,7 @@ LOG_ONNX_PYFUNC = "log_onnx_pyfunc"
 EVALUATE = "evaluate"
 REGISTER = "register"
 MAIN = "main"
+BATCH_SCORE = "batch_score"  # not part of main: it runs a registered model over a dataset
 
 # --- Artifacts of a fetch_model run. ----------------------------------------------------------
 MANIFEST = "manifest.json"  # every fetched file with size and sha256, plus the source ids
@@ -42,6 +43,8 @@ RESOLVED_CONFIG = "config.json"  # each step's resolved config, logged as an art
 # --- Artifacts of the other steps. ------------------------------------------------------------
 REGISTRATION = "registration.json"  # register: version, alias, why (registry.Registration)
 PRODUCED = "produced.json"  # main: every step's run ID and the model URIs (pipeline.Produced)
+SCORED_DIR = "scored"  # batch_score: the scored rows (Parquet), when no `output` is given
+BATCH_SCORE_RESULT = "batch_score.json"  # batch_score: what it scored (batch_score.BatchScored)
 
 # --- Logged model names (log_model(name=...)). ------------------------------------------------
 TRANSFORMERS_MODEL_NAME = "phi3-transformers"
@@ -110,5 +113,11 @@ TAG_HOST = TAG_PREFIX + "host"
 TAG_PID = TAG_PREFIX + "pid"
 TAG_PROCESS_START = TAG_PREFIX + "process_start"
 TAG_STALE = TAG_PREFIX + "stale"
+# batch_score's: the model it ran (an alias pinned to its version), that version, where the rows
+# came from and where the scored rows went.
+TAG_SCORED_MODEL_URI = TAG_PREFIX + "scored_model_uri"
+TAG_SCORED_MODEL_VERSION = TAG_PREFIX + "scored_model_version"
+TAG_INPUT = TAG_PREFIX + "input"
+TAG_OUTPUT = TAG_PREFIX + "output"
 # Set by `mlflow run` on a project run from git: the commit of the code that ran.
 MLFLOW_GIT_COMMIT_TAG = "mlflow.source.git.commit"

@@ -188,7 +188,7 @@ UI_PORT, SERVE_PORT = 5000, front_door.DEFAULT_PORT
 
 def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[str]) -> str:
     """main's closing lines: what it made, and the commands to look at it."""
-    store = shlex.quote(_absolute(mlflow.get_tracking_uri()))
+    store = shlex.quote(tracking.absolute_uri(mlflow.get_tracking_uri()))
     model = produced.serve_uri.removeprefix("models:/")
     request = json.dumps({"model": model, "messages": [
         {"role": "user", "content": "What is the capital of Spain?"}]})
@@ -205,11 +205,3 @@ def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[st
     lines.append(f"  curl -s localhost:{SERVE_PORT}/v1/chat/completions -H 'Content-Type: "
                  f"application/json' -d {shlex.quote(request)}")
     return "\n".join(lines)
-
-
-def _absolute(uri: str) -> str:
-    """sqlite:///relative.db as sqlite:////its/absolute/path.db; other URIs as they are."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri

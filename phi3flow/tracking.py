@@ -176,6 +176,15 @@ def log_artifacts(folder: Path, artifact_path: str) -> None:
         del os.environ[ARTIFACTS_TIMEOUT]
 
 
+def absolute_uri(uri: str) -> str:
+    """sqlite:///relative.db as sqlite:////its/absolute/path.db; other URIs as they are (for
+    commands printed to run from any folder)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def upstream_run(param: str, run_id: str, step: str) -> Run:
     """The finished run of `step` that `param` names, or a StepError saying what is wrong."""
     config_mod.require_run_id(param, run_id, step)

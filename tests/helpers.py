@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -206,3 +207,94 @@ def evaluate_args(log_runs: dict[str, str], *extra: str) -> list[str]:
     """evaluate's flags for the two log runs (the `log_runs` fixture), answers of 32 tokens."""
     return ["--transformers_run_id", log_runs["transformers_run_id"],
             "--onnx_run_id", log_runs["onnx_run_id"], "--max_new_tokens", "32", *extra]
+
+
+def batch_questions(count: int) -> list[dict]:
+    """`count` rows of data/eval.jsonl's questions in turn, each with an `id` (its position),
+    `messages` and `expected`: batch_score's input (without the training answers, whose column
+    name batch_score writes)."""
+    rows = eval_rows()
+    return [{"id": i, "messages": rows[i % len(rows)]["messages"],
+             "expected": rows[i % len(rows)]["expected"]} for i in range(count)]
+
+
+def write_jsonl(path: Path, rows: list[dict], extra_lines: tuple[str, ...] = ()) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows)
+                    + "".join(line + "\n" for line in extra_lines))
+    return path
+
+
+def ensure_java() -> None:
+    """Java 17 or newer for Spark: Debian's openjdk-17-jre-headless is installed with apt-get
+    where it is missing (as root), else the test fails saying how to install it."""
+    from phi3flow.batch_score import require_spark
+    from phi3flow.errors import StepError
+
+    try:
+        require_spark()
+        return
+    except StepError as missing:
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.fail(str(missing))
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "openjdk-17-jre-headless"], check=True,
+                   env=env, timeout=1200)
+    require_spark()
+
+
+def spark_env() -> dict[str, str]:
+    """What Spark's processes started by a test get: loopback only, this interpreter for the
+    executors' Python workers, pyspark's own Spark."""
+    import pyspark
+
+    return {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent),
+            "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+
+
+@contextmanager
+def standalone_cluster(folder: Path, cores: int = 2):
+    """A real Spark standalone cluster on 127.0.0.1, started with pyspark's own launcher
+    (bin/spark-class): one master and one worker with `cores` cores. Yields (master URL, the
+    worker's folder, where each executor's stderr is); both are stopped on exit."""
+    ensure_java()
+    env = spark_env()
+    launcher = Path(env["SPARK_HOME"]) / "bin" / "spark-class"
+    folder.mkdir(parents=True, exist_ok=True)
+    properties = folder / "spark.conf"
+    properties.write_text("spark.master.rest.enabled false\n")
+    port, ui = free_port(), free_port()
+    work = folder / "work"
+    work.mkdir()
+    started = []
+    try:
+        started.append(subprocess.Popen(
+            [str(launcher), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(port), "--webui-port", str(ui), "--properties-file", str(properties)],
+            env=env, stdout=open(folder / "master.log", "w"), stderr=subprocess.STDOUT))
+        url = f"spark://127.0.0.1:{port}"
+        started.append(subprocess.Popen(
+            [str(launcher), "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+             "--cores", str(cores), "--memory", "2g", "--work-dir", str(work),
+             "--webui-port", str(free_port()), "--properties-file", str(properties), url],
+            env=env, stdout=open(folder / "worker.log", "w"), stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while True:  # the master's status page counts the workers registered with it
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5) as page:
+                    if json.load(page).get("aliveworkers", 0) >= 1:
+                        break
+            except OSError:
+                pass
+            assert all(p.poll() is None for p in started), (folder / "master.log").read_text()
+            assert time.monotonic() < deadline, "the Spark cluster did not come up in 120 s"
+            time.sleep(1)
+        yield url, work
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -62,7 +62,19 @@ def test_smoke_benchmark_measures_every_runtime_and_writes_the_report(tmp_path):
     assert len(names) == 5 and not any("llama" in n for n in names), names
     blocking = results["runtimes"]["onnx_pyfunc"]["head_of_line"]
     assert blocking["short_returned_at_s"] > blocking["short_sent_at_s"] > 0
+    # batch_score against in-process predict: every length measured three ways, and its targets
+    batch = results["batch_score"]
+    assert set(batch["lengths"]) == {"16", "256"}
+    for row in batch["lengths"].values():
+        tokens = {row[way]["completion_tokens"] for way in ("one_at_a_time", "in_process",
+                                                            "batch_score")}
+        assert len(tokens) == 1 and tokens.pop() > 0, row  # greedy: the same answers' tokens
+        assert row["batch_score"]["score_s"] > row["batch_score"]["model_calls_s"] > 0
+    assert batch["worker_peak_rss_mb"] > 0 and batch["workers"] >= 1
+    assert batch["jvm_peak_rss_mb"] > 0 and batch["in_process_peak_rss_mb"] > 0
+    assert len(results["batch_targets"]) == 4
     report = (tmp_path / "out" / "performance.md").read_text()
+    assert f"## {bench_report.BATCH}" in report and f"## {bench_report.BATCH_TARGETS}" in report
     assert f"## {bench_report.TARGETS}" in report and "transformers pyfunc" in report
     assert "## Decode against the machine's limit" in report
     assert f"## {bench_report.PEER_TARGETS}" in report
@@ -72,7 +84,7 @@ def test_smoke_benchmark_measures_every_runtime_and_writes_the_report(tmp_path):
     progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
     for expected in ("ONNX pyfunc: prompt 256 tokens, run 1/1", "transformers pyfunc: prompt 16 "
                      "tokens, run 1/1", "served, 2 client(s)", "main, reused: running",
-                     "writing the report"):
+                     "batch scoring: batch_score, 256-token prompts", "writing the report"):
         assert any(expected in line for line in progress), (expected, progress)
     for bar in ("Downloading artifacts", "Loading weights", "it/s]"):
         assert bar not in done.stderr, (bar, done.stderr[-3000:])

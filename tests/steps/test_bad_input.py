@@ -20,6 +20,7 @@ import pytest
 from phi3flow import names, tracking
 from tests import bad_input_table
 from tests.helpers import (
+    EVAL_DATA,
     FIXTURE,
     FRONT_DOOR_NAMES,
     QUESTION,
@@ -38,6 +39,7 @@ DOOR_MATRIX = ("The front door (`python -m phi3flow.front_door`, both champions;
 
 F, T, ONNX = "{fetch}", "{transformers}", "{onnx}"  # run IDs filled in by the test
 FX = str(FIXTURE)
+EV = str(EVAL_DATA)
 MISSING_RUN = "f" * 32
 
 # (entry point, class of bad input, argv, a fragment the one-line message must contain)
@@ -128,6 +130,27 @@ STEP_CASES = [
                                   "--eval_data", "/nonexistent/eval.jsonl"], "does not exist"),
     ("main", "run ID it does not take", ["--model_id", FX, "--fetch_run_id", F],
      "unrecognized arguments: --fetch_run_id"),
+    ("batch_score", "missing", [], "input is required: pass -P input="),
+    ("batch_score", "wrong type", ["--input", EV, "--batch_size", "many"],
+     "argument --batch_size: invalid int value: 'many'"),
+    ("batch_score", "out of range", ["--input", EV, "--temperature", "-1"],
+     "temperature=-1.0 must be >= 0"),
+    ("batch_score", "out of range", ["--input", EV, "--spark_master", "localhost"],
+     "spark_master='localhost' is not a Spark master URL"),
+    ("batch_score", "nonexistent path", ["--input", "/nonexistent/rows.jsonl"],
+     "input='/nonexistent/rows.jsonl' does not exist"),
+    ("batch_score", "unknown format", ["--input", str(names.PROJECT_ROOT / "README.md")],
+     "cannot tell its format (README.md)"),
+    ("batch_score", "existing output", ["--input", EV, "--output", str(names.PROJECT_ROOT)],
+     "already exists"),
+    ("batch_score", "nonexistent model", ["--input", EV, "--model_uri",
+                                          "models:/no-such-model@champion"],
+     "no version of no-such-model holds @champion"),
+    ("batch_score", "nonexistent model", ["--input", EV, "--model_uri",
+                                          f"runs:/{MISSING_RUN}/model"], "does not resolve"),
+    ("batch_score", "unreachable master", ["--input", EV, "--spark_master",
+                                           "spark://127.0.0.1:9"],
+     "nothing answers at 127.0.0.1:9"),
 ]
 bad_input_table.EXPECTED[STEPS_MATRIX] = len(STEP_CASES)
 

@@ -43,6 +43,8 @@ def test_mlproject_command_parses_with_the_steps_parser(step):
     if "model_id" in entry.parameters:
         overrides["model_id"] = str(ROOT / "tests" / "fixtures" / "tiny-phi3")
         overrides["onnx_source"] = "build"
+    if "input" in entry.parameters:  # batch_score's required rows
+        overrides["input"] = str(ROOT / "data" / "eval-phi3.jsonl")
     command = entry.compute_command(overrides, storage_dir=None)
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", f"steps.{step}"]
