@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import build as build_mod
-from benchmarks.probe import CONCURRENT, HEAD_OF_LINE, progress
+from benchmarks.probe import CONCURRENT, GUIDED, HEAD_OF_LINE, progress
 from phi3flow.eval_contract import percentile
 from phi3flow.eval_worker import peak_rss_mb
 
@@ -136,6 +136,7 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
             proc.stdin.flush()
             _read_line(proc, _is_json)
         runs: dict[str, dict[str, list]] = {key: {n: [] for n in prompts} for key in runtimes}
+        guided: dict[str, list] = {n: [] for n in prompts}  # the pyfunc, answering in JSON
         for length in prompts:
             count = runs_for(length, plan.repeats)
             for index in range(count):
@@ -145,6 +146,12 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
                     proc.stdin.write(length + "\n")
                     proc.stdin.flush()
                     runs[key][length].append(json.loads(_read_line(proc, _is_json)))
+                    if key == "onnx_pyfunc":  # the same request under a JSON schema, next
+                        progress(f"{runtimes[key][0]}: prompt {length} tokens, JSON schema, run "
+                                 f"{index + 1}/{count}")
+                        proc.stdin.write(f"{GUIDED} {length}\n")
+                        proc.stdin.flush()
+                        guided[length].append(json.loads(_read_line(proc, _is_json)))
         together: dict[str, list[dict]] = {key: [] for key in procs if key in STREAMED_TOGETHER}
         for index in range(2 if together else 0):
             for key in together:
@@ -176,6 +183,8 @@ def paired_probes(runtimes: dict[str, tuple[str, str, Path]], prompts: dict, pla
                 log(runtimes[key][0], length, row)
         if blocking:
             results["onnx_pyfunc"]["head_of_line"] = blocking
+        if "onnx_pyfunc" in procs:
+            results["onnx_pyfunc"]["guided"] = {n: summary(r) for n, r in guided.items()}
         for key, runs_of_key in together.items():
             results[key]["concurrent"] = {
                 field: statistics.median(run[field] for run in runs_of_key)

@@ -12,6 +12,7 @@ each the median of `repeats` runs, except for prompts over LONG_PROMPT tokens, t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -26,6 +27,13 @@ from phi3flow.eval_worker import peak_rss_mb
 
 HEAD_OF_LINE = "head-of-line"  # the paired protocol's line that asks for head_of_line()
 CONCURRENT = "concurrent"  # the paired protocol's line that asks for concurrent()
+GUIDED = "guided"  # "guided LENGTH": one run of that prompt whose answer follows GUIDED_FORMAT
+# A JSON answer that cannot end within the plan's new tokens: the grammar is checked at every
+# step, as for any structured output, while the answer is as long as a free one.
+GUIDED_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "minLength": 1000,
+                                                "maxLength": 4000}},
+    "required": ["answer"], "additionalProperties": False}}}
 FRONT_DOOR_NAME = "bench"  # the model's name behind the front door
 LONG_PROMPT = 256  # tokens; longer prompts are timed once, not `repeats` times
 # Set by benchmarks.run when it starts (seconds since the epoch), inherited by every probe: the
@@ -100,8 +108,9 @@ def pyfunc_runtime(model_uri: str):
 
     model = mlflow.pyfunc.load_model(model_uri)
     if spec.get("stream"):
-        def stream(messages: list[dict], new_tokens: int) -> Iterator[Any]:
-            for chunk in model.predict_stream({"messages": messages, "max_tokens": new_tokens}):
+        def stream(messages: list[dict], new_tokens: int, **shape: Any) -> Iterator[Any]:
+            for chunk in model.predict_stream({"messages": messages, "max_tokens": new_tokens,
+                                               **shape}):
                 if chunk["choices"][0]["delta"].get("content"):  # the last chunk may be empty
                     yield chunk
 
@@ -274,6 +283,11 @@ if __name__ == "__main__":
             if line.startswith(HEAD_OF_LINE):  # "head-of-line DELAY_S"
                 print(json.dumps(head_of_line(generate, spec["prompts"], float(line.split()[1]))),
                       flush=True)
+                continue
+            if line.startswith(GUIDED):  # "guided LENGTH"
+                guided = functools.partial(generate, response_format=GUIDED_FORMAT)
+                print(json.dumps(once(guided, spec["prompts"][line.split()[1]],
+                                      spec["new_tokens"], stream)), flush=True)
                 continue
             if line.startswith(CONCURRENT):  # "concurrent CLIENTS"
                 print(json.dumps(concurrent(generate, spec["prompts"][min(spec["prompts"], key=int)],

@@ -142,6 +142,13 @@ def targets(results: dict) -> list[dict]:
             target(f"front door / in-process, {together[0]['clients']} concurrent streams: "
                    "aggregate tokens/s", together[0]["tokens_per_s"] / together[1]["tokens_per_s"],
                    0.95, True)
+    guided = runtimes["onnx_pyfunc"].get("guided")
+    if guided:
+        values = {n: guided_ratio(runtimes["onnx_pyfunc"], n, "decode_tokens_per_s")
+                  for n in lengths if int(n) <= 256}
+        length = min(values, key=values.get)
+        target(f"JSON-schema (grammar-constrained) / free decode tokens/s, ONNX pyfunc, paired "
+               f"runs (worst: {length}-token prompt)", values[length], 0.9, True)
     concurrency = runtimes["served"]["concurrency"]
     if "4" in concurrency:
         target("served: 4 clients / 1 client aggregate tokens/s",
@@ -253,6 +260,7 @@ def markdown(results: dict, command: str) -> str:
             lines.append(f"{head}| {length} | {row['ttft_s']:.3f} | "
                          f"{row['decode_tokens_per_s']:.2f} |")
     lines += front_door_section(results)
+    lines += guided_section(results)
     served = results["runtimes"]["served"]
     lines += ["", "## Served, concurrent clients (short prompt, "
               f"{results['plan']['requests_per_client']} requests per client)", "",
@@ -302,6 +310,33 @@ def markdown(results: dict, command: str) -> str:
             lines.append(f"| {row['target']} | {row['measured']:.2f} | {row['bound']} | {met} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def guided_ratio(runtime: dict, length: str, field: str) -> float:
+    """Median over pairs of runs (one free, then the same under a JSON schema) of guided/free."""
+    pairs = zip(runtime["guided"][length]["runs"], runtime["prompts"][length]["runs"])
+    return statistics.median(g[field] / f[field] for g, f in pairs)
+
+
+def guided_section(results: dict) -> list[str]:
+    """The ONNX pyfunc answering under a JSON schema against answering freely."""
+    runtime = results["runtimes"]["onnx_pyfunc"]
+    if "guided" not in runtime:
+        return []
+    lines = ["", "## Grammar-constrained decoding", "",
+             "The ONNX pyfunc answering the same prompt freely and under a JSON schema "
+             "(`response_format` json_schema: one string property of at least 1,000 characters, "
+             "so the answer is as long as a free one), run after run in one process; the grammar "
+             "(llguidance) masks every decode step's logits. Ratios are medians over the pairs.",
+             "", "| prompt | TTFT free (s) | TTFT JSON (s) | x | decode free (tokens/s) | decode "
+             "JSON (tokens/s) | x |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for length, row in runtime["guided"].items():
+        free = runtime["prompts"][length]
+        lines.append(f"| {length} | {free['ttft_s']:.3f} | {row['ttft_s']:.3f} | "
+                     f"{guided_ratio(runtime, length, 'ttft_s'):.3f} | "
+                     f"{free['decode_tokens_per_s']:.2f} | {row['decode_tokens_per_s']:.2f} | "
+                     f"{guided_ratio(runtime, length, 'decode_tokens_per_s'):.3f} |")
+    return lines
 
 
 def front_door_section(results: dict) -> list[str]:

@@ -37,12 +37,16 @@ def test_smoke_benchmark_measures_every_runtime_and_writes_the_report(tmp_path):
     assert all(row["requests"] == 2 * int(n) for n, row in served["concurrency"].items())
     assert results["pipeline"]["main_cold_s"] > results["pipeline"]["main_reused_s"] > 0
     # Every target is reported (met or not: smoke mode measures nothing real).
-    assert len(results["targets"]) == 10
+    assert len(results["targets"]) == 11
     # The front door, streamed over HTTP beside the in-process pyfunc, alone and 4 at once.
     for name in ("onnx_pyfunc", "front_door"):
         together = results["runtimes"][name]["concurrent"]
         assert together["clients"] == 4 and together["tokens_per_s"] > 0, name
     assert "## Through the front door" in (tmp_path / "out" / "performance.md").read_text()
+    # The same prompts answered under a JSON schema, beside the free runs.
+    guided = results["runtimes"]["onnx_pyfunc"]["guided"]
+    assert set(guided) == {"16", "256"} and all(r["new_tokens"] >= 1 for r in guided.values())
+    assert "## Grammar-constrained decoding" in (tmp_path / "out" / "performance.md").read_text()
     # Decode against the machine's limit: weights plus the KV cache each step reads, per length.
     assert results["kv_bytes_per_token"] > 0
     limits = results["decode_limits"]
