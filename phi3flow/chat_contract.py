@@ -802,13 +802,21 @@ def deltas(tokens: Iterator[tuple[int, dict | None]], decode: Callable[[int], st
     yield Delta(text[sent:], "stop" if ended else "length", count, released(len(text) + 1))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int,
+          cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens`, where the runtime keeps KV caches: the prompt tokens
+    it did not compute again (prompt_tokens_details, as OpenAI reports its prompt cache)."""
+    counts: dict[str, Any] = {"prompt_tokens": prompt_tokens,
+                              "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return counts
 
 
 def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
-               logprobs: list[dict] | None, calls: bool = False) -> dict[str, Any]:
+               logprobs: list[dict] | None, calls: bool = False,
+               cached_tokens: int | None = None) -> dict[str, Any]:
     """A chat.completion as OpenAI's schema has it (refusal and logprobs are required keys,
     null when there are none). `calls`: the request let the answer call tools."""
     shape = AnswerShape(calls)
@@ -824,12 +832,13 @@ def completion(model: str, text: str, finish: str, prompt_tokens: int, completio
             "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             "finish_reason": shape.finish_reason(finish),
         }],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
 def chunks(model: str, pieces: Iterator[Delta], prompt_tokens: int, logprobs: bool,
-           calls: bool = False) -> Iterator[dict[str, Any]]:
+           calls: bool = False,
+           cached_tokens: Callable[[], int] | None = None) -> Iterator[dict[str, Any]]:
     """chat.completion.chunk dicts for an answer's deltas; the last carries the finish reason
     and the request's usage (the front door moves it to a chunk of its own when asked)."""
     completion_id, created, first = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), True
@@ -852,7 +861,8 @@ def chunks(model: str, pieces: Iterator[Delta], prompt_tokens: int, logprobs: bo
         chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                  "model": model, "choices": [choice]}
         if piece.finish is not None:
-            chunk["usage"] = usage(prompt_tokens, piece.count)
+            chunk["usage"] = usage(prompt_tokens, piece.count,
+                                   cached_tokens and cached_tokens())
         yield chunk
 
 

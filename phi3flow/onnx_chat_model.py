@@ -93,6 +93,13 @@ ALONE_CHUNK_ENV = "PHI3FLOW_ONNX_PREFILL_CHUNK"  # overrides ALONE_PREFILL_CHUNK
 THREADS_ENV = "PHI3FLOW_ONNX_THREADS"
 MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
+PREFIX_CACHE_ENV = "PHI3FLOW_ONNX_PREFIX_CACHE_MB"  # the prefix cache's budget; 0 turns it off
+MAX_PREFIX_CACHE_MB = 4096  # the default budget: a quarter of the machine's memory, at most this
+# Tokens a request's KV cache holds beyond its prompt and max_tokens, so that the conversation's
+# next turn (a user message and the answer's room) fits in the same generator: about 3 turns of
+# ~50 words, at 0.2 GB per request for the full-size model's fp32 cache.
+PREFIX_HEADROOM = 256
+MIN_PREFIX = 16  # the shortest shared prefix worth reusing (a template header alone is 2-4)
 TEMPLATE_TAGS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # Phi-3's chat format
 CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS, *contract.SHAPE_FIELDS)
 PROMPT_FIELDS = ("prompt", *OPTIONS)
@@ -167,6 +174,8 @@ class OnnxChatModel(PythonModel):
         self.grammar_tokenizer = contract.grammar_tokenizer(
             tokenizer_json, int(genai_config["model"]["vocab_size"]), sorted(self.eos))
         self._inbox: queue.SimpleQueue[list[_Job]] = queue.SimpleQueue()
+        self.prefix_cache = _PrefixCache(_prefix_cache_bytes(), self._kv_bytes_per_token(
+            genai_config))
         self._lock = threading.Lock()
         self._scheduler: threading.Thread | None = None
 
@@ -231,6 +240,22 @@ class OnnxChatModel(PythonModel):
                 "tokenized): shorten the conversation."
             )
 
+    def _kv_bytes_per_token(self, genai_config: dict[str, Any]) -> int:
+        """Bytes of KV cache a token takes in this build (keys and values of every layer, in the
+        cache's dtype: read off a one-token generator's output, as the graph has it)."""
+        decoder = genai_config["model"]["decoder"]
+        elements = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder[
+            "head_size"]
+        try:
+            params = self.og.GeneratorParams(self.model)
+            params.set_search_options(max_length=2)
+            generator = self.og.Generator(self.model, params)
+            generator.append_tokens([self.pad_token_id])
+            itemsize = generator.get_output("present.0.key").dtype.itemsize
+        except Exception:  # noqa: BLE001 - a graph with other output names: assume fp32, the most
+            itemsize = 4
+        return elements * itemsize
+
     def _search_options(self, options: dict[str, Any], max_length: int, batch_size: int):
         params = self.og.GeneratorParams(self.model)
         search = {"max_length": max_length, "batch_size": batch_size}
@@ -277,7 +302,10 @@ class OnnxChatModel(PythonModel):
                 time.sleep(min(step_seconds / 4, MAX_BATCH_WAIT_S))
                 arrived += _drain(self._inbox, block=False)
             waiting = [job for jobs in arrived for job in jobs]
-            for group in _batches(waiting):
+            # A request that continues a kept sequence runs alone, on that sequence's generator.
+            continuing = [job for job in waiting if self.prefix_cache.fits(job)]
+            waiting = [job for job in waiting if job not in continuing]
+            for group in [[job] for job in continuing] + _batches(waiting):
                 try:
                     active.append(self._start(group))
                 except Exception as exc:  # noqa: BLE001 (handed to the waiting callers)
@@ -300,15 +328,24 @@ class OnnxChatModel(PythonModel):
     def _start(self, jobs: list[_Job]) -> _Batch:
         options = jobs[0].options
         longest = max(len(job.ids) for job in jobs)
-        params = self._search_options(options, longest + options["max_tokens"], len(jobs))
+        if len(jobs) == 1:
+            (job,) = jobs
+            kept = self.prefix_cache.take(job)
+            if kept is not None:  # rewound to the shared prefix: only the rest is fed
+                generator, job.cached_tokens, max_length = kept
+                return _Batch(jobs, generator, list(job.ids[job.cached_tokens:]), max_length)
+        # A lone request that may be kept gets room for its conversation's next turn.
+        room = PREFIX_HEADROOM if len(jobs) == 1 and self.prefix_cache.keeps(jobs[0]) else 0
+        max_length = min(self.context_length, longest + options["max_tokens"] + room)
+        params = self._search_options(options, max_length, len(jobs))
         generator = self.og.Generator(self.model, params)
         if len(jobs) == 1:  # fed in chunks, one per scheduler turn: other batches go on meanwhile
-            return _Batch(jobs, generator, list(jobs[0].ids))
+            return _Batch(jobs, generator, list(jobs[0].ids), max_length)
         # onnxruntime-genai takes a batch's prompts in one call (right-padded)
         padded = np.full((len(jobs), longest), self.pad_token_id, dtype=np.int32)
         for row, job in enumerate(jobs):
             padded[row, : len(job.ids)] = job.ids
-        return _Batch(jobs, generator, padded)
+        return _Batch(jobs, generator, padded, max_length)
 
     def _step(self, batch: _Batch, alone: bool) -> bool:
         """One Generator call for the batch; True when the batch is done.
@@ -348,10 +385,14 @@ class OnnxChatModel(PythonModel):
                     contract.logprob_entry(logits[row], token, job.options["top_logprobs"],
                                            self.pieces))
                 job.put((token, entry))
-                job.done = token in self.eos
+                job.generated += 1
+                # an eos, or max_tokens (the generator itself may have room beyond it)
+                job.done = token in self.eos or job.generated >= job.options["max_tokens"]
         if batch.generator.is_done() or all(job.done or job.cancelled for job in batch.jobs):
             for job in batch.jobs:
                 job.put(None)  # end of tokens (after an eos, or at max_tokens)
+            if len(batch.jobs) == 1:
+                self.prefix_cache.keep(batch.jobs[0], batch.generator, batch.max_length)
             return True
         return False
 
@@ -369,14 +410,16 @@ class OnnxChatModel(PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         requests = [self.parse(row, params) for row in _rows(model_input)]
-        results = [contract.collected(self._answer(job)) for job in self._submit(requests)]
+        jobs = self._submit(requests)
+        results = [contract.collected(self._answer(job)) for job in jobs]
         if self.interface == "prompt":
             texts = [text.strip() for text, *_ in results]
             return texts[0] if isinstance(model_input, dict) else texts
         return [
             contract.completion(self.model_name, text, finish, len(request.ids), count,
-                                entries if request.options["logprobs"] else None, request.calls)
-            for request, (text, finish, count, entries) in zip(requests, results)
+                                entries if request.options["logprobs"] else None, request.calls,
+                                job.cached_tokens)
+            for request, job, (text, finish, count, entries) in zip(requests, jobs, results)
         ]
 
     def predict_stream(self, context, model_input, params: dict[str, Any] | None = None):
@@ -389,7 +432,8 @@ class OnnxChatModel(PythonModel):
             yield from (piece.text for piece in self._answer(job) if piece.text)
             return
         yield from contract.chunks(self.model_name, self._answer(job), len(request.ids),
-                                   request.options["logprobs"], request.calls)
+                                   request.options["logprobs"], request.calls,
+                                   lambda: job.cached_tokens)
 
 
 def _threads(genai_config: dict[str, Any]) -> int | None:
@@ -429,6 +473,8 @@ class _Job:
     def __init__(self, ids: list[int], options: dict[str, Any], guide: Any = None):
         self.ids, self.options = ids, options
         self.guide = guide  # the grammar the answer follows (contract.Guide), or None
+        self.generated = 0  # tokens generated so far
+        self.cached_tokens = 0  # prompt tokens whose KV cache a kept generator held
         self.done = False  # the scheduler saw its eos
         self.cancelled = False  # the caller stopped reading
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -444,10 +490,118 @@ class _Job:
 
 
 class _Batch:
-    def __init__(self, jobs: list[_Job], generator: Any, prompt: list[int] | np.ndarray):
+    def __init__(self, jobs: list[_Job], generator: Any, prompt: list[int] | np.ndarray,
+                 max_length: int):
         # prompt: what is still to be fed (a row's token ids, or a padded batch); None once fed.
-        self.jobs, self.generator = jobs, generator
+        self.jobs, self.generator, self.max_length = jobs, generator, max_length
         self.prompt: list[int] | np.ndarray | None = prompt
+
+
+class _Kept:
+    """A finished request's generator, kept with the tokens its KV cache holds."""
+
+    def __init__(self, key: str, generator: Any, sequence: np.ndarray, max_length: int,
+                 nbytes: int):
+        self.key, self.generator, self.sequence = key, generator, sequence
+        self.max_length, self.nbytes = max_length, nbytes
+
+
+class _PrefixCache:
+    """Finished generators kept for requests whose prompt begins as their sequence did.
+
+    A chat client sends the whole conversation each turn; a request whose token ids share a
+    prefix of at least MIN_PREFIX tokens with a kept generator's sequence takes that generator,
+    rewinds it to the shared prefix (`rewind_to` cuts its KV cache there) and is fed only the
+    rest, so a follow-up turn's first token costs its new tokens, not the whole history. What a
+    generator fixes at creation is part of the key (search options) or checked (its max_length
+    must hold the new prompt and max_tokens). A seeded request is neither kept nor served from
+    the cache: its random stream must start afresh. Kept generators hold their KV cache, so the
+    cache is bounded by a budget in bytes (each generator's max_length times the KV bytes a
+    token takes), the least recently used evicted first. Only the scheduler thread uses it.
+    """
+
+    def __init__(self, budget_bytes: int, kv_bytes_per_token: int):
+        self.budget, self.per_token = budget_bytes, kv_bytes_per_token
+        self.kept: list[_Kept] = []  # least recently used first
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in self.kept)
+
+    def keeps(self, job: _Job) -> bool:
+        """Whether this request's generator may be kept (and served from the cache)."""
+        return self.budget > 0 and job.options["seed"] is None
+
+    def _best(self, job: _Job) -> tuple[_Kept, int] | None:
+        if not self.keeps(job):
+            return None
+        ids, key, best = np.asarray(job.ids, dtype=np.int64), _key(job.options), None
+        for kept in self.kept:
+            if kept.key != key or kept.max_length < len(ids) + job.options["max_tokens"]:
+                continue
+            n = min(len(ids), len(kept.sequence))
+            differs = np.flatnonzero(ids[:n] != kept.sequence[:n])
+            shared = int(differs[0]) if differs.size else n
+            if shared >= MIN_PREFIX and (best is None or shared > best[1]):
+                best = (kept, shared)
+        return best
+
+    def fits(self, job: _Job) -> bool:
+        """Whether a kept generator would serve this request."""
+        return self._best(job) is not None
+
+    def take(self, job: _Job) -> tuple[Any, int, int] | None:
+        """(a kept generator rewound for `job`, the prompt tokens it holds, its max_length), or
+        None (a miss)."""
+        found = self._best(job)
+        if found is None:
+            self.misses += self.keeps(job)
+            return None
+        kept, shared = found
+        self.kept.remove(kept)
+        self.hits += 1
+        # At least one prompt token is fed again: its step gives the first answer token's
+        # logits. And the sequence's last token was chosen but never fed (no KV of its own).
+        reuse = min(shared, len(job.ids) - 1, len(kept.sequence) - 1)
+        kept.generator.rewind_to(reuse)
+        return kept.generator, reuse, kept.max_length
+
+    def keep(self, job: _Job, generator: Any, max_length: int) -> None:
+        """Keep a finished request's generator, evicting the least recently used to stay within
+        the budget (a generator larger than the whole budget is not kept)."""
+        nbytes = max_length * self.per_token
+        if not self.keeps(job) or nbytes > self.budget:
+            return
+        sequence = np.asarray(generator.get_sequence(0), dtype=np.int64)
+        while self.kept and self.nbytes + nbytes > self.budget:
+            self.kept.pop(0)  # its generator, and its KV cache, go with it
+        self.kept.append(_Kept(_key(job.options), generator, sequence, max_length, nbytes))
+
+
+def _key(options: dict[str, Any]) -> str:
+    """What a generator fixes at creation besides its max_length: the search options."""
+    sampled = options["temperature"] > 0
+    return json.dumps({"temperature": options["temperature"],
+                       **({"top_p": options["top_p"], "top_k": options["top_k"]} if sampled
+                          else {})})
+
+
+def _prefix_cache_bytes() -> int:
+    """The prefix cache's budget: PHI3FLOW_ONNX_PREFIX_CACHE_MB (0 turns it off), else a
+    quarter of the machine's memory, at most MAX_PREFIX_CACHE_MB."""
+    value = os.environ.get(PREFIX_CACHE_ENV, "")
+    if value:
+        if not value.isdigit():
+            raise MlflowException(f"{PREFIX_CACHE_ENV}={value!r} must be a whole number of MB "
+                                  ">= 0 (0 turns the prefix cache off); unset it for the "
+                                  "default.")
+        return int(value) * 2**20
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 16 * 2**30
+    return min(MAX_PREFIX_CACHE_MB * 2**20, memory // 4)
 
 
 def _drain(inbox: queue.SimpleQueue, block: bool) -> list[Any]:

@@ -30,6 +30,13 @@ def transformers_model(transformers_model_uri):
     return mlflow.pyfunc.load_model(transformers_model_uri)
 
 
+@pytest.fixture
+def no_prefix_cache(onnx_model, monkeypatch):
+    """The model with its prefix cache off for one test, whose repeated prompts would otherwise
+    be served from it (tests/steps/test_prefix_cache.py tests the cache)."""
+    monkeypatch.setattr(onnx_model.unwrap_python_model().prefix_cache, "budget", 0)
+
+
 def content(response: dict) -> str:
     return response["choices"][0]["message"]["content"]
 
@@ -94,7 +101,7 @@ def test_every_row_of_a_batch_is_answered_as_if_alone(onnx_model):
 
 
 @pytest.fixture
-def prefill_calls(onnx_model, monkeypatch) -> list[list[int]]:
+def prefill_calls(onnx_model, monkeypatch, no_prefix_cache) -> list[list[int]]:
     """The size of every prompt chunk each new Generator is fed (a wrapper around the real one)."""
     import onnxruntime_genai as og
 
@@ -184,7 +191,8 @@ def test_stream_concatenates_to_the_answer_with_finish_reasons(onnx_model):
 
 
 def test_kv_cache_is_sized_to_each_request(onnx_model, monkeypatch):
-    """onnxruntime-genai allocates max_length up front: it must be prompt + max_tokens."""
+    """onnxruntime-genai allocates max_length up front: prompt + max_tokens, and for a request
+    the prefix cache may keep, room for its conversation's next turn."""
     sizes = []
     cls = loaded_module(onnx_model).OnnxChatModel
     real = cls._search_options
@@ -195,8 +203,14 @@ def test_kv_cache_is_sized_to_each_request(onnx_model, monkeypatch):
         return params
 
     monkeypatch.setattr(cls, "_search_options", recording)
+    cache = onnx_model.unwrap_python_model().prefix_cache
+    monkeypatch.setattr(cache, "kept", [])  # a fresh generator, not a kept one
     response = ask(onnx_model, ROWS[0], max_tokens=5)
-    assert sizes == [response["usage"]["prompt_tokens"] + 5]
+    headroom = loaded_module(onnx_model).PREFIX_HEADROOM
+    assert sizes == [response["usage"]["prompt_tokens"] + 5 + headroom]
+    monkeypatch.setattr(cache, "budget", 0)  # nothing kept: exactly what the request needs
+    response = ask(onnx_model, ROWS[0], max_tokens=5)
+    assert sizes[1:] == [response["usage"]["prompt_tokens"] + 5]
 
 
 @pytest.mark.parametrize(
