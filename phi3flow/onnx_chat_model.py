@@ -95,10 +95,16 @@ MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
 PREFIX_CACHE_ENV = "PHI3FLOW_ONNX_PREFIX_CACHE_MB"  # the prefix cache's budget; 0 turns it off
 MAX_PREFIX_CACHE_MB = 4096  # the default budget: a quarter of the machine's memory, at most this
-# Tokens a request's KV cache holds beyond its prompt and max_tokens, so that the conversation's
-# next turn (a user message and the answer's room) fits in the same generator: about 3 turns of
-# ~50 words, at 0.2 GB per request for the full-size model's fp32 cache.
-PREFIX_HEADROOM = 256
+# Room a kept request's KV cache holds beyond its prompt and max_tokens, for its conversation's
+# next turns: half the prompt, within these bounds. Growing with the conversation, a turn that no
+# longer fits starts a generator with room for as many tokens again (as a list doubles), so a long
+# conversation re-reads its history a handful of times, not every few turns; and a short request
+# does not take (and fault in) memory for a long one: each fresh megabyte costs a page fault.
+MIN_PREFIX_HEADROOM = 64  # tokens: a 16-token prompt's room costs 50 MB of fp32 cache, ~1% TTFT
+MAX_PREFIX_HEADROOM = 1024  # tokens: 0.8 GB of the full-size model's fp32 cache
+# The first token of a stream is handed to its reader before the next Generator call: those calls
+# hold the GIL for a whole step (~0.1 s at full size), which would make the reader wait for it.
+FIRST_TOKEN_HANDOVER_S = 0.005
 MIN_PREFIX = 16  # the shortest shared prefix worth reusing (a template header alone is 2-4)
 TEMPLATE_TAGS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # Phi-3's chat format
 CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS, *contract.SHAPE_FIELDS)
@@ -271,10 +277,12 @@ class OnnxChatModel(PythonModel):
 
     # --- generation: one scheduler thread batches whatever requests are in flight ------------
 
-    def _submit(self, requests: list[contract.Chat]) -> list[_Job]:
+    def _submit(self, requests: list[contract.Chat], streamed: bool = False) -> list[_Job]:
         jobs = [_Job(r.ids, r.options, r.grammar and contract.Guide(self.grammar_tokenizer,
                                                                      r.grammar))
                 for r in requests]
+        for job in jobs:
+            job.streamed = streamed
         with self._lock:  # start the scheduler on first use (and again after a fork)
             if self._scheduler is None or not self._scheduler.is_alive():
                 self._scheduler = threading.Thread(target=self._schedule, daemon=True,
@@ -293,14 +301,18 @@ class OnnxChatModel(PythonModel):
         """
         active: list[_Batch] = []
         step_seconds = 0.0  # the last decode step's duration
+        together = 0  # the most requests in flight at once since the scheduler was last idle
         while True:
             arrived = _drain(self._inbox, block=not active)
-            if not active and step_seconds:
-                # Idle until now: clients whose answers ended together send their next requests
-                # a few milliseconds apart. Wait a fraction of one step for them, so they share
-                # a batch instead of each starting its own (which would share no steps).
-                time.sleep(min(step_seconds / 4, MAX_BATCH_WAIT_S))
-                arrived += _drain(self._inbox, block=False)
+            if not active:
+                if step_seconds and together > 1:
+                    # Idle after concurrent requests: clients whose answers ended together send
+                    # their next requests a few milliseconds apart. Wait a fraction of one step
+                    # for them, so they share a batch instead of each starting its own (which
+                    # would share no steps). A lone client's next request does not wait.
+                    time.sleep(min(step_seconds / 4, MAX_BATCH_WAIT_S))
+                    arrived += _drain(self._inbox, block=False)
+                together = 0
             waiting = [job for jobs in arrived for job in jobs]
             # A request that continues a kept sequence runs alone, on that sequence's generator.
             continuing = [job for job in waiting if self.prefix_cache.fits(job)]
@@ -311,6 +323,7 @@ class OnnxChatModel(PythonModel):
                 except Exception as exc:  # noqa: BLE001 (handed to the waiting callers)
                     for job in group:
                         job.put(exc)
+            together = max(together, sum(len(batch.jobs) for batch in active))
             for batch in list(active):
                 alone = len(active) == 1 and self._inbox.empty()
                 try:
@@ -334,9 +347,12 @@ class OnnxChatModel(PythonModel):
             if kept is not None:  # rewound to the shared prefix: only the rest is fed
                 generator, job.cached_tokens, max_length = kept
                 return _Batch(jobs, generator, list(job.ids[job.cached_tokens:]), max_length)
-        # A lone request that may be kept gets room for its conversation's next turn.
-        room = PREFIX_HEADROOM if len(jobs) == 1 and self.prefix_cache.keeps(jobs[0]) else 0
+        # A lone request that may be kept gets room for its conversation's next turns.
+        keeps = len(jobs) == 1 and self.prefix_cache.keeps(jobs[0])
+        room = prefix_room(longest) if keeps else 0
         max_length = min(self.context_length, longest + options["max_tokens"] + room)
+        if keeps:  # evict first: the memory of what goes is reused, not faulted in afresh
+            self.prefix_cache.make_room(max_length)
         params = self._search_options(options, max_length, len(jobs))
         generator = self.og.Generator(self.model, params)
         if len(jobs) == 1:  # fed in chunks, one per scheduler turn: other batches go on meanwhile
@@ -388,6 +404,7 @@ class OnnxChatModel(PythonModel):
                 job.generated += 1
                 # an eos, or max_tokens (the generator itself may have room beyond it)
                 job.done = token in self.eos or job.generated >= job.options["max_tokens"]
+        _hand_over([job for job in batch.jobs if job.streamed and job.generated == 1])
         if batch.generator.is_done() or all(job.done or job.cancelled for job in batch.jobs):
             for job in batch.jobs:
                 job.put(None)  # end of tokens (after an eos, or at max_tokens)
@@ -427,7 +444,7 @@ class OnnxChatModel(PythonModel):
         if len(rows) != 1:
             raise BadRequest(f"predict_stream takes one request, got {len(rows)} rows.")
         request = self.parse(rows[0], params)
-        (job,) = self._submit([request])
+        (job,) = self._submit([request], streamed=True)
         if self.interface == "prompt":
             yield from (piece.text for piece in self._answer(job) if piece.text)
             return
@@ -475,6 +492,8 @@ class _Job:
         self.guide = guide  # the grammar the answer follows (contract.Guide), or None
         self.generated = 0  # tokens generated so far
         self.cached_tokens = 0  # prompt tokens whose KV cache a kept generator held
+        self.streamed = False  # read token by token (predict_stream): its first token is handed over
+        self.asked = 0  # how many times the reader has asked for its next token
         self.done = False  # the scheduler saw its eos
         self.cancelled = False  # the caller stopped reading
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -483,7 +502,10 @@ class _Job:
         self._queue.put(item)
 
     def tokens(self) -> Iterator[tuple[int, dict | None]]:
-        while (item := self._queue.get()) is not None:
+        while True:
+            self.asked += 1  # the previous item is handled: the reader is back for the next
+            if (item := self._queue.get()) is None:
+                return
             if isinstance(item, Exception):
                 raise item
             yield item
@@ -567,6 +589,11 @@ class _PrefixCache:
         kept.generator.rewind_to(reuse)
         return kept.generator, reuse, kept.max_length
 
+    def make_room(self, max_length: int) -> None:
+        """Evict the least recently used until a generator of max_length tokens fits."""
+        while self.kept and self.nbytes + max_length * self.per_token > self.budget:
+            self.kept.pop(0)  # its generator, and its KV cache, go with it
+
     def keep(self, job: _Job, generator: Any, max_length: int) -> None:
         """Keep a finished request's generator, evicting the least recently used to stay within
         the budget (a generator larger than the whole budget is not kept)."""
@@ -574,8 +601,7 @@ class _PrefixCache:
         if not self.keeps(job) or nbytes > self.budget:
             return
         sequence = np.asarray(generator.get_sequence(0), dtype=np.int64)
-        while self.kept and self.nbytes + nbytes > self.budget:
-            self.kept.pop(0)  # its generator, and its KV cache, go with it
+        self.make_room(max_length)
         self.kept.append(_Kept(_key(job.options), generator, sequence, max_length, nbytes))
 
 
@@ -602,6 +628,23 @@ def _prefix_cache_bytes() -> int:
     except (ValueError, OSError):
         memory = 16 * 2**30
     return min(MAX_PREFIX_CACHE_MB * 2**20, memory // 4)
+
+
+def prefix_room(prompt_tokens: int) -> int:
+    """Tokens of room a kept request's KV cache gets beyond its prompt and max_tokens."""
+    return min(max(prompt_tokens // 2, MIN_PREFIX_HEADROOM), MAX_PREFIX_HEADROOM)
+
+
+def _hand_over(jobs: list[_Job]) -> None:
+    """Let these streams' readers take their first token before the scheduler's next Generator
+    call, which holds the GIL for a whole step: waits until each reader is back for its next
+    token (or stopped), at most FIRST_TOKEN_HANDOVER_S. Measured on the full-size model, 2 cores:
+    without it a stream's first token reached its reader one decode step late (+0.13 s TTFT)."""
+    deadline = time.perf_counter() + FIRST_TOKEN_HANDOVER_S
+    while any(job.asked < 2 and not job.cancelled for job in jobs):
+        if time.perf_counter() > deadline:
+            return
+        time.sleep(0.0001)  # releases the GIL to the readers
 
 
 def _drain(inbox: queue.SimpleQueue, block: bool) -> list[Any]:

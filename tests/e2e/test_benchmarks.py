@@ -78,6 +78,17 @@ def test_smoke_benchmark_measures_every_runtime_and_writes_the_report(tmp_path):
     assert batch["jvm_peak_rss_mb"] > 0 and batch["in_process_peak_rss_mb"] > 0
     assert len(results["batch_targets"]) == 4
     report = (tmp_path / "out" / "performance.md").read_text()
+    # A conversation's turns with the prefix cache and without, each follow-up beside its new
+    # tokens alone; single prompts sharing nothing; the cache within its budget after eviction.
+    turns = results["multiturn"]
+    assert len(turns["turns"]) == 3 and all("alone" in row for row in turns["turns"][1:])
+    assert all(row["cache"]["cached_tokens"] > 0 for row in turns["turns"][1:])
+    assert not any(row["no_cache"]["cached_tokens"] for row in turns["turns"])
+    assert set(turns["nothing_shared"]) == {"16", "256", str(turns["turns"][0]["prompt_tokens"])}
+    evicted = turns["after_eviction"]["cache"]
+    assert 0 < evicted["cache_mb"] <= evicted["cache_budget_mb"] == turns["budget_mb"]
+    assert len(results["multiturn_targets"]) == 1 + 2 * 3 + 1
+    assert f"## {bench_report.TURNS}" in report and f"## {bench_report.TURNS_TARGETS}" in report
     assert f"## {bench_report.BATCH}" in report and f"## {bench_report.BATCH_TARGETS}" in report
     assert f"## {bench_report.TARGETS}" in report and "transformers pyfunc" in report
     assert "## Decode against the machine's limit" in report
@@ -110,6 +121,9 @@ def test_smoke_benchmark_with_llama_cpp_converts_quantizes_and_times_it(tmp_path
     paired = results["runtimes"]["llama_cpp_Q4_0"]["prompts"]["16"]["runs"]
     assert len(paired) == len(results["runtimes"]["raw"]["prompts"]["16"]["runs"])
     assert sum("llama.cpp Q4_0" in row["target"] for row in results["peer_targets"]) == 2
+    # ... and in the conversation, with its own prefix reuse
+    assert all(row["llama_cpp"]["new_tokens"] == 8 for row in results["multiturn"]["turns"])
+    assert any("llama.cpp" in row["target"] for row in results["multiturn_targets"])
     report = (tmp_path / "out" / "performance.md").read_text()
     assert "| llama.cpp Q4_K_M |" in report and "convert_hf_to_gguf.py" in report
     assert "hf-to-gguf" not in done.stderr  # the converter's lines went to its log file

@@ -4,6 +4,8 @@ token for token as the same request does without the cache, for every prompt for
 
 from __future__ import annotations
 
+import sys
+
 import mlflow
 import pytest
 
@@ -54,18 +56,28 @@ def same_answer(a: dict, b: dict) -> bool:
 
 def test_a_multi_turn_chat_reuses_each_turn_and_answers_as_without_the_cache(cached, uncached):
     """Five turns: from the second on, every prompt token of the previous turn (prompt and
-    answer) is reused, and each answer equals the uncached model's."""
-    messages, previous_total = [], 0
+    answer) is reused while the turn fits in the room the last generator was given (half its
+    prompt, prefix_room); a turn that does not starts a generator with more, and
+    the next turn is reused again. Each answer equals the uncached model's."""
+    module = sys.modules[type(cached.unwrap_python_model()).__module__]
+    messages, previous_total, room, reused = [], 0, 0, 0
     for turn, row in enumerate(ROWS[:5]):
         messages.append(row["messages"][0])
         with_cache, without = ask(cached, messages), ask(uncached, messages)
         assert same_answer(with_cache, without), turn
         assert cached_tokens(without) == 0
-        if turn:
+        prompt = with_cache["usage"]["prompt_tokens"]
+        if turn and prompt + GREEDY["max_tokens"] <= room:
             # All but the re-fed last token of what the last turn's generator held.
             assert cached_tokens(with_cache) >= previous_total - 2, turn
+            reused += 1
+        elif turn:
+            assert cached_tokens(with_cache) == 0, turn
+        if not cached_tokens(with_cache):  # a fresh generator, and its room
+            room = prompt + GREEDY["max_tokens"] + module.prefix_room(prompt)
         previous_total = with_cache["usage"]["total_tokens"]
         messages.append(reply(with_cache))
+    assert reused >= 2  # most follow-ups
 
 
 @pytest.mark.parametrize("form", ["system kept", "system folded into the first user turn"])
@@ -129,8 +141,9 @@ def test_eviction_keeps_the_cache_within_its_budget(onnx_model_uri, uncached):
     its budget."""
     probe = cache_of(uncached)
     first_turn = [ROWS[0]["messages"][0]]
-    size = (len(uncached.unwrap_python_model().parse({"messages": first_turn, **GREEDY}).ids)
-            + GREEDY["max_tokens"] + 256) * probe.per_token
+    module = sys.modules[type(uncached.unwrap_python_model()).__module__]
+    prompt = len(uncached.unwrap_python_model().parse({"messages": first_turn, **GREEDY}).ids)
+    size = (prompt + GREEDY["max_tokens"] + module.prefix_room(prompt)) * probe.per_token
     small = mlflow.pyfunc.load_model(onnx_model_uri)
     cache = cache_of(small)
     cache.budget = int(size * 1.5)  # the fixture's cache is tiny: a budget finer than 1 MB
