@@ -68,11 +68,15 @@ SMOKE = Plan(prompt_lengths=(16, 256), new_tokens=8, repeats=1, clients=(1, 2),
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def chat_prompts(checkpoint: Path, lengths: tuple[int, ...]) -> dict[str, list[dict]]:
-    """One user message per length whose chat-templated prompt is exactly that many tokens."""
+def chat_prompts(checkpoint: Path, lengths: tuple[int, ...],
+                 variant: int = 0) -> dict[str, list[dict]]:
+    """One user message per length whose chat-templated prompt is exactly that many tokens.
+    Another `variant` starts elsewhere in the text: prompts that share no prefix (the ONNX
+    model's prefix cache would serve a repeated prompt's KV cache instead of its prefill)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    words_from = WORDS[variant % len(WORDS):] + WORDS[: variant % len(WORDS)]
 
     def size(text: str) -> int:
         messages = [{"role": "user", "content": text}]
@@ -82,8 +86,8 @@ def chat_prompts(checkpoint: Path, lengths: tuple[int, ...]) -> dict[str, list[d
     prompts = {}
     for length in lengths:
         words: list[str] = []
-        while size(" ".join(words + [WORDS[len(words) % len(WORDS)]])) <= length:
-            words.append(WORDS[len(words) % len(WORDS)])
+        while size(" ".join(words + [words_from[len(words) % len(WORDS)]])) <= length:
+            words.append(words_from[len(words) % len(WORDS)])
         text = " ".join(words)
         while size(text) < length:  # top up one short token at a time
             text += " a"
@@ -398,6 +402,24 @@ def read_bandwidth_gbs(size_bytes: int = 1 << 30) -> dict[str, float]:
                 best = min(best, time.perf_counter() - started)
             found[name] = size_bytes / best / 1e9
     return found
+
+
+def touch_free_memory(keep_free_gib: float = 2.0) -> float:
+    """Write to the machine's free memory once (all but keep_free_gib), then free it; seconds.
+
+    Some virtual machines back a guest's memory only when the guest first touches a page: on
+    this project's (Firecracker) machines a fresh GiB costs 2.7 s to fault in the first time
+    and 0.23 s afterwards (numpy, 3 GiB). Kept KV caches take fresh memory, so without this a
+    run would charge the VM's first touch to whichever request came first; a real machine's
+    memory is always backed.
+    """
+    available = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
+                     .splitlines() if line.startswith("MemAvailable")) / 2**20
+    started, blocks = time.perf_counter(), []
+    for _ in range(max(0, int(available - keep_free_gib))):
+        blocks.append(np.ones(2**27, dtype=np.float64))  # 1 GiB, every page written
+    del blocks
+    return time.perf_counter() - started
 
 
 def machine() -> dict:

@@ -27,6 +27,8 @@ from phi3flow.eval_worker import peak_rss_mb
 
 HEAD_OF_LINE = "head-of-line"  # the paired protocol's line that asks for head_of_line()
 CONCURRENT = "concurrent"  # the paired protocol's line that asks for concurrent()
+ASK = "ask"  # "ask {"messages": [...], "new_tokens": N}": one run of that request (multiturn.py)
+MEMORY = "memory"  # the process's memory now, and its prefix cache's (multiturn.py)
 GUIDED = "guided"  # "guided LENGTH": one run of that prompt whose answer follows GUIDED_FORMAT
 # A JSON answer that cannot end within the plan's new tokens: the grammar is checked at every
 # step, as for any structured output, while the answer is as long as a free one.
@@ -92,7 +94,8 @@ def llama_runtime(gguf: str):
     def stream(messages: list[dict], new_tokens: int) -> Iterator[bytes]:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
-        llm.reset()  # else generate() reuses the KV cache of a repeated prompt: no prefill
+        if not spec.get("keep_prefix"):
+            llm.reset()  # else generate() reuses the KV cache of a repeated prompt: no prefill
         # generate() never stops by itself (create_completion checks for eos): N tokens exactly.
         for count, token in enumerate(llm.generate(ids, temp=0.0, reset=True), start=1):
             yield llm.detokenize([token])  # as a caller would
@@ -111,9 +114,12 @@ def pyfunc_runtime(model_uri: str):
         def stream(messages: list[dict], new_tokens: int, **shape: Any) -> Iterator[Any]:
             for chunk in model.predict_stream({"messages": messages, "max_tokens": new_tokens,
                                                **shape}):
+                if chunk.get("usage"):  # the last chunk's (cached_tokens: multiturn.py)
+                    stream.usage = chunk["usage"]
                 if chunk["choices"][0]["delta"].get("content"):  # the last chunk may be empty
                     yield chunk
 
+        stream.model = model
         return stream
 
     def generate(messages: list[dict], new_tokens: int) -> int:
@@ -167,6 +173,18 @@ def front_door_runtime(model_path: str):
 
     stream.pid = server.pid  # its peak RSS is the server's
     return stream
+
+
+def memory(generate) -> dict[str, float]:
+    """This process's resident memory now and at its peak, and what its prefix cache holds."""
+    status = Path("/proc/self/status").read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+    model = getattr(generate, "model", None)
+    cache = getattr(model.unwrap_python_model(), "prefix_cache", None) if model else None
+    return {"rss_mb": rss / 1024, "peak_rss_mb": peak_rss_mb(),
+            "cache_mb": cache.nbytes / 2**20 if cache else 0.0,
+            "cache_budget_mb": cache.budget / 2**20 if cache else 0.0,
+            "cache_entries": len(cache.kept) if cache else 0}
 
 
 def once(generate, messages: list[dict], new_tokens: int, stream: bool) -> dict[str, float]:
@@ -288,6 +306,18 @@ if __name__ == "__main__":
                 guided = functools.partial(generate, response_format=GUIDED_FORMAT)
                 print(json.dumps(once(guided, spec["prompts"][line.split()[1]],
                                       spec["new_tokens"], stream)), flush=True)
+                continue
+            if line.startswith(ASK):
+                request = json.loads(line[len(ASK):])
+                generate.usage = None
+                row = once(generate, request["messages"], request["new_tokens"], stream)
+                usage = getattr(generate, "usage", None) or {}
+                row["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get(
+                    "cached_tokens")
+                print(json.dumps(row), flush=True)
+                continue
+            if line.startswith(MEMORY):
+                print(json.dumps(memory(generate)), flush=True)
                 continue
             if line.startswith(CONCURRENT):  # "concurrent CLIENTS"
                 print(json.dumps(concurrent(generate, spec["prompts"][min(spec["prompts"], key=int)],

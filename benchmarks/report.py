@@ -30,6 +30,8 @@ TARGETS = "Targets: the pyfunc's overhead, serving, the pipeline"
 PEER_TARGETS = "Targets: the machine's limit and the peer runtimes"
 BATCH_TARGETS = "Targets: batch_score on Spark"
 BATCH = "batch_score on Spark against in-process predict"
+TURNS_TARGETS = "Targets: conversations and the prefix cache"
+TURNS = "A conversation's follow-up turns"
 
 
 def measured(results: dict) -> dict[str, str]:
@@ -177,6 +179,83 @@ def batch_targets(results: dict) -> list[dict]:
     return rows
 
 
+def multiturn_targets(results: dict) -> list[dict]:
+    """A follow-up turn against its new tokens alone and against llama.cpp (the worst turn), the
+    cache's cost where nothing is shared, and its memory within the budget after eviction."""
+    turns, rows = results.get("multiturn"), []
+    if not turns:
+        return rows
+
+    def worst(values: list[float]) -> tuple[float, int]:
+        value = max(values)
+        return value, values.index(value) + 2  # follow-ups are turns 2..
+
+    value, turn = worst(turns["follow_up_vs_alone"])
+    _target(rows, f"follow-up TTFT / its new tokens alone (worst: turn {turn})", value, 1.5, False)
+    if "follow_up_vs_llama_cpp" in turns:
+        value, turn = worst(turns["follow_up_vs_llama_cpp"])
+        _target(rows, f"follow-up TTFT / llama.cpp Q4_0's, same turn (worst: turn {turn})",
+                value, 1.2, False)
+    for length, ratios in turns["nothing_shared"].items():
+        _target(rows, f"nothing shared, {length}-token prompt: TTFT with the cache / without",
+                ratios["ttft_s"], 1.03, False)
+        _target(rows, f"nothing shared, {length}-token prompt: decode with the cache / without",
+                ratios["decode_tokens_per_s"], 0.97, True)
+    evicted = turns["after_eviction"]["cache"]
+    _target(rows, "prefix cache after eviction (MB) / its budget", evicted["cache_mb"]
+            / evicted["cache_budget_mb"], 1.0, False)
+    return rows
+
+
+def multiturn_markdown(results: dict) -> list[str]:
+    turns = results.get("multiturn")
+    if not turns:
+        return []
+    machine = turns.get("machine", results["machine"])
+    llama = "llama_cpp" in turns["turns"][0]
+    lines = [f"## {TURNS}", "",
+             f"A conversation of {turns['history_tokens']} tokens of history, then "
+             f"{len(turns['turns'])} turns of a user message (~50 tokens) and a "
+             f"{turns['new_tokens_per_answer']}-token answer, sent whole each turn as chat "
+             f"clients send it, on {machine['cpu']} ({machine['cores']} cores, "
+             f"{machine['date']}); each runtime in its own process, turn by turn in alternation. "
+             "New tokens: what the turn adds to the previous turn's prompt (the previous answer, "
+             "the user message, the tags). Alone: a prompt of that many tokens sharing nothing, "
+             f"right after the turn. The cache's budget here: {turns['budget_mb']} MB. "
+             "benchmarks/multiturn.py.", "",
+             "| turn | prompt tokens | new tokens | cached | TTFT, cache (s) | TTFT, no cache (s) "
+             "| new tokens alone (s) | x alone |" + (" llama.cpp Q4_0 (s) | x llama.cpp |"
+                                                     if llama else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if llama else "")]
+    for row in turns["turns"]:
+        alone = row.get("alone")
+        line = (f"| {row['turn']} | {row['prompt_tokens']} | {row['new_tokens']} | "
+                f"{row['cache'].get('cached_tokens') or 0} | {row['cache']['ttft_s']:.2f} | "
+                f"{row['no_cache']['ttft_s']:.2f} | "
+                + (f"{alone['ttft_s']:.2f} | {row['cache']['ttft_s'] / alone['ttft_s']:.2f} |"
+                   if alone else "| |"))
+        if llama:
+            line += (f" {row['llama_cpp']['ttft_s']:.2f} | "
+                     f"{row['cache']['ttft_s'] / row['llama_cpp']['ttft_s']:.2f} |")
+        lines.append(line)
+    after, evicted = turns["after_turns"], turns["after_eviction"]
+    lines += ["", "Nothing shared (median ratio with the cache / without, alternating runs): " + ", ".join(
+        f"{n} tokens: TTFT {r['ttft_s']:.2f}x, decode {r['decode_tokens_per_s']:.2f}x"
+        for n, r in turns["nothing_shared"].items()) + ".", "",
+        f"Memory: after the turns the cached process held {after['cache']['rss_mb']:.0f} MB "
+        f"(its prefix cache {after['cache']['cache_mb']:.0f} MB in "
+        f"{after['cache']['cache_entries']} generators), the one without a cache "
+        f"{after['no_cache']['rss_mb']:.0f} MB"
+        + (f", llama.cpp {after['llama_cpp']['rss_mb']:.0f} MB" if llama else "")
+        + f". After {len(turns['evicting'])} more distinct 256-token prompts the cache held "
+        f"{evicted['cache']['cache_mb']:.0f} MB in {evicted['cache']['cache_entries']} "
+        f"generators (budget {evicted['cache']['cache_budget_mb']:.0f} MB); the process "
+        f"{evicted['cache']['rss_mb']:.0f} MB (peak {evicted['cache']['peak_rss_mb']:.0f} MB), "
+        f"against {evicted['no_cache']['rss_mb']:.0f} MB (peak "
+        f"{evicted['no_cache']['peak_rss_mb']:.0f} MB) without a cache.", ""]
+    return lines
+
+
 def batch_markdown(results: dict) -> list[str]:
     batch = results.get("batch_score")
     if not batch:
@@ -298,9 +377,10 @@ def markdown(results: dict, command: str) -> str:
                          f"{row['tokens_per_s']:.2f} | {row['achieved_gbs']:.1f} | "
                          f"{row['of_probe']:.2f} | {met} |")
         lines.append("")
+    lines += multiturn_markdown(results)
     lines += batch_markdown(results)
     for title, key in ((TARGETS, "targets"), (PEER_TARGETS, "peer_targets"),
-                       (BATCH_TARGETS, "batch_targets")):
+                       (TURNS_TARGETS, "multiturn_targets"), (BATCH_TARGETS, "batch_targets")):
         if not results.get(key):
             continue
         lines += [f"## {title}", "", "| target | measured | bound | met |", "|---|---:|---|---|"]
@@ -426,6 +506,7 @@ def report(results: dict, command: str, out: Path) -> dict:
     results["decode_limits"] = decode_limits(results)
     results["peer_targets"] = peer_targets(results)
     results["batch_targets"] = batch_targets(results)
+    results["multiturn_targets"] = multiturn_targets(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "performance.json").write_text(json.dumps(results, indent=1))
     (out / "performance.md").write_text(markdown(results, command))

@@ -15,10 +15,17 @@ In one run, side by side on this machine:
 5. batch_score (Spark, local[*]) against the ONNX pyfunc's predict in one process, batched the
    same and one row at a time: 64 prompts of 16 and of 256 tokens; memory per worker
    (benchmarks/batch.py; `--batch-score-only` measures just this and updates the report);
-6. with --llama-cpp (opt-in, benchmarks/llamacpp.py): llama.cpp on the same checkpoint as GGUF
+6. a conversation's follow-up turns: the ONNX pyfunc with its prefix cache, without it, and
+   llama.cpp Q4_0 with --llama-cpp (benchmarks/multiturn.py; `--multiturn-only` measures just
+   this and updates the report);
+7. with --llama-cpp (opt-in, benchmarks/llamacpp.py): llama.cpp on the same checkpoint as GGUF
    Q4_0 and Q4_K_M, timed in alternation with raw onnxruntime-genai and the ONNX pyfunc.
 
 It writes docs/performance.{md,json,png} (or --out), and prints the ratios the targets are about.
+
+Everywhere but in the multi-turn part the ONNX model's prefix cache is off: those parts send one
+prompt again and again, which the cache would answer from a kept KV cache instead of a prefill.
+The multi-turn part measures the cache's cost where nothing is shared, with it and without.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import batch, llamacpp
+from benchmarks import batch, llamacpp, multiturn
 from benchmarks import build as build_mod
 from benchmarks.cost import kv_bytes_per_token, step_bytes, weight_bytes
 from benchmarks.measure import (
@@ -48,6 +55,7 @@ from benchmarks.measure import (
     probe,
     read_bandwidth_gbs,
     served,
+    touch_free_memory,
 )
 from benchmarks.probe import STARTED, progress
 from benchmarks.report import report
@@ -98,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
                         f"(default: {','.join(llamacpp.QUANTS)})")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: rewrite the report from OUT/performance.json")
+    parser.add_argument("--multiturn-only", action="store_true",
+                        help="measure only the multi-turn conversation (with --llama-cpp: and "
+                        "llama.cpp Q4_0's), and put it into OUT/performance.json's report")
     parser.add_argument("--batch-score-only", action="store_true",
                         help="measure only batch_score against in-process predict, and put it "
                         "into OUT/performance.json's report (which must exist)")
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report(results, results["command"], args.out)
     os.environ.setdefault(STARTED, str(time.time()))
     os.environ.update(QUIET)  # inherited by every process the run starts
+    os.environ[multiturn.CACHE_ENV] = "0"  # repeated prompts (module docstring); multiturn sets its own
     plan = SMOKE if args.smoke else Plan()
     if args.no_pipeline:
         plan.pipeline = False
@@ -134,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint, onnx = build_mod.build(args.cache, args.smoke)
     progress("the two MLflow models (saved once, then cached)")
     models = save_models(checkpoint, onnx, args.cache, plan)
+    if not args.smoke:
+        progress("touching the free memory once (measure.touch_free_memory says why)")
+        touch_free_memory()
     if args.batch_score_only:
         results = json.loads((args.out / "performance.json").read_text())
         results["plan"] |= {k: v for k, v in plan.__dict__.items() if k.startswith("batch_")}
@@ -141,6 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["batch_score"]["machine"] = machine()  # this part's own run
         return report(results, results["command"], args.out)
     ggufs = llamacpp.models(checkpoint, args.cache, plan.llama_quants) if plan.llama_quants else {}
+    if args.multiturn_only:
+        results = json.loads((args.out / "performance.json").read_text())
+        results["multiturn"] = multiturn.measure(models["onnx"], checkpoint, ggufs.get("Q4_0"),
+                                                 plan, small=args.smoke)
+        results["multiturn"]["machine"] = machine()  # this part's own run
+        return report(results, results["command"], args.out)
     os.sync()  # a freshly saved model's pages would otherwise be written back while we measure
     prompts = chat_prompts(checkpoint, plan.prompt_lengths)
     results: dict[str, Any] = {
@@ -173,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers_pyfunc": probe("transformers pyfunc", "pyfunc", models["transformers"],
                                      prompts, plan, plan.transformers_repeats),
     }
+    results["multiturn"] = multiturn.measure(models["onnx"], checkpoint, ggufs.get("Q4_0"), plan,
+                                             small=args.smoke)
     results["batch_score"] = batch.measure(models["onnx"], checkpoint, plan)
     if plan.pipeline:
         progress("the pipeline: main on the fixture, cold and reused")
