@@ -450,6 +450,10 @@ async def _events(model: ServedModel, payload: dict, include_usage: bool) -> Asy
 
 # Chunks a stream may run ahead of a slow client; past that its thread waits for the client.
 STREAM_AHEAD = 64
+# How long a stream's thread waits for its first item to be sent before it asks for the next.
+# The ONNX model's next decode step holds the GIL for a whole step (~0.1 s at full size): a first
+# chunk not yet written by then reaches the client a step late.
+FIRST_ITEM_SENT_S = 0.02
 
 
 async def _in_one_thread(make: Any) -> AsyncIterator[Any]:
@@ -465,6 +469,7 @@ async def _in_one_thread(make: Any) -> AsyncIterator[Any]:
     handed: asyncio.Queue = asyncio.Queue()
     room = threading.Semaphore(STREAM_AHEAD)
     stopped = threading.Event()
+    sent = threading.Event()  # the first item is sent: the consumer is back for the next
     done = object()
 
     def hand(item: Any) -> None:
@@ -473,13 +478,15 @@ async def _in_one_thread(make: Any) -> AsyncIterator[Any]:
     def run() -> None:
         items = make()
         try:
-            for item in items:
+            for index, item in enumerate(items):
                 while not room.acquire(timeout=0.1):
                     if stopped.is_set():
                         return
                 if stopped.is_set():
                     return
                 hand(item)
+                if index == 0:
+                    sent.wait(FIRST_ITEM_SENT_S)
         except Exception as exc:  # noqa: BLE001 (handed to the response, which reports it)
             hand(exc)
         finally:
@@ -494,6 +501,7 @@ async def _in_one_thread(make: Any) -> AsyncIterator[Any]:
         while (item := await handed.get()) is not done:
             room.release()
             yield item
+            sent.set()
     finally:
         stopped.set()
 

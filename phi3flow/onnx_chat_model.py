@@ -104,7 +104,7 @@ MIN_PREFIX_HEADROOM = 64  # tokens: a 16-token prompt's room costs 50 MB of fp32
 MAX_PREFIX_HEADROOM = 1024  # tokens: 0.8 GB of the full-size model's fp32 cache
 # The first token of a stream is handed to its reader before the next Generator call: those calls
 # hold the GIL for a whole step (~0.1 s at full size), which would make the reader wait for it.
-FIRST_TOKEN_HANDOVER_S = 0.005
+FIRST_TOKEN_HANDOVER_S = 0.02  # the front door writes the chunk to its client meanwhile
 MIN_PREFIX = 16  # the shortest shared prefix worth reusing (a template header alone is 2-4)
 TEMPLATE_TAGS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # Phi-3's chat format
 CHAT_FIELDS = ("messages", "n", "stream", *OPTIONS, *contract.SHAPE_FIELDS)
