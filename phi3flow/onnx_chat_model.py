@@ -279,10 +279,8 @@ class OnnxChatModel(PythonModel):
 
     def _submit(self, requests: list[contract.Chat], streamed: bool = False) -> list[_Job]:
         jobs = [_Job(r.ids, r.options, r.grammar and contract.Guide(self.grammar_tokenizer,
-                                                                     r.grammar))
+                                                                     r.grammar), streamed)
                 for r in requests]
-        for job in jobs:
-            job.streamed = streamed
         with self._lock:  # start the scheduler on first use (and again after a fork)
             if self._scheduler is None or not self._scheduler.is_alive():
                 self._scheduler = threading.Thread(target=self._schedule, daemon=True,
@@ -487,12 +485,13 @@ def _alone_chunk() -> int:
 class _Job:
     """One request row on its way through the scheduler: its tokens arrive on a queue."""
 
-    def __init__(self, ids: list[int], options: dict[str, Any], guide: Any = None):
+    def __init__(self, ids: list[int], options: dict[str, Any], guide: Any = None,
+                 streamed: bool = False):
         self.ids, self.options = ids, options
         self.guide = guide  # the grammar the answer follows (contract.Guide), or None
         self.generated = 0  # tokens generated so far
         self.cached_tokens = 0  # prompt tokens whose KV cache a kept generator held
-        self.streamed = False  # read token by token (predict_stream): its first token is handed over
+        self.streamed = streamed  # read token by token (predict_stream): its first token is handed over
         self.asked = 0  # how many times the reader has asked for its next token
         self.done = False  # the scheduler saw its eos
         self.cancelled = False  # the caller stopped reading
