@@ -4,7 +4,8 @@ For each prompt length (Plan.batch_lengths), Plan.batch_prompts distinct chat pr
 that many tokens, Plan.new_tokens new tokens each, greedy, timed three ways, each in a fresh
 process so its memory is its own:
 - one at a time: `predict([row])` in a loop;
-- in-process batches: `predict(rows[i:i + batch_size])`, the batch size batch_score uses;
+- in-process batches: `predict(rows[i:i + batch_size])`, the batch size batch_score uses, the
+  model loaded with the same cap on a batch's one-call prefill as batch_score's workers;
 - batch_score: `steps.batch_score` on a local Spark (every core, one model copy: its defaults),
   input a JSONL file, output Parquet; its `score_s` is the Spark job, the worker's model load
   included.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from benchmarks.measure import ROOT, WORDS, Plan
 from benchmarks.probe import progress
+from phi3flow import batch_model
 from phi3flow.eval_worker import peak_rss_mb
 
 LOADED = re.compile(r"loaded the chat model in Python worker process (\d+) \(([\d.]+) s\)")
@@ -114,6 +116,11 @@ def probe_predict(spec: dict) -> dict:
     """One loaded ONNX pyfunc: every length one row at a time, then in batches."""
     import mlflow
 
+    # The setting batch_score's workers load the ONNX model with (one long prefill call per
+    # batch): the in-process batches are the same model, so the ratio is Spark's overhead. One
+    # row per call (the loop) does not reach it.
+    os.environ.setdefault(batch_model.ONNX_BATCH_PREFILL_ENV,
+                          str(batch_model.SCORING_BATCH_PREFILL))
     started = time.perf_counter()
     model = mlflow.pyfunc.load_model(spec["model"])
     load_s = time.perf_counter() - started

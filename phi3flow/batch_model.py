@@ -20,17 +20,20 @@ exception), and spark_udf would fail the Spark task and then the job. Here a fai
 split in halves until each bad row fails alone, so good rows still go to the model together
 (the ONNX model's scheduler shares decode steps between a call's rows) and a bad row's error is
 its result. The ONNX model refuses bad rows while parsing, before generating anything, so a
-split costs only the parsing.
+split costs only the parsing. The ONNX model is loaded with a larger cap on a batch's one-call
+prefill than a server's (SCORING_BATCH_PREFILL), so that long prompts share decode steps too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -43,6 +46,12 @@ RESULT_FIELDS = ("answer", "finish_reason", "prompt_tokens", "completion_tokens"
                  "error")
 CORRUPT_RECORD = "_corrupt_record"
 ONNX_THREADS_ENV = "PHI3FLOW_ONNX_THREADS"  # onnx_chat_model.py's threads setting
+ONNX_BATCH_PREFILL_ENV = "PHI3FLOW_ONNX_BATCH_PREFILL"  # and its cap on a batch's one-call prefill
+# A scoring worker serves nothing but batches, so a batch's prompts may go in one long call (it
+# holds the GIL and the scheduler meanwhile, which would stall a server's other clients): rows
+# of 256 tokens then share decode steps instead of running one by one. 2,048 tokens keeps the
+# call's attention scores (rows x 32 heads x prompt^2 floats) under 300 MB: 8 x 256, 2 x 1,024.
+SCORING_BATCH_PREFILL = 2048
 MAX_ERROR_CHARS = 1000  # an error never echoes a huge input back into the output
 
 # spark_udf loads this wrapper once per task where the executors share the driver's disk (local
@@ -80,13 +89,28 @@ def _load_once(path: str, threads: int, sample: bool) -> tuple[Any, Any]:
 
                 torch.set_num_threads(threads)
         else:
-            if threads and ONNX_THREADS_ENV not in os.environ:
-                os.environ[ONNX_THREADS_ENV] = str(threads)
-            model, pipeline = mlflow.pyfunc.load_model(path), None
+            # The ONNX model reads its settings from the environment when it loads; what the
+            # user set wins.
+            settings = {ONNX_BATCH_PREFILL_ENV: str(SCORING_BATCH_PREFILL),
+                        **({ONNX_THREADS_ENV: str(threads)} if threads else {})}
+            with _environment(settings):
+                model, pipeline = mlflow.pyfunc.load_model(path), None
         _CACHE.models[key] = (model, pipeline)
         _log(f"loaded the chat model in Python worker process {os.getpid()} "
              f"({time.perf_counter() - started:.1f} s)")
     return _CACHE.models[key]
+
+
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]) -> Iterator[None]:
+    """These environment variables, unless already set, for the duration of the block."""
+    added = {k: v for k, v in settings.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _log(message: str) -> None:

@@ -54,7 +54,10 @@ Design, for serving (`mlflow models serve` calls predict from several threads at
   parsing takes several turns: 13-29 s into a 2,048-token prefill, against 3.6 s with 16-token
   calls). Set PHI3FLOW_ONNX_PREFILL_CHUNK=16 for a server where newcomers beside long prompts
   matter more than a long prompt's own first token. A batch's prompts must go in one call, so
-  a batch's prefill is capped at MAX_BATCH_PREFILL tokens.
+  a batch's prefill is capped at BATCH_PREFILL tokens (256): rows of 256 tokens or more run
+  alone. A process that only scores batches (batch_score's Spark workers) raises the cap with
+  PHI3FLOW_ONNX_BATCH_PREFILL: a batch's one-call prefill costs no more per token than a
+  row's, and then its rows share every decode step (docs/decisions.md, "Batching").
 - Threads: onnxruntime gets every core this process may use (see _threads). The Engine API
   releases the GIL but, on the CPU build, runs fixed batches that queued requests wait for (docs/decisions.md); this scheduler does not make a
   request wait for an unrelated one to finish.
@@ -91,7 +94,8 @@ PREFILL_CHUNK = 16  # prompt tokens per call beside other requests: ~0.3 s, full
 ALONE_PREFILL_CHUNK = 256  # prompt tokens per call while nothing else is queued or running
 ALONE_CHUNK_ENV = "PHI3FLOW_ONNX_PREFILL_CHUNK"  # overrides ALONE_PREFILL_CHUNK
 THREADS_ENV = "PHI3FLOW_ONNX_THREADS"
-MAX_BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
+BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
+BATCH_PREFILL_ENV = "PHI3FLOW_ONNX_BATCH_PREFILL"  # overrides BATCH_PREFILL
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
 PREFIX_CACHE_ENV = "PHI3FLOW_ONNX_PREFIX_CACHE_MB"  # the prefix cache's budget; 0 turns it off
 MAX_PREFIX_CACHE_MB = 4096  # the default budget: a quarter of the machine's memory, at most this
@@ -169,7 +173,8 @@ class OnnxChatModel(PythonModel):
             og_config.overlay(json.dumps(
                 {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(og_config)
-        self.alone_chunk = _alone_chunk()
+        self.alone_chunk = _tokens_setting(ALONE_CHUNK_ENV, ALONE_PREFILL_CHUNK)
+        self.batch_prefill = _tokens_setting(BATCH_PREFILL_ENV, BATCH_PREFILL)
         self.tokenizer = og.Tokenizer(self.model)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
@@ -315,7 +320,7 @@ class OnnxChatModel(PythonModel):
             # A request that continues a kept sequence runs alone, on that sequence's generator.
             continuing = [job for job in waiting if self.prefix_cache.fits(job)]
             waiting = [job for job in waiting if job not in continuing]
-            for group in [[job] for job in continuing] + _batches(waiting):
+            for group in [[job] for job in continuing] + _batches(waiting, self.batch_prefill):
                 try:
                     active.append(self._start(group))
                 except Exception as exc:  # noqa: BLE001 (handed to the waiting callers)
@@ -471,14 +476,14 @@ def _threads(genai_config: dict[str, Any]) -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _alone_chunk() -> int:
-    """Prompt tokens per call for a request alone: PHI3FLOW_ONNX_PREFILL_CHUNK, else 256."""
-    value = os.environ.get(ALONE_CHUNK_ENV, "")
+def _tokens_setting(env: str, default: int) -> int:
+    """A number of tokens from the environment variable `env`, else `default`."""
+    value = os.environ.get(env, "")
     if not value:
-        return ALONE_PREFILL_CHUNK
+        return default
     if not value.isdigit() or int(value) < 1:
-        raise MlflowException(f"{ALONE_CHUNK_ENV}={value!r} must be a whole number of tokens "
-                              f">= 1; unset it for {ALONE_PREFILL_CHUNK}.")
+        raise MlflowException(f"{env}={value!r} must be a whole number of tokens >= 1; unset it "
+                              f"for {default}.")
     return int(value)
 
 
@@ -654,11 +659,11 @@ def _drain(inbox: queue.SimpleQueue, block: bool) -> list[Any]:
     return items
 
 
-def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+def _batches(jobs: list[_Job], cap: int) -> list[list[_Job]]:
     """Jobs that share generation options, in batches whose one-call prefill stays small.
 
     A batch's prompts go in with one call that holds the GIL (and every other batch) for its
-    whole length, so rows x longest prompt is capped at MAX_BATCH_PREFILL tokens; a longer
+    whole length, so rows x longest prompt is capped at `cap` tokens; a longer
     prompt runs alone, fed in chunks. Stop strings and logprobs are applied per row, so they
     do not split. A seeded row runs alone: rows of one batch draw from one random stream, so a
     batch-mate would change what the seed gives.
@@ -675,7 +680,7 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
         batch: list[_Job] = []
         for job in sorted(group, key=lambda j: len(j.ids)):
             longest = max([len(job.ids)] + [len(j.ids) for j in batch])
-            if batch and longest * (len(batch) + 1) > MAX_BATCH_PREFILL:
+            if batch and longest * (len(batch) + 1) > cap:
                 batches.append(batch)
                 batch = []
             batch.append(job)

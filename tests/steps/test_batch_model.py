@@ -82,3 +82,15 @@ def test_prompts_json_text_and_lines_spark_could_not_parse(scorer):
 def test_the_chat_model_is_loaded_once_per_process(scorer, scoring_model_dir):
     again = mlflow.pyfunc.load_model(str(scoring_model_dir))
     assert again.unwrap_python_model().model is scorer.unwrap_python_model().model
+
+
+def test_the_onnx_model_is_loaded_with_the_scoring_settings_and_the_environment_kept(scorer):
+    """The worker's ONNX model prefills SCORING_BATCH_PREFILL tokens of a batch in one call (a
+    server's default is 256) on the cores it was given; the variables that said so are gone."""
+    import os
+
+    from phi3flow import batch_model
+
+    chat = scorer.unwrap_python_model().model.unwrap_python_model()
+    assert chat.batch_prefill == batch_model.SCORING_BATCH_PREFILL != 256
+    assert batch_model.ONNX_BATCH_PREFILL_ENV not in os.environ

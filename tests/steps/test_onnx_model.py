@@ -159,15 +159,40 @@ def test_a_request_alone_prefills_in_large_chunks_and_beside_others_in_small_one
         assert sum(calls) == tokens and calls[0] == 2  # the first chunks went in beside the other
 
 
-def test_the_lone_prefill_chunk_is_256_unless_the_environment_says(onnx_model, monkeypatch):
+@pytest.mark.parametrize(("env", "default"), [("ALONE_CHUNK_ENV", 256), ("BATCH_PREFILL_ENV", 256)])
+def test_token_settings_are_256_unless_the_environment_says(onnx_model, monkeypatch, env,
+                                                             default):
     module = loaded_module(onnx_model)
-    monkeypatch.delenv(module.ALONE_CHUNK_ENV, raising=False)
-    assert module._alone_chunk() == 256
-    monkeypatch.setenv(module.ALONE_CHUNK_ENV, "16")
-    assert module._alone_chunk() == 16
-    monkeypatch.setenv(module.ALONE_CHUNK_ENV, "lots")
-    with pytest.raises(MlflowException, match="PHI3FLOW_ONNX_PREFILL_CHUNK='lots' must be a whole"):
-        module._alone_chunk()
+    name = getattr(module, env)
+    monkeypatch.delenv(name, raising=False)
+    assert module._tokens_setting(name, default) == default
+    monkeypatch.setenv(name, "16")
+    assert module._tokens_setting(name, default) == 16
+    for bad in ("lots", "0"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(MlflowException, match=f"{name}='{bad}' must be a whole number"):
+            module._tokens_setting(name, default)
+
+
+def test_the_batch_prefill_cap_decides_which_rows_share_a_generator(onnx_model, prefill_calls,
+                                                                    monkeypatch):
+    """rows x longest prompt within batch_prefill: one Generator, its prompts fed in one
+    call; over it, a row per Generator. The answers are the same either way."""
+    rows = [{"messages": row["messages"]} for row in ROWS]
+    model = onnx_model.unwrap_python_model()
+    singles = [content(ask(onnx_model, row)) for row in ROWS]
+    sizes = [sum(calls) for calls in prefill_calls]  # each single's prompt tokens
+    longest, shortest = max(sizes), min(sizes)
+    prefill_calls.clear()
+    monkeypatch.setattr(model, "batch_prefill", longest * len(rows))
+    together = onnx_model.predict(rows)
+    assert [content(r) for r in together] == singles
+    assert prefill_calls == [[longest * len(rows)]]  # one Generator, one padded call
+    prefill_calls.clear()
+    monkeypatch.setattr(model, "batch_prefill", 2 * shortest - 1)  # no two rows fit
+    apart = onnx_model.predict(rows)
+    assert [content(r) for r in apart] == singles
+    assert len(prefill_calls) == len(rows)
 
 
 def test_concurrent_predicts_on_one_model_match_sequential_answers(onnx_model):
