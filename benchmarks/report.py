@@ -12,6 +12,7 @@ import numpy as np
 
 from benchmarks import llamacpp
 from benchmarks.cost import STEP_MODEL, decode_limits
+from phi3flow import batch_model
 
 # --- results ----------------------------------------------------------------------------------
 
@@ -265,9 +266,11 @@ def batch_markdown(results: dict) -> list[str]:
              f"The ONNX pyfunc, {results['plan']['new_tokens']} new tokens per prompt, greedy, on "
              f"{machine['cpu']} ({machine['cores']} cores, {machine['date']}). Each way in a "
              "fresh process: `predict` one row at a time; `predict` on batches of the size "
-             "batch_score uses; `batch_score` on `local[*]` (its defaults: one model copy with "
-             "every core). Aggregate tokens/s = completion tokens / seconds from the model's "
-             "load to the last answer (batch_score: its Spark job, the worker's model load "
+             "batch_score uses, the model loaded as batch_score's workers load it (a batch's "
+             f"prompts in one call up to {batch_model.SCORING_BATCH_PREFILL:,} tokens); "
+             "`batch_score` on `local[*]` (its defaults: one model copy with every core). "
+             "Aggregate tokens/s = completion tokens / seconds from the model's load to the "
+             "last answer (batch_score: its Spark job, the worker's model load "
              "included); warm = without the load (batch_score: the seconds inside predict "
              "calls). benchmarks/batch.py.", "",
              "| prompt | prompts | batch | one at a time | in-process batches | batch_score | "
