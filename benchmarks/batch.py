@@ -116,13 +116,12 @@ def probe_predict(spec: dict) -> dict:
     """One loaded ONNX pyfunc: every length one row at a time, then in batches."""
     import mlflow
 
-    # The setting batch_score's workers load the ONNX model with (one long prefill call per
-    # batch): the in-process batches are the same model, so the ratio is Spark's overhead. One
-    # row per call (the loop) does not reach it.
-    os.environ.setdefault(batch_model.ONNX_BATCH_PREFILL_ENV,
-                          str(batch_model.SCORING_BATCH_PREFILL))
+    # Loaded as batch_score's workers load it (one long prefill call per batch): the in-process
+    # batches are the same model, so the ratio is Spark's overhead. One row per call (the loop)
+    # does not reach the cap.
     started = time.perf_counter()
-    model = mlflow.pyfunc.load_model(spec["model"])
+    with batch_model.scoring_settings():
+        model = mlflow.pyfunc.load_model(spec["model"])
     load_s = time.perf_counter() - started
     first = next(iter(spec["prompts"].values()))
     model.predict(_rows(first[:1], 2))  # warm-up, not timed

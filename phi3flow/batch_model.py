@@ -89,11 +89,7 @@ def _load_once(path: str, threads: int, sample: bool) -> tuple[Any, Any]:
 
                 torch.set_num_threads(threads)
         else:
-            # The ONNX model reads its settings from the environment when it loads; what the
-            # user set wins.
-            settings = {ONNX_BATCH_PREFILL_ENV: str(SCORING_BATCH_PREFILL),
-                        **({ONNX_THREADS_ENV: str(threads)} if threads else {})}
-            with _environment(settings):
+            with scoring_settings(threads):
                 model, pipeline = mlflow.pyfunc.load_model(path), None
         _CACHE.models[key] = (model, pipeline)
         _log(f"loaded the chat model in Python worker process {os.getpid()} "
@@ -102,8 +98,12 @@ def _load_once(path: str, threads: int, sample: bool) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _environment(settings: dict[str, str]) -> Iterator[None]:
-    """These environment variables, unless already set, for the duration of the block."""
+def scoring_settings(threads: int = 0) -> Iterator[None]:
+    """The environment an ONNX chat model loaded in this block reads its settings from (it
+    reads them when it loads): a scoring worker's batch prefill cap and `threads` (0: the
+    model's default), each unless the user set it, taken away after the block."""
+    settings = {ONNX_BATCH_PREFILL_ENV: str(SCORING_BATCH_PREFILL),
+                **({ONNX_THREADS_ENV: str(threads)} if threads else {})}
     added = {k: v for k, v in settings.items() if k not in os.environ}
     os.environ.update(added)
     try:
