@@ -83,9 +83,17 @@ def _isolated_cwd(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
-    """A fresh, empty tracking store for tests that count runs or check reuse."""
+    """A fresh, empty tracking store for tests that count runs or check reuse.
+
+    Its tables are created here, before the test starts anything: two processes that create
+    a new sqlite store at once (a test polling while the `mlflow run` it started does the
+    same) can both run MLflow's migrations, and one fails with alembic's
+    CircularDependencyError (seen in CI: `main` died before its first step)."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.MlflowClient(uri).search_experiments()
     return uri
 
 
