@@ -65,7 +65,8 @@ logging.getLogger("py4j").setLevel(logging.WARNING)  # a line per closed connect
 PYSPARK_PIN = "pyspark==4.3.0"
 MIN_JAVA = 17  # pyspark 4 runs on Java 17 or newer (pyspark 3 on 8, 11 or 17)
 INSTALL = (f"pip install {PYSPARK_PIN} (or pip install -e '.[spark]') and Java {MIN_JAVA} "
-           "(Debian/Ubuntu: sudo apt-get install openjdk-17-jre-headless)")
+           "(Debian 12/Ubuntu: apt-get update && apt-get install openjdk-17-jre-headless, as root; "
+           "Debian 13: openjdk-21-jre-headless)")
 BATCH_MODEL_CODE = Path(__file__).with_name("batch_model.py")
 INPUT_COLUMNS = ("messages", "prompt")
 CORRUPT_RECORD = "_corrupt_record"  # Spark's column for a JSON line it could not parse

@@ -225,8 +225,9 @@ def write_jsonl(path: Path, rows: list[dict], extra_lines: tuple[str, ...] = ())
 
 
 def ensure_java() -> None:
-    """Java 17 or newer for Spark: Debian's openjdk-17-jre-headless is installed with apt-get
-    where it is missing (as root), else the test fails saying how to install it."""
+    """Java 17 or newer for Spark: Debian's openjdk-17-jre-headless (Debian 12, Ubuntu) or
+    openjdk-21-jre-headless (Debian 13 has no 17) is installed with apt-get where it is missing
+    (as root), else the test fails saying how to install it."""
     from phi3flow.batch_score import require_spark
     from phi3flow.errors import StepError
 
@@ -238,8 +239,11 @@ def ensure_java() -> None:
             pytest.fail(str(missing))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "openjdk-17-jre-headless"], check=True,
-                   env=env, timeout=1200)
+    known = subprocess.run(["apt-cache", "show", "openjdk-17-jre-headless"], env=env,
+                           capture_output=True).returncode == 0
+    package = "openjdk-17-jre-headless" if known else "openjdk-21-jre-headless"
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env,
+                   timeout=1200)
     require_spark()
 
 
