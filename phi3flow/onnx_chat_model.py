@@ -340,6 +340,9 @@ class OnnxChatModel(PythonModel):
                     finished = True
                 if finished:
                     active.remove(batch)
+                    # Its KV cache goes now (unless the prefix cache kept the generator): the
+                    # loop variable would hold it while the scheduler waits for the next request.
+                    batch.generator = None
 
     def _start(self, jobs: list[_Job]) -> _Batch:
         options = jobs[0].options
