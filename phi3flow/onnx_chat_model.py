@@ -71,6 +71,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ THREADS_ENV = "PHI3FLOW_ONNX_THREADS"
 BATCH_PREFILL = 256  # tokens (rows x longest prompt) a batch may prefill in one call
 BATCH_PREFILL_ENV = "PHI3FLOW_ONNX_BATCH_PREFILL"  # overrides BATCH_PREFILL
 MAX_BATCH_WAIT_S = 0.02  # the longest an idle scheduler waits for a request's batch-mates
+SCHEDULER_IDLE_CHECK_S = 1.0  # how often an idle scheduler checks that its model is still held
 PREFIX_CACHE_ENV = "PHI3FLOW_ONNX_PREFIX_CACHE_MB"  # the prefix cache's budget; 0 turns it off
 MAX_PREFIX_CACHE_MB = 4096  # the default budget: a quarter of the machine's memory, at most this
 # Room a kept request's KV cache holds beyond its prompt and max_tokens, for its conversation's
@@ -189,6 +191,8 @@ class OnnxChatModel(PythonModel):
             genai_config))
         self._lock = threading.Lock()
         self._scheduler: threading.Thread | None = None
+        self._step_seconds = 0.0  # the last decode step's duration
+        self._together = 0  # the most requests in flight at once since the scheduler was idle
 
     # --- requests --------------------------------------------------------------------------
 
@@ -288,14 +292,18 @@ class OnnxChatModel(PythonModel):
                 for r in requests]
         with self._lock:  # start the scheduler on first use (and again after a fork)
             if self._scheduler is None or not self._scheduler.is_alive():
-                self._scheduler = threading.Thread(target=self._schedule, daemon=True,
-                                                   name="onnx-chat-scheduler")
+                # The thread gets a weak reference: a bound method would keep the model (its
+                # weights, its kept KV caches) alive for as long as the process lives.
+                self._scheduler = threading.Thread(
+                    target=_schedule, args=(weakref.ref(self), self._inbox), daemon=True,
+                    name="onnx-chat-scheduler")
                 self._scheduler.start()
         self._inbox.put(jobs)  # one call's rows arrive together, so they can share a batch
         return jobs
 
-    def _schedule(self) -> None:
-        """Run every active batch one step at a time, starting new batches as requests come.
+    def _work(self, arrived: list[list[_Job]]) -> None:
+        """Run every active batch one step at a time, starting new batches as requests come,
+        until none is left (`arrived`: the requests that woke the scheduler).
 
         Each step is one Generator call: a prompt chunk or one new token per row. Requests that
         arrive while a step runs are batched together at the next turn, so concurrent clients
@@ -303,19 +311,16 @@ class OnnxChatModel(PythonModel):
         and no request waits for an unrelated one to finish before it starts.
         """
         active: list[_Batch] = []
-        step_seconds = 0.0  # the last decode step's duration
-        together = 0  # the most requests in flight at once since the scheduler was last idle
         while True:
-            arrived = _drain(self._inbox, block=not active)
             if not active:
-                if step_seconds and together > 1:
+                if self._step_seconds and self._together > 1:
                     # Idle after concurrent requests: clients whose answers ended together send
                     # their next requests a few milliseconds apart. Wait a fraction of one step
                     # for them, so they share a batch instead of each starting its own (which
                     # would share no steps). A lone client's next request does not wait.
-                    time.sleep(min(step_seconds / 4, MAX_BATCH_WAIT_S))
-                    arrived += _drain(self._inbox, block=False)
-                together = 0
+                    time.sleep(min(self._step_seconds / 4, MAX_BATCH_WAIT_S))
+                    arrived += _drain(self._inbox)
+                self._together = 0
             waiting = [job for jobs in arrived for job in jobs]
             # A request that continues a kept sequence runs alone, on that sequence's generator.
             continuing = [job for job in waiting if self.prefix_cache.fits(job)]
@@ -326,23 +331,26 @@ class OnnxChatModel(PythonModel):
                 except Exception as exc:  # noqa: BLE001 (handed to the waiting callers)
                     for job in group:
                         job.put(exc)
-            together = max(together, sum(len(batch.jobs) for batch in active))
+            self._together = max(self._together, sum(len(batch.jobs) for batch in active))
             for batch in list(active):
                 alone = len(active) == 1 and self._inbox.empty()
                 try:
                     decoding, started = batch.prompt is None, time.perf_counter()
                     finished = self._step(batch, alone)
                     if decoding:
-                        step_seconds = time.perf_counter() - started
+                        self._step_seconds = time.perf_counter() - started
                 except Exception as exc:  # noqa: BLE001
                     for job in batch.jobs:
                         job.put(exc)
                     finished = True
                 if finished:
                     active.remove(batch)
-                    # Its KV cache goes now (unless the prefix cache kept the generator): the
-                    # loop variable would hold it while the scheduler waits for the next request.
+                    # Its KV cache goes now (unless the prefix cache kept the generator), not
+                    # when the loop variable is next overwritten.
                     batch.generator = None
+            arrived = _drain(self._inbox)
+            if not active and not arrived:
+                return
 
     def _start(self, jobs: list[_Job]) -> _Batch:
         options = jobs[0].options
@@ -654,8 +662,26 @@ def _hand_over(jobs: list[_Job]) -> None:
         time.sleep(0.0001)  # releases the GIL to the readers
 
 
-def _drain(inbox: queue.SimpleQueue, block: bool) -> list[Any]:
-    items = [inbox.get()] if block else []
+def _schedule(model: weakref.ref[OnnxChatModel], inbox: queue.SimpleQueue) -> None:
+    """The scheduler thread. It holds its model only while there is work: a model nobody else
+    holds is freed, and the thread ends. (A caller waiting for its answer holds the model.)"""
+    while True:
+        try:
+            arrived = [inbox.get(timeout=SCHEDULER_IDLE_CHECK_S)]
+        except queue.Empty:
+            if model() is None:
+                return
+            continue
+        working = model()
+        if working is None:
+            return
+        working._work(arrived)
+        del working
+
+
+def _drain(inbox: queue.SimpleQueue) -> list[Any]:
+    """What is in the inbox now, without waiting."""
+    items = []
     with contextlib.suppress(queue.Empty):
         while True:
             items.append(inbox.get_nowait())
