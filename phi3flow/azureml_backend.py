@@ -64,7 +64,8 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # Azure ML's limits on a job's code snapshot.
 MAX_SNAPSHOT_MB = 300
 MAX_SNAPSHOT_FILES = 2000
-TAG = names.TAG_AZUREML_PREFIX
+# The backend's tags on the run it returns (`phi3flow.azureml.job_status`, ...).
+TAG = names.TAG_PREFIX + "azureml."
 JOB_MODULE = "phi3flow.azureml_job"
 # The terminal job states of azure-ai-ml (azure/ai/ml/operations/_run_history_constants.py); any
 # other state is in progress. Its terminal set includes Paused: a paused job runs nothing until

@@ -52,7 +52,7 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow.pyfunc import MODEL_CONFIG
 
-from phi3flow import names, registry, tracking
+from phi3flow import names, registry, store, tracking
 from phi3flow.config import ACTIVE_SESSION, BatchScoreConfig
 from phi3flow.errors import StepError
 from phi3flow.record import Record, record
@@ -381,7 +381,7 @@ def score(cfg: BatchScoreConfig, run) -> BatchScored:
         if not cfg.output:
             for crc in Path(output).rglob(".*.crc"):  # Hadoop's checksums of each file
                 crc.unlink()
-            tracking.log_artifacts(Path(output), names.SCORED_DIR)
+            store.current().log_artifacts(Path(output), names.SCORED_DIR)
             output = mlflow.get_artifact_uri(names.SCORED_DIR)
     mlflow.set_tag(names.TAG_OUTPUT, output)
     scored = BatchScored(
@@ -493,8 +493,8 @@ def summary(run, scored: BatchScored) -> str:
         lines.append(f"  {python} -c {shlex.quote(read)}")
     elif scored.output.startswith(mlflow.get_artifact_uri()):
         lines.append("Read it with:")
-        store = shlex.quote(tracking.absolute_uri(mlflow.get_tracking_uri()))
-        lines.append(f"  MLFLOW_TRACKING_URI={store} {python} -m mlflow "
+        store_uri = shlex.quote(tracking.absolute_uri(mlflow.get_tracking_uri()))
+        lines.append(f"  MLFLOW_TRACKING_URI={store_uri} {python} -m mlflow "
                      f"artifacts download -r {run.info.run_id} -a {names.SCORED_DIR} -d .")
         read = f"import pandas; print(pandas.read_parquet({json.dumps(names.SCORED_DIR)}))"
         lines.append(f"  {python} -c {shlex.quote(read)}")

@@ -152,9 +152,9 @@ class FetchModelConfig:
         "auto",
         "Copy the fetched files into the run's artifacts: `true`; `false` (record only the "
         "manifest; later steps re-resolve the files from the hub cache or the local path, "
-        "verified against it); or `auto`: false for files from the hub when tracking into an "
-        "Azure ML workspace (every byte is uploaded there, and each log step uploads its model's "
-        "files anyway: docs/azureml.md), true otherwise.",
+        "verified against it); or `auto`: false for files from the hub when the run's artifacts go "
+        "to an Azure ML workspace (every byte is uploaded there, and each log step uploads its "
+        "model's files anyway: docs/, the Azure ML guide), true otherwise.",
     )
     trust_remote_code: bool = _param(
         False, "Fetch the checkpoint's own Python code (*.py) and let the ONNX builder run it. "

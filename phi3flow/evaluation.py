@@ -27,7 +27,17 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 
-from phi3flow import eval_data, manifest, model_uris, names, redact, scorers, stale, tracking
+from phi3flow import (
+    eval_data,
+    manifest,
+    model_uris,
+    names,
+    redact,
+    scorers,
+    stale,
+    store,
+    tracking,
+)
 from phi3flow.config import EvaluateConfig
 from phi3flow.decision import (
     MODELS,
@@ -51,21 +61,16 @@ WITHOUT_TRACES = "the same scorers without traces"
 
 
 def trace_api(experiment_id: str) -> tuple[bool, str]:
-    """Whether the tracking store keeps traces, and why: one trace search, which reads nothing.
+    """Whether the tracking store keeps traces, and why (`store.traces`: one trace search).
 
     Any failure counts as no trace API (Azure ML answers 403; a server without MLflow 3's
     endpoints, 404): evaluate then scores without traces, and the decision says why.
     """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.MlflowClient().search_traces(locations=[experiment_id], max_results=1,
-                                            include_spans=False)
-    except MlflowException as exc:
-        return False, (f"the tracking store has no usable trace API (a trace search answered "
-                       f"{redact.error_text(exc, 300)}): answers scored {WITHOUT_TRACES}, "
-                       f"tables {names.EVAL_RESULTS} and <scorer>/mean metrics on each model's "
-                       "evaluation run")
+    found = store.current().traces(experiment_id)
+    if not found:
+        return False, (f"the tracking store has no usable trace API ({found.how}): answers "
+                       f"scored {WITHOUT_TRACES}, tables {names.EVAL_RESULTS} and <scorer>/mean "
+                       "metrics on each model's evaluation run")
     return True, "the tracking store keeps traces: a trace per answer, scored by MLflow"
 
 
@@ -79,7 +84,7 @@ def evaluate_in_fresh_process(spec: WorkerSpec) -> WorkerResult:
         logger.info("evaluating %s (%s) on %d rows in a fresh process", spec.name,
                     spec.model_uri, len(spec.rows))
         env = {
-            **tracking.child_environment(),
+            **store.child_environment(),
             # The same store as ours, even when ours is MLflow's relative default.
             "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
             "PYTHONPATH": os.pathsep.join(

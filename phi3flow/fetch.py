@@ -14,12 +14,11 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import Run
 
-from phi3flow import hub, manifest, names, onnx_build, tracking
+from phi3flow import hub, manifest, names, onnx_build, store, tracking
 from phi3flow.config import FetchModelConfig
 from phi3flow.errors import StepError
 from phi3flow.manifest import Manifest, Source
@@ -69,17 +68,19 @@ def stage(source: Path, target: Path, patterns: tuple[str, ...] | None = None) -
     return target
 
 
-def logs_weights(cfg: FetchModelConfig, kind: str) -> bool:
-    """Whether files of this source kind ("hub", "local") go into the run's artifacts.
+def logs_weights(cfg: FetchModelConfig, kind: str, artifact_uri: str | None = None) -> bool:
+    """Whether files of this source kind ("hub", "local") go into the run's artifacts (those of
+    the active run, or at `artifact_uri`).
 
-    `auto` leaves out hub files when tracking into an Azure ML workspace: there every byte is
-    uploaded (Phi-3-mini's checkpoint and ONNX model are 10 GB), each log step uploads its
-    model's own copy anyway, and the pinned commit re-resolves them, checked against the
-    manifest (`fetched_folder`). Local folders and builds exist nowhere else: logged.
+    `auto` leaves out hub files where the run's artifacts are uploaded to a workspace's storage
+    (an Azure ML workspace, `store.artifacts_are_uploaded`): every byte is uploaded there
+    (Phi-3-mini's checkpoint and ONNX model are 10 GB), each log step uploads its model's own
+    copy anyway, and the pinned commit re-resolves them, checked against the manifest
+    (`fetched_folder`). Local folders and builds exist nowhere else: logged.
     """
     if cfg.log_weights != "auto":
         return cfg.log_weights == "true"
-    return not (kind == "hub" and urlparse(mlflow.get_tracking_uri()).scheme == "azureml")
+    return not (kind == "hub" and store.current().artifacts_are_uploaded(artifact_uri))
 
 
 def fetch(cfg: FetchModelConfig, workdir: Path) -> Fetched:
@@ -139,7 +140,7 @@ def log_fetched(fetched: Fetched) -> str:
     """Log the files (where asked) and then the manifest, last: no manifest, no usable run."""
     for prefix, folder in fetched.folders.items():
         if fetched.manifest.sources[prefix].logged:
-            tracking.log_artifacts(folder, prefix)
+            store.current().log_artifacts(folder, prefix)
     fetched.manifest.log()
     return fetched.manifest.sha256()
 
@@ -184,8 +185,10 @@ def fetched_folder(run: Run, data: Manifest, prefix: str) -> Path:
     """A verified local folder holding the fetch run's `prefix` files."""
     source = data.sources[prefix]
     if source.logged:
-        # A local copy of the stored files; whatever the store holds is verified below.
-        path = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=prefix))
+        # A local copy of the stored files; whatever the store holds is verified below. Read at
+        # the run's artifact URI, not as runs:/ (MLflow would ask the logged-model API first).
+        path = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{run.info.artifact_uri.rstrip('/')}/{prefix}"))
     elif source.kind == "hub":
         snapshot, _ = hub.download(
             source.repo_id,

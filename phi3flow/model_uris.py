@@ -13,32 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.exceptions import MlflowException
 
-from phi3flow import names, tracking
+from phi3flow import names, store
 from phi3flow.errors import StepError
 
 logger = logging.getLogger(__name__)
 
 
 def log_model_or_fallback(log: Callable[[], Any], save: Callable[[str], None], name: str) -> str:
-    """Log a model; where the server lacks MLflow 3's logged-model API, log it as run artifacts.
+    """Log a model; where the store lacks MLflow 3's logged-model API, log it as run artifacts.
 
-    Azure ML's MLflow endpoint answers 404 on /api/2.0/mlflow/logged-models with MLflow 3
-    (docs/decisions.md); the workaround is save_model + log_artifacts, after which the model is
-    `runs:/<run>/<name>` and registers from there. Returns the model URI, also tagged on the run.
+    An Azure ML workspace answers 404 on /api/2.0/mlflow/logged-models with MLflow 3
+    (docs/decisions.md); `store.logged_models` probes for it. Without it the model is saved and
+    logged with log_artifacts, and is `runs:/<run>/<name>`, which registers from there. Returns
+    the model URI, also tagged on the run.
     """
-    try:
+    found = store.current().logged_models(mlflow.active_run().info.experiment_id)
+    if found:
         uri = log().model_uri
-    except MlflowException as exc:
-        if "logged-models" not in str(exc) and getattr(exc, "error_code", "") not in (
-                "ENDPOINT_NOT_FOUND", "NOT_FOUND"):
-            raise
-        logger.warning("the tracking server has no logged-model API (%s): saving the model and "
-                       "logging it as run artifacts instead", str(exc)[:200])
+    else:
+        logger.warning("the tracking store has no logged-model API (%s): saving the model and "
+                       "logging it as run artifacts instead", found.how)
         with tempfile.TemporaryDirectory(prefix="phi3flow-model-") as tmp:
             save(f"{tmp}/{name}")
-            tracking.log_artifacts(Path(tmp) / name, name)
+            store.current().log_artifacts(Path(tmp) / name, name)
         uri = f"runs:/{mlflow.active_run().info.run_id}/{name}"
     mlflow.set_tag(names.TAG_MODEL_URI, uri)
     return uri
@@ -56,9 +54,17 @@ def logged_model_uri(run_id: str) -> str:
 
 
 def model_location(model_uri: str) -> str:
-    """Where a model's files live, for reading them (MLmodel, requirements, artifacts)."""
+    """Where a model's files live, for reading them (MLmodel, requirements, artifacts).
+
+    A runs:/ model is read at its run's artifact URI: MLflow resolves a runs:/ URI by first
+    searching the logged-model API for a model of that name, which the stores that made us log
+    it as run artifacts do not have (one refused call per read).
+    """
     if model_uri.startswith("models:/m-"):
         return mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri[len("runs:/"):].partition("/")
+        return f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
     return model_uri
 
 

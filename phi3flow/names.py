@@ -105,8 +105,6 @@ TAG_METRIC_PREFIX = TAG_PREFIX + "metric."
 # Model version tag where a registry has no usable alias API: `phi3flow.alias.champion = true`
 # on the version that holds it (phi3flow/registry.py).
 TAG_ALIAS_PREFIX = TAG_PREFIX + "alias."
-# The Azure ML backend's tags on the run it returns (`phi3flow.azureml.job_status`, ...).
-TAG_AZUREML_PREFIX = TAG_PREFIX + "azureml."
 # The process running a step's run, so a later `main` can tell a run whose process was killed
 # (SIGKILL, OOM, power loss) from one still working: see phi3flow/stale.py.
 TAG_HOST = TAG_PREFIX + "host"

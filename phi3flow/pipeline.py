@@ -27,7 +27,7 @@ from typing import Any
 import mlflow
 from mlflow.projects.submitted_run import SubmittedRun
 
-from phi3flow import config, front_door, names, reuse, tracking
+from phi3flow import config, front_door, names, reuse, store, tracking
 from phi3flow.errors import StepError
 from phi3flow.record import Record, record
 
@@ -108,7 +108,7 @@ class StepRunner:
             self.reused.append(stage.entry_point)
             return previous.info.run_id
         logger.info("%s: starting a child run", stage.entry_point)
-        tracking.refresh_token()  # the step inherits os.environ
+        store.refresh_token()  # the step inherits os.environ
         submitted = launch(self.project_root, stage.entry_point, params, self.experiment_id)
         run_id = submitted.run_id
         try:
@@ -133,9 +133,9 @@ def launch(project_root: Path, entry_point: str, params: dict[str, str],
     functions (the run, its tags and params, the entry point's command), as a child of main's run.
 
     Not through `mlflow.projects.run(synchronous=False)`: that runs each step under an extra
-    `mlflow run` process, whose azureml-mlflow client (inside an Azure ML job) refreshes the
-    job's token for the step's nested run, which a workspace may refuse; the steps themselves
-    refresh under the job's run (tracking.step_run). The step is the leader of its own process
+    `mlflow run` process, whose store client may refresh a job's run token for the step's
+    nested run, which the store may refuse; the steps themselves refresh under the job's run
+    (`store.job_run_for_tokens`, in tracking.step_run). The step is the leader of its own process
     group, so `cancel()` stops it and everything it started.
     """
     from mlflow.projects import _project_spec
@@ -188,7 +188,7 @@ UI_PORT, SERVE_PORT = 5000, front_door.DEFAULT_PORT
 
 def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[str]) -> str:
     """main's closing lines: what it made, and the commands to look at it."""
-    store = shlex.quote(tracking.absolute_uri(mlflow.get_tracking_uri()))
+    store_uri = shlex.quote(tracking.absolute_uri(mlflow.get_tracking_uri()))
     model = produced.serve_uri.removeprefix("models:/")
     request = json.dumps({"model": model, "messages": [
         {"role": "user", "content": "What is the capital of Spain?"}]})
@@ -199,8 +199,9 @@ def summary(run_id: str, experiment_id: str, produced: Produced, reused: list[st
     # `python` (Debian ships python3 only) nor `mlflow` on PATH unless the environment is active.
     python = shlex.quote(sys.executable)
     lines.append("Look at it with (each in its own terminal, from any folder):")
-    lines.append(f"  {python} -m mlflow ui --backend-store-uri {store} -p {UI_PORT}")
-    lines.append(f"  MLFLOW_TRACKING_URI={store} PYTHONPATH={shlex.quote(str(names.PROJECT_ROOT))} "
+    lines.append(f"  {python} -m mlflow ui --backend-store-uri {store_uri} -p {UI_PORT}")
+    lines.append(f"  MLFLOW_TRACKING_URI={store_uri} "
+                 f"PYTHONPATH={shlex.quote(str(names.PROJECT_ROOT))} "
                  f"{python} -m phi3flow.front_door --model {model} --port {SERVE_PORT}")
     lines.append(f"  curl -s localhost:{SERVE_PORT}/v1/chat/completions -H 'Content-Type: "
                  f"application/json' -d {shlex.quote(request)}")

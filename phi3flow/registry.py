@@ -16,7 +16,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from phi3flow import names, redact
+from phi3flow import model_uris, names, redact, store
 from phi3flow.config import CHALLENGER, RegisterConfig
 from phi3flow.decision import GATED_ON, HIGHER_IS_BETTER, LABEL, Decision
 from phi3flow.errors import StepError
@@ -56,55 +56,28 @@ def registration(model_name: str, version: str, alias: str, reason: str, reused:
                         alias_api_error)
 
 
-def check_registry(client: mlflow.MlflowClient) -> None:
+def _existing_version(name: str, evaluate_run_id: str) -> ModelVersion | None:
     try:
-        client.search_registered_models(max_results=1)
-    except Exception as exc:
-        raise StepError(
-            f"the tracking store {mlflow.get_tracking_uri()} has no usable model registry "
-            f"({type(exc).__name__}: {str(exc)[:200]}). Use a database-backed store (the default "
-            "sqlite:///mlflow.db, or MLFLOW_TRACKING_URI=sqlite:///path/mlflow.db) or a tracking "
-            "server."
-        ) from None
-
-
-def _versions(client, name: str) -> list[ModelVersion]:
-    """Every version of `name` (none if it is not registered), by the one version search a
-    workspace documents: by name."""
-    try:
-        return client.search_model_versions(f"name = '{name}'")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise
-
-
-def _existing_version(client, name: str, evaluate_run_id: str) -> ModelVersion | None:
-    try:
-        versions = _versions(client, name)
+        found = store.current().versions(name, (names.TAG_EVALUATE_RUN_ID, evaluate_run_id))
     except MlflowException:
         return None
-    for version in versions:
-        if version.tags.get(names.TAG_EVALUATE_RUN_ID) == evaluate_run_id:
-            return version
-    return None
+    return found[0] if found else None
 
 
 # Where the registry's alias API does not answer (nothing documents whether an Azure ML
-# workspace has it), the alias is kept as a tag of the model version holding it
-# (`phi3flow.alias.champion = true`; serve it as models:/NAME/VERSION): version tags are among
-# the registry operations Azure ML documents, registered-model tags are not (docs/decisions.md).
-# Whatever the alias endpoints answer instead (an empty 404, a 403, an Azure-shaped error body, a
-# timeout), it is never read as "no champion": the tags are read instead, and if that fails too,
-# register stops.
+# workspace has it; `store.aliases` probes it), the alias is kept as a tag of the model version
+# holding it (`phi3flow.alias.champion = true`; serve it as models:/NAME/VERSION): version tags
+# are among the registry operations Azure ML documents, registered-model tags are not
+# (docs/decisions.md). Whatever the alias endpoints answer instead (an empty 404, a 403, an
+# Azure-shaped error body, a timeout), it is never read as "no champion": the tags are read
+# instead, and if that fails too, register stops.
 HOLDS, MOVED = "true", "moved"  # a version's alias tag: holds the alias, or held it once
 
 
 def alias_missing(exc: MlflowException) -> bool:
-    """The alias API answered, and this alias (or the model) does not exist: MLflow's stores say
-    INVALID_PARAMETER_VALUE "Registered model alias ... not found" or RESOURCE_DOES_NOT_EXIST."""
-    return (exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
-            and "not found" in exc.message.lower())
+    """The alias API answered that this alias (or the model) does not exist: MLflow's stores say
+    INVALID_PARAMETER_VALUE (no such alias) or RESOURCE_DOES_NOT_EXIST (no such model)."""
+    return exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
 
 
 @dataclass(frozen=True)
@@ -115,27 +88,31 @@ class Holder:
     alias_api_error: str = ""  # why the alias API could not be used ("": it answered)
 
 
-def _tagged_holders(client, name: str, alias: str) -> list[ModelVersion]:
+def _tagged_holders(name: str, alias: str) -> list[ModelVersion]:
     """The versions whose tag says they hold `alias`, newest first (one, unless a register was
     stopped between tagging the new holder and untagging the old)."""
-    return sorted((v for v in _versions(client, name) if v.tags.get(names.TAG_ALIAS_PREFIX + alias) == HOLDS),
+    return sorted(store.current().versions(name, (names.TAG_ALIAS_PREFIX + alias, HOLDS)),
                   key=lambda v: int(v.version), reverse=True)
 
 
 def current_holder(client, name: str, alias: str) -> Holder:
-    """The version holding `alias`: from the alias API, else from the version tags."""
-    api_error = ""
-    try:
-        return Holder(client.get_model_version_by_alias(name, alias))
-    except MlflowException as exc:
-        if not alias_missing(exc):
-            api_error = redact.error_text(exc, 300)
-            logger.warning("the registry's alias API did not answer for %s@%s (%s): reading the "
-                           "version tags %s%s instead", name, alias, api_error,
-                           names.TAG_ALIAS_PREFIX, alias)
+    """The version holding `alias`: from the alias API where the store has one, else (or if it
+    has none yet) from the version tags."""
+    aliases = store.current().aliases(name, alias)
+    api_error = "" if aliases else aliases.how
+    if aliases:
+        try:
+            return Holder(client.get_model_version_by_alias(name, alias))
+        except MlflowException as exc:
+            if not alias_missing(exc):
+                api_error = redact.error_text(exc, 300)
+    if api_error:
+        logger.warning("the registry's alias API did not answer for %s@%s (%s): reading the "
+                       "version tags %s%s instead", name, alias, api_error,
+                       names.TAG_ALIAS_PREFIX, alias)
     # No alias, or no usable alias API: an earlier register may have kept it as a tag.
     try:
-        tagged = _tagged_holders(client, name, alias)
+        tagged = _tagged_holders(name, alias)
     except MlflowException as exc:
         raise StepError(
             f"cannot tell which version of {name} holds @{alias}: the alias API answered "
@@ -156,17 +133,20 @@ def set_alias(client, name: str, alias: str, version: str) -> str:
     """Give `alias` to `version`. Returns "" if the alias API did it; otherwise why it could
     not, and the alias is then the version's tag (read back by `current_holder`)."""
     tag = names.TAG_ALIAS_PREFIX + alias
-    try:
-        client.set_registered_model_alias(name, alias, version)
-        error = ""
-    except MlflowException as exc:
-        error = redact.error_text(exc, 300)
+    aliases = store.current().aliases(name, alias)
+    error = "" if aliases else aliases.how
+    if aliases:
+        try:
+            client.set_registered_model_alias(name, alias, version)
+        except MlflowException as exc:
+            error = redact.error_text(exc, 300)
+    if error:
         logger.warning("the registry's alias API refused @%s (%s): it is recorded as the tag "
                        "%s=%s of %s version %s; serve models:/%s/%s", alias, error, tag, HOLDS,
                        name, version, name, version)
         client.set_model_version_tag(name, str(version), tag, HOLDS)
     # Earlier holders by tag give it up (also after the API worked, so no tag outlives the alias).
-    for held in _tagged_holders(client, name, alias):
+    for held in _tagged_holders(name, alias):
         if held.version != str(version):
             client.set_model_version_tag(name, held.version, tag, MOVED)
     return error
@@ -245,13 +225,13 @@ def _register_model(client, model_uri: str, name: str, tags: dict[str, str]) -> 
 
     A runs:/ URI (the log steps' fallback where the store has no logged-model API) is registered
     from the run's artifact URI, still linked to the run: `mlflow.register_model` would list the
-    run's artifacts and then ask the logged-model API, which azureml-mlflow's listing sends to
-    the run's root and the Azure ML workspace answers with 404 (docs/decisions.md).
+    run's artifacts and then ask the logged-model API, which such a store answers with 404
+    (docs/decisions.md, "Models and the registry in a workspace").
     """
     if not model_uri.startswith("runs:/"):
         return mlflow.register_model(model_uri, name, tags=tags)
-    run_id, _, path = model_uri[len("runs:/"):].partition("/")
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{path}"
+    run_id = model_uri[len("runs:/"):].partition("/")[0]
+    source = model_uris.model_location(model_uri)
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -262,8 +242,8 @@ def _register_model(client, model_uri: str, name: str, tags: dict[str, str]) -> 
 
 def register(cfg: RegisterConfig, decision: Decision, evaluate_run) -> Registration:
     client = mlflow.MlflowClient()
-    check_registry(client)
-    existing = _existing_version(client, cfg.model_name, cfg.evaluate_run_id)
+    store.require_registry(cfg.model_name)
+    existing = _existing_version(cfg.model_name, cfg.evaluate_run_id)
     if existing is not None:
         existing = client.get_model_version(cfg.model_name, existing.version)  # with aliases
         aliases = aliases_of(client, cfg.model_name, existing)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
-from phi3flow import names, run_search
+from phi3flow import names, store
 from phi3flow.names import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def reusable_run(experiment_id: str, entry_point: str, key: str, force: bool,
         logger.info("%s: inputs may have moved (unpinned revision), running it again",
                     entry_point)
         return None
-    finished = [run for run in run_search.runs_tagged(experiment_id, names.TAG_CACHE_KEY, key)
-                if run.info.status == "FINISHED"]
+    tagged = store.current().runs_tagged(experiment_id, names.TAG_CACHE_KEY, key)
+    finished = [run for run in tagged if run.info.status == "FINISHED"]
     if finished:
         newest = max(finished, key=lambda run: run.info.start_time or 0)
         logger.info("%s: reusing finished run %s (same parameters, inputs and code)",

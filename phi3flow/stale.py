@@ -13,8 +13,9 @@ import socket
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
-from phi3flow import names, run_search
+from phi3flow import names, redact, store
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
     host = socket.gethostname()
     client = mlflow.MlflowClient()
     marked = []
-    for run in run_search.runs_tagged(experiment_id, names.TAG_HOST, host):
+    for run in store.current().runs_tagged(experiment_id, names.TAG_HOST, host):
         if run.info.status != "RUNNING":
             continue
         tags = run.data.tags
@@ -69,9 +70,16 @@ def mark_stale_runs(experiment_id: str) -> list[str]:
             continue  # still running (or cannot tell): leave it
         reason = (f"process {pid} on {host} that ran this step ended without ending the run "
                   "(killed with SIGKILL, out of memory or a crash); marked FAILED by a later main")
-        client.set_tag(run.info.run_id, names.TAG_STALE, reason)
-        client.set_tag(run.info.run_id, names.TAG_ERROR, reason)
-        client.set_terminated(run.info.run_id, "FAILED")
+        try:
+            client.set_tag(run.info.run_id, names.TAG_STALE, reason)
+            client.set_tag(run.info.run_id, names.TAG_ERROR, reason)
+            client.set_terminated(run.info.run_id, "FAILED")
+        except MlflowException as exc:
+            # A store may let this process write only to its own runs (an Azure ML job's run
+            # token): the run stays as it is, and main goes on.
+            logger.warning("run %s (%s) looks stale but could not be ended: %s",
+                           run.info.run_id, tags.get(names.TAG_STEP), redact.error_text(exc, 300))
+            continue
         logger.warning("run %s (%s): %s", run.info.run_id, tags.get(names.TAG_STEP), reason)
         marked.append(run.info.run_id)
     return marked

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlflow
 
-from phi3flow import names, registry, tracking
+from phi3flow import names, registry, store, tracking
 from phi3flow.config import RegisterConfig, parse_config
 from phi3flow.decision import Decision
 from phi3flow.registry import Registration
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> Registration:
     with tracking.step_run(names.REGISTER):
         cfg = parse_config(RegisterConfig, argv)
         tracking.log_config(cfg)
-        registry.check_registry(mlflow.MlflowClient())
+        store.require_registry(cfg.model_name)
         evaluate_run = tracking.upstream_run("evaluate_run_id", cfg.evaluate_run_id,
                                              names.EVALUATE)
         registered = registry.register(cfg, Decision.read(evaluate_run), evaluate_run)

@@ -77,8 +77,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path, monkeypatch):
-    """Each test runs in its own directory: stray mlflow.db / mlruns land there, not in the repo."""
+    """Each test runs in its own directory: stray mlflow.db / mlruns land there, not in the repo.
+    And each starts knowing nothing of any store (what the store adapter learned in this process
+    under an earlier test's stand-in may not hold now)."""
+    from phi3flow import store
+
     monkeypatch.chdir(tmp_path)
+    store.forget()
 
 
 @pytest.fixture

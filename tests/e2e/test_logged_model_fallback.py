@@ -1,106 +1,76 @@
-"""The pipeline against a tracking server without MLflow 3's logged-model API (as Azure ML's).
+"""The quickstart's `main` against a tracking server that refuses what an Azure ML workspace
+refuses (`tests/refusing_proxy.py`: a real `mlflow server` behind a proxy stand-in).
 
-A real `mlflow server` (sqlite) runs on 127.0.0.1 behind a small proxy that answers 404 on
-/api/2.0/mlflow/logged-models, as Azure ML workspaces do with MLflow 3 (docs/decisions.md). The log steps
-must fall back to save_model + log_artifacts, and evaluate and register must finish from the
-resulting runs:/ URIs.
+No logged-model API (an empty 404), no registry search with a tag clause or `!=` (issue 42155's
+400, which MLflow's own prompt filter gets), no escaped keys in run searches, no page of 1,000 or
+more, no trace API, no aliases: `main` must complete and register a champion that answers, and
+the store adapter's probes must be the only refused calls. The URI is a plain `http://` one, so
+nothing can be decided from its name.
 """
 
 from __future__ import annotations
 
-import http.client
-import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import re
+from collections import Counter
 
 import mlflow
 import pytest
 
-from phi3flow import names
-from steps import evaluate, fetch_model, log_onnx_pyfunc, log_transformers, register
-from tests.helpers import (
-    FIXTURE,
-    QUESTION,
-    created_run,
-    free_port,
-    predict_in_fresh_process,
-    tracking_server,
-)
+from phi3flow import names, registry
+from phi3flow.registry import Registration
+from tests.helpers import FIXTURE, QUESTION, predict_in_fresh_process, run_project
+from tests.refusing_proxy import refusing_server
 
 pytestmark = pytest.mark.e2e
 
 
-class _Proxy(BaseHTTPRequestHandler):
-    upstream_port = 0
-    refused: list[str] = []
-
-    def log_message(self, *args):
-        pass
-
-    def _forward(self):
-        if "/mlflow/logged-models" in self.path:
-            self.refused.append(self.path)
-            body = b"404 Not Found"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        data = self.rfile.read(length) if length else None
-        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=120)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host",)}
-        upstream.request(self.command, self.path, body=data, headers=headers)
-        response = upstream.getresponse()
-        payload = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
-
-
 @pytest.fixture
-def server_without_logged_models(tmp_path, monkeypatch):
-    port = free_port()
-    with tracking_server(tmp_path, port):
-        handler = type("Proxy", (_Proxy,), {"upstream_port": port, "refused": []})
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{proxy.server_address[1]}")
-        yield handler
-        proxy.shutdown()
+def refusing(tmp_path, monkeypatch):
+    with refusing_server(tmp_path) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
+        yield proxy
 
 
-def test_pipeline_completes_where_the_logged_model_api_answers_404(server_without_logged_models):
-    fetch = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
-                              "--precision", "fp32"])
-    transformers_uri = log_transformers.main(["--fetch_run_id", fetch, "--max_new_tokens", "32"])
-    onnx_uri = log_onnx_pyfunc.main(["--fetch_run_id", fetch, "--max_new_tokens", "32"])
-    assert server_without_logged_models.refused, "the proxy never saw the logged-model API"
-    assert transformers_uri.startswith("runs:/") and transformers_uri.endswith(
-        names.TRANSFORMERS_MODEL_NAME)
-    assert onnx_uri.startswith("runs:/") and onnx_uri.endswith(names.ONNX_MODEL_NAME)
-    for uri in (transformers_uri, onnx_uri):
-        answer = predict_in_fresh_process(uri, QUESTION,
-                                          env={"MLFLOW_TRACKING_URI": os.environ[
-                                              "MLFLOW_TRACKING_URI"]})
-        assert "Madrid" in answer["choices"][0]["message"]["content"]
+def test_quickstart_main_completes_against_a_refusing_server_stand_in(refusing, tmp_path):
+    """`mlflow run . -P model_id=tests/fixtures/tiny-phi3 -P onnx_source=build`, as the README's
+    quickstart, tracking into the refusing server stand-in."""
+    done = run_project("-P", f"model_id={FIXTURE}", "-P", "onnx_source=build", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-6000:]
+    (main_id,) = re.findall(r"=== Run \(ID '([0-9a-f]{32})'\) succeeded ===", done.stderr)
 
-    def run_id(uri: str) -> str:
-        return uri.split("/")[1]
+    # The probes, each once in the process that needed it, are the only refused calls: the
+    # logged-model API by each log step, tag filters by register (which then lists versions by
+    # name), the trace API by evaluate, the alias API by register.
+    assert Counter(name for name, _ in refusing.refused) == {
+        "logged-models": 2, "registry-tag-filters": 1, "traces": 1, "aliases": 1}, \
+        refusing.refused
 
-    decision = evaluate.main(["--transformers_run_id", run_id(transformers_uri),
-                              "--onnx_run_id", run_id(onnx_uri), "--max_new_tokens", "32"])
-    assert decision.models[decision.chosen].model_uri.startswith("runs:/")
-    evaluate_run = created_run()
-    registered = register.main(["--evaluate_run_id", evaluate_run.info.run_id])
-    assert registered.alias == "champion"
-    version = mlflow.MlflowClient().get_model_version_by_alias(names.DEFAULT_REGISTERED_MODEL,
-                                                               "champion")
-    assert version.source.startswith(("runs:/", "mlflow-artifacts:"))
+    client = mlflow.MlflowClient()
+    main_run = client.get_run(main_id)
+    assert main_run.info.status == "FINISHED"
+    tags = main_run.data.tags
+    for key in ("transformers_model_uri", "onnx_model_uri"):
+        assert tags[names.TAG_PREFIX + key].startswith("runs:/")
+    children = client.search_runs([main_run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{main_id}'", max_results=100)
+    assert all(c.info.status == "FINISHED" and not c.data.tags.get(names.TAG_ERROR)
+               for c in children)
+    register_run = next(c for c in children if c.data.tags[names.TAG_STEP] == names.REGISTER)
+    registered = Registration.read(register_run)
+    # No alias API: the champion is the version's tag, served by version.
+    assert registered.alias == "champion" and registered.alias_by_tag
+    assert registered.serve_uri == f"models:/{names.DEFAULT_REGISTERED_MODEL}/{registered.version}"
+    version = client.get_model_version(names.DEFAULT_REGISTERED_MODEL, registered.version)
+    assert version.tags[names.TAG_ALIAS_PREFIX + "champion"] == registry.HOLDS
+    answer = predict_in_fresh_process(registered.serve_uri, QUESTION,
+                                      env={"MLFLOW_TRACKING_URI": refusing.uri})
+    assert "Madrid" in answer["choices"][0]["message"]["content"]
+
+    # Run again: every step is reused (run searches by one unescaped tag, in pages), and the
+    # evaluate run already registered is found among the versions listed by name.
+    again = run_project("-P", f"model_id={FIXTURE}", "-P", "onnx_source=build", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert "reused steps               fetch_model, log_transformers, log_onnx_pyfunc, " \
+           "evaluate, register" in again.stdout + again.stderr
+    assert not [name for name, _ in refusing.refused if name in ("escaped-keys", "max-results")]
+    assert mlflow.MlflowClient().get_run(main_id).info.status == "FINISHED"
