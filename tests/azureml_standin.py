@@ -13,14 +13,19 @@ ML, talks to, speaking the protocol it speaks (read from its source, azureml-mlf
   that is known (403 on the trace API, an empty 404 on MLflow 3's logged-model API) and a 400
   naming the feature for everything else (`Refusal`). The same table, with the sources, is in
   docs/decisions.md ("What the workspace stand-in answers");
-- runs' artifact URIs are rewritten to Azure's form, `azureml://experiments/<name>/runs/<id>/
-  artifacts`, and the run-history artifact endpoints that azureml-mlflow calls for them
+- runs' artifact URIs are rewritten to the form current workspaces answer, `azureml://<host>/
+  mlflow/v2.0/<workspace scope>/experiments/<id>/runs/<id>/artifacts`, and the run-history
+  artifact endpoints that azureml-mlflow calls for them
   (`/history/v1.0/<scope>/experiments/<e>/runs/<r>/artifacts[/batch/metadata|/contentinfo]`)
   hand out SAS URLs into **Azurite**, Microsoft's Azure Storage emulator, so every artifact byte
   goes through the real azure-storage-blob client into real (emulated) blob storage;
 - the run-token refresh endpoint (`/history/v1.0/<scope>/experimentids/<e>/runs/<r>/token`)
   that azureml-mlflow calls inside a job, and a managed-identity endpoint (`/msi`, the protocol
-  azure-identity's ManagedIdentityCredential speaks) that gives the user's side its token.
+  azure-identity's ManagedIdentityCredential speaks) that gives the user's side its token;
+- a run token (a job's) is checked on every write: runs are created only in its experiment, and
+  written only if they are the job's run or nested under it (403 otherwise; RUN_TOKEN_SCOPE);
+- the job's run carries the tags Azure sets on it (JOB_SYSTEM_TAGS), and a write that would
+  change `mlflow.user` or `mlflow.rootRunId` is refused.
 
 Where Azure's behaviour is undocumented it refuses, and can be set to each of the answers a real
 workspace might give instead: the registry's alias endpoints (`alias_answer`: refused with an
@@ -166,7 +171,11 @@ ALLOWED = {
     "registered-models/search": MODELS + ": search/list registered models (by name; no LIKE)",
     "model-versions/create": MODELS + ": register models from runs outputs (runs:/)",
     "model-versions/get": MODELS + ": retrieving details of registered model's versions",
-    "model-versions/search": MODELS + ": retrieving details of registered model's versions",
+    # Assumed: in no support matrix or example of Microsoft's; azureml-mlflow's registry store is
+    # MLflow's REST store, which sends every version search here. Searched by name only
+    # (REGISTRY_TAG_FILTERS_400), in pages under MAX_RESULTS_400's limit.
+    "model-versions/search": "assumed: azureml-mlflow's registry store sends every version "
+                             "search here; documented nowhere",
     "model-versions/get-download-uri": MODELS + ": retrieving details (loading a version)",
     "model-versions/update": MODELS + ": edit registered model's versions description",
     "model-versions/set-tag": MODELS + ": edit registered model's versions tags",
@@ -175,6 +184,10 @@ ALLOWED = {
     "registered-models/get-latest-versions": MODELS + ": manage MLflow model stages",
     "model-versions/transition-stage": MODELS + ": manage MLflow model stages",
 }
+# Writes with a run token (a job's) beyond the job's own run and the runs nested under it, or runs
+# created in another experiment. Assumed (safe side): nothing documents a run token's scope; a
+# job's run token is issued for the job's run (azureml-mlflow refreshes it by that run's ID).
+RUN_TOKEN_SCOPE = "assumed: a run token writes only to its run's tree (403 otherwise)"
 # Known answers to what a workspace does not serve.
 TRACES_403 = ("Azure/azure-sdk-for-python issue 40261 (open): `/api/2.0/mlflow/traces` failed "
               "with error code 403; Microsoft: \"mlflow tracing is not supported in AML yet\"; "
@@ -183,6 +196,42 @@ LOGGED_MODELS_404 = ("MLflow 3 against a workspace: `/api/2.0/mlflow/logged-mode
                      "error code 404 (azure-sdk-for-python issue 44896; docs/decisions.md)")
 ALIASES_UNKNOWN = ("assumed: the alias endpoints are in no support matrix (MODELS lists stages, "
                    "not aliases); refused by default, `alias_answer` plays each other answer")
+# A registry search with a tag clause or `!=`, as a workspace answers it: Azure/azure-sdk-for-python
+# issue 42155 (open), the body quoted there (to the filter MLflow adds to every registered-model
+# search, ``tag.`mlflow.prompt.is_prompt` != 'true'``); Microsoft's model matrix (MODELS) lists no
+# search of registered models by tag. Applied to model-version searches too (assumed: the same
+# service parses both).
+REGISTRY_TAG_FILTERS_400 = "Azure/azure-sdk-for-python issue 42155"
+# `max_results` of 1,000 or more: mlflow/mlflow issue 10694, a workspace's answer to MLflow's
+# metric-history page of 25,000 ("MaxResults must be less than 1000"). Applied to run and
+# model-version searches too (assumed: MLflow's own defaults ask 1,000 and 10,000 there; 1,000
+# itself is refused, as the message says).
+MAX_RESULTS_400 = "mlflow/mlflow issue 10694"
+MAX_RESULTS = 1000  # refused from here up
+# Tags Azure ML sets on a job's run: seen in a command job's run read back through MLflow
+# (`mlflow.rootRunId` and `mlflow.runName` the job's name, `mlflow.user` the submitting user's
+# display name). Whether a job may change them is documented nowhere; overwriting `mlflow.user`
+# has been reported refused (mlflow/mlflow-export-import issue 78). The safe side: the stand-in
+# refuses, with a 400, any write that would change `mlflow.user` or `mlflow.rootRunId` on a run
+# that has them. `mlflow.runName` stays writable: Microsoft documents the job's display name as
+# the way to name its run (how-to-use-mlflow-cli-runs.md), and `mlflow run --run-name` sets it.
+JOB_SYSTEM_TAGS = ("mlflow.rootRunId", "mlflow.runName", "mlflow.user")
+PROTECTED_TAGS = ("mlflow.rootRunId", "mlflow.user")
+STANDIN_USER = "Stand-in User"
+
+
+def azure_error(message: str, error_code: str, status: int = 400) -> dict:
+    """An error body in the shape a workspace's MLflow endpoint sends (issues 42155, 10694)."""
+    return {"Error": {"Code": "UserError", "Severity": None, "Message": message,
+                      "MessageFormat": None, "MessageParameters": None, "ReferenceCode": None,
+                      "DetailsUri": None, "Target": None, "Details": [], "InnerError": None,
+                      "DebugInfo": None, "AdditionalInfo": None},
+            "Correlation": {"operation": uuid.uuid4().hex, "request": uuid.uuid4().hex[:16]},
+            "Environment": "stand-in", "Location": "stand-in", "Time": datetime.datetime.now(
+                datetime.timezone.utc).isoformat(), "ComponentName": "mlflow",
+            "statusCode": status, "error_code": error_code}
+
+
 # Run search features refused, each with its source.
 SEARCH_REFUSALS = {
     "filter on attributes": "assumed from the 2022 page (MicrosoftDocs/azure-docs "
@@ -197,6 +246,9 @@ SEARCH_REFUSALS = {
     "order by metrics, params or tags": RUNS + ", 'Order runs': \"The order_by parameter doesn't "
                                         "currently support expressions containing metrics.*, "
                                         "params.*, or tags.*\"",
+    "escaped identifiers": "assumed: RUNS shows only unescaped keys (`tags.mlflow.parentRunId`) "
+                           "and lists escaped identifiers as unsupported for metrics; refused "
+                           "for every key (stricter than Azure, if it takes them for tags)",
 }
 
 
@@ -209,18 +261,25 @@ class Refusal:
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`")
+_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 def search_refusal(filter_string: str, order_by: list[str] | None = None,
-                   runs: bool = True) -> str | None:
-    """The feature of SEARCH_REFUSALS a search uses, or None if a workspace answers it."""
+                   kind: str = "runs") -> str | None:
+    """The feature of SEARCH_REFUSALS a search of `kind` ("runs", "registry", "experiments")
+    uses, or None if a workspace answers it."""
     from mlflow.utils.search_utils import SearchUtils
 
+    runs = kind == "runs"
     bare = _QUOTED.sub("''", filter_string or "")
     if re.search(r"(?i)\bor\b", bare):
         return "OR"
     if re.search(r"(?i)\bi?like\b", bare):
         return "LIKE/ILIKE"
+    if runs and "`" in _STRINGS.sub("''", " ".join([filter_string or "", *(order_by or [])])):
+        return "escaped identifiers"
+    if kind == "registry" and (re.search(r"(?i)\btags?\s*\.", bare) or "!=" in bare):
+        return "tag filter in a registry search"
     if runs and filter_string:
         for clause in SearchUtils.parse_search_filter(filter_string):
             if clause["type"] == "attribute":
@@ -254,7 +313,7 @@ class Workspace:
         self.token_scope = "job"
         self.artifact_fault = False  # every artifact upload fails, quoting its SAS URL
         self.lock = threading.Lock()
-        self.experiment_names: dict[str, str] = {}  # by ID; MLflow experiments keep their name
+        self.parents: dict[str, str | None] = {}  # run ID -> its parent's (descends_from)
 
     # -- tokens ------------------------------------------------------------------------------
     def token(self, kind: str, seconds: int, **claims) -> str:
@@ -292,12 +351,15 @@ class Workspace:
     def tls_env(self) -> dict[str, str]:
         # Trust the stand-in's certificate (requests, azure-core and the blob client read it);
         # AZUREML_CURRENT_CLOUD spares azureml-mlflow a lookup of Azure's cloud metadata.
+        # No MLFLOW_HTTP_REQUEST_* setting: a job runs with MLflow's own retries, as on Azure.
         return {"REQUESTS_CA_BUNDLE": str(self.bundle), "SSL_CERT_FILE": str(self.bundle),
-                "AZUREML_CURRENT_CLOUD": "AzureCloud", "NO_PROXY": "127.0.0.1,localhost",
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+                "AZUREML_CURRENT_CLOUD": "AzureCloud", "NO_PROXY": "127.0.0.1,localhost"}
 
-    def artifact_uri(self, experiment_name: str, run_id: str) -> str:
-        return f"azureml://experiments/{quote(experiment_name)}/runs/{run_id}/artifacts"
+    def artifact_uri(self, experiment_id: str, run_id: str) -> str:
+        """A run's artifact URI in the form current workspaces answer (regional host, the
+        workspace's scope, experiment and run by ID)."""
+        return (f"azureml://{self.host}/mlflow/v2.0{SCOPE}/experiments/{experiment_id}/runs/"
+                f"{run_id}/artifacts")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Workspace:
@@ -392,24 +454,26 @@ class Workspace:
     def refused(self, *features: str) -> list[Refusal]:
         return [r for r in self.counters.refusals if not features or r.feature in features]
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """A run's tags as the backing server has them ({} for no such run)."""
+        try:
+            found = self.backend("GET", f"/api/2.0/mlflow/runs/get?run_id={quote(run_id)}")
+        except RuntimeError:
+            return {}
+        return {t["key"]: t["value"] for t in found["run"]["data"].get("tags", [])}
+
     def descends_from(self, run_id: str, ancestor: str) -> bool:
-        """A job's token may be refreshed for the job's run and the runs nested under it."""
+        """Whether `run_id` is `ancestor` or nested under it (a run's parent never changes, so
+        each is looked up once)."""
         for _ in range(10):
             if run_id == ancestor:
                 return True
-            tags = self.backend("GET", f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"][
-                "data"].get("tags", [])
-            run_id = next((t["value"] for t in tags if t["key"] == "mlflow.parentRunId"), None)
+            if run_id not in self.parents:
+                self.parents[run_id] = self.run_tags(run_id).get("mlflow.parentRunId")
+            run_id = self.parents[run_id]
             if run_id is None:
                 return False
         return False
-
-    def experiment_name(self, experiment_id: str) -> str:
-        """An experiment's name, looked up once: a run-info rewrite needs it for every run."""
-        with self.lock:
-            if experiment_id not in self.experiment_names:
-                self.experiment_names[experiment_id] = self.experiment(experiment_id)["name"]
-            return self.experiment_names[experiment_id]
 
     def blob_name(self, run_id: str, path: str) -> str:
         return f"ExperimentRun/dcid.{run_id}/{path}"
@@ -464,6 +528,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path == "/msi":
             return self._msi(query)
         claims = self.ws.check_token(self.headers.get("Authorization"))
+        self.claims = claims or {}
         if claims is None or self.ws.mode == "401":
             self.ws.counters.unauthorized.append(f"{self.command} {url.path}")
             return self._reply(401, {"error": {"code": "AuthenticationFailed",
@@ -509,13 +574,43 @@ class _Handler(BaseHTTPRequestHandler):
         with self.ws.lock:
             self.ws.counters.requests.append((self.command, rest, status))
 
-    def _refuse(self, rest: str, feature: str, status: int = 400) -> int:
+    def _refuse(self, rest: str, feature: str, status: int = 400,
+                body: dict | None = None) -> int:
         with self.ws.lock:
             self.ws.counters.refusals.append(Refusal(self.command, rest, feature))
-        self._reply(status, {"error": {"code": "UserError", "message": (
+        self._reply(status, body or {"error": {"code": "UserError", "message": (
             f"{feature} is not supported by this workspace (the Azure ML stand-in serves only "
             f"what Azure ML documents): {self.command} {rest}")}})
         return status
+
+    # Writes to a run, by endpoint: a run token may make them only to its own run and the runs
+    # nested under it (RUN_TOKEN_SCOPE).
+    RUN_WRITES = ("runs/update", "runs/log-batch", "runs/log-metric", "runs/log-parameter",
+                  "runs/set-tag", "runs/delete-tag", "runs/delete", "runs/restore")
+
+    def _out_of_scope(self, endpoint: str, request: dict) -> str | None:
+        """What a run token asks for beyond its scope (RUN_TOKEN_SCOPE), or None."""
+        claims = self.claims
+        if endpoint == "runs/create":
+            if str(request.get("experiment_id")) != str(claims["experiment_id"]):
+                return f"create runs in experiment {request.get('experiment_id')}"
+            return None
+        if endpoint in self.RUN_WRITES:
+            run_id = request.get("run_id") or request.get("run_uuid") or ""
+            if not self.ws.descends_from(run_id, claims["run_id"]):
+                return f"write to run {run_id}"
+        return None
+
+    def _changes_system_tags(self, request: dict) -> list[str]:
+        """The PROTECTED_TAGS a write would change on a run that has them."""
+        tags = ([{"key": request.get("key"), "value": request.get("value")}]
+                if "key" in request else request.get("tags", []))
+        asked = {t["key"]: t["value"] for t in tags if t.get("key") in PROTECTED_TAGS}
+        if not asked:
+            return []
+        run_id = request.get("run_id") or request.get("run_uuid") or ""
+        current = self.ws.run_tags(run_id)
+        return [k for k, v in asked.items() if k in current and current[k] != v]
 
     def _answer_mlflow(self, rest: str, query: str, body: bytes) -> int:
         endpoint = re.sub(r"^/api/[23]\.0/(preview/)?mlflow/", "", rest)
@@ -533,16 +628,36 @@ class _Handler(BaseHTTPRequestHandler):
         if not rest.startswith("/api/2.0/mlflow/") or endpoint not in ALLOWED and not (
                 endpoint == "registered-models/alias"):
             return self._refuse(rest, f"the MLflow endpoint {endpoint}")
+        request = json.loads(body or b"{}") if self.command == "POST" else {
+            k: v[0] for k, v in parse_qs(query).items()}
+        if endpoint in ("runs/search", "model-versions/search", "metrics/get-history") and int(
+                request.get("max_results") or 0) >= MAX_RESULTS:  # MAX_RESULTS_400
+            return self._refuse(rest, "max_results of 1000 or more", body=azure_error(
+                f"MaxResults = {request['max_results']} is invalid: MaxResults must be less "
+                "than 1000.", "BAD_REQUEST"))
         if endpoint in ("runs/search", "experiments/search", "registered-models/search",
                         "model-versions/search"):
-            request = json.loads(body or b"{}") if self.command == "POST" else {
-                k: v[0] for k, v in parse_qs(query).items()}
             order_by = request.get("order_by")
+            kind = {"runs/search": "runs", "experiments/search": "experiments"}.get(
+                endpoint, "registry")
             refusal = search_refusal(request.get("filter", ""),
-                                     [order_by] if isinstance(order_by, str) else order_by,
-                                     runs=endpoint == "runs/search")
+                                     [order_by] if isinstance(order_by, str) else order_by, kind)
+            if refusal == "tag filter in a registry search":  # REGISTRY_TAG_FILTERS_400
+                return self._refuse(rest, refusal, body=azure_error(
+                    "Currently unsupported filter string format (we currently do not support "
+                    f"OR). Provided filter string: {request.get('filter', '')}",
+                    "INVALID_PARAMETER_VALUE"))
             if refusal:
                 return self._refuse(rest, refusal)
+        if self.claims.get("kind") == "run" and (refusal := self._out_of_scope(endpoint,
+                                                                                request)):
+            return self._refuse(rest, "a run token beyond its run", status=403, body={"error": {
+                "code": "Forbidden", "message": f"this run token may not {refusal}"}})
+        if endpoint in ("runs/set-tag", "runs/log-batch") and (
+                changed := self._changes_system_tags(request)):
+            return self._refuse(rest, "changing a system tag of a job's run", body=azure_error(
+                f"The tag(s) {', '.join(changed)} are set by Azure Machine Learning and cannot "
+                "be changed.", "INVALID_PARAMETER_VALUE"))
         conn = http.client.HTTPConnection("127.0.0.1", self.ws.backend_port, timeout=300)
         conn.request(self.command, rest + (f"?{query}" if query else ""), body=body or None,
                      headers={"Content-Type": self.headers.get("Content-Type",
@@ -580,8 +695,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Run infos carry Azure's artifact URI form, as the workspace returns them."""
         if isinstance(value, dict):
             if "artifact_uri" in value and "run_id" in value and "experiment_id" in value:
-                name = self.ws.experiment_name(value["experiment_id"])
-                value = {**value, "artifact_uri": self.ws.artifact_uri(name, value["run_id"])}
+                value = {**value, "artifact_uri": self.ws.artifact_uri(value["experiment_id"],
+                                                                       value["run_id"])}
             return {k: self._azure_artifact_uris(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self._azure_artifact_uris(v) for v in value]
@@ -695,8 +810,10 @@ class JobService:
             "experiment_id": experiment["experiment_id"], "run_name": job.display_name,
             "start_time": int(time.time() * 1000),
             "tags": [{"key": "mlflow.runName", "value": job.display_name or ""},
-                     {"key": "azureml.runsource", "value": "azureml.scriptrun"}]})["run"]
+                     {"key": "mlflow.user", "value": STANDIN_USER}]})["run"]
         name = run["info"]["run_id"]  # Azure ML: the job's name is its MLflow run ID
+        self.ws.backend("POST", "/api/2.0/mlflow/runs/set-tag", {  # JOB_SYSTEM_TAGS
+            "run_id": name, "key": "mlflow.rootRunId", "value": name})
         workdir = self.root / name
         code = Path(job.code)
         ignore = get_ignore_file(code)

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import mlflow
 import mlflow.projects
 import pytest
 
-from phi3flow import evaluation, names, registry, scorers, tracking
+from phi3flow import azureml_store, evaluation, names, registry, scorers, store
 from phi3flow.azureml_backend import AzureMLBackend, AzureMLConfigError
 from phi3flow.decision import MODELS, Decision
 from phi3flow.errors import StepError
@@ -32,6 +33,8 @@ from phi3flow.registry import Registration
 from tests.azureml_standin import (
     JOB_ENVIRONMENT,
     RESOURCE_GROUP,
+    SCOPE,
+    STANDIN_USER,
     SUBSCRIPTION,
     WORKSPACE,
     JobService,
@@ -73,6 +76,11 @@ def user_side(ws, monkeypatch):
     yield ws
     for key, value in defaults.items():
         setattr(ws, key, value)
+
+
+def _workspace_artifacts(ws) -> str:
+    """The start of every artifact URI the workspace stand-in answers (the long regional form)."""
+    return f"azureml://{ws.host}/mlflow/v2.0{SCOPE}/experiments/"
 
 
 def _jobs(ws, tmp_path, monkeypatch, **options) -> JobService:
@@ -120,7 +128,8 @@ def main_job(ws, tmp_path_factory) -> MainJob:
 
 def _children(client, run) -> dict[str, object]:
     children = client.search_runs([run.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                  max_results=store.PAGE)
     return {c.data.tags[names.TAG_PREFIX + "step"]: c for c in children}
 
 
@@ -139,7 +148,10 @@ def test_main_as_a_job_completes_in_the_strict_workspace_stand_in(user_side, mai
     client = mlflow.MlflowClient()
     run = client.get_run(main_job.run_id)  # the job's own run, read back from the workspace
     assert run.info.status == "FINISHED"
-    assert run.info.artifact_uri.startswith("azureml://experiments/")
+    assert run.info.artifact_uri.startswith(_workspace_artifacts(ws))
+    # The tags Azure sets on a job's run, kept (the project changes none of them).
+    assert run.data.tags.items() >= {"mlflow.rootRunId": main_job.run_id,
+                                     "mlflow.user": STANDIN_USER}.items()
     tags = run.data.tags
     assert tags["phi3flow.azureml.job_status"] == "Completed"
     assert run.data.params["model_id"] == FIXTURE_PARAMS["model_id"]
@@ -147,7 +159,7 @@ def test_main_as_a_job_completes_in_the_strict_workspace_stand_in(user_side, mai
     assert sorted(children) == sorted([names.FETCH_MODEL, names.LOG_TRANSFORMERS,
                                        names.LOG_ONNX_PYFUNC, names.EVALUATE, names.REGISTER])
     assert all(c.info.status == "FINISHED" for c in children.values())
-    assert not [r for r in client.search_runs([run.info.experiment_id])
+    assert not [r for r in client.search_runs([run.info.experiment_id], max_results=store.PAGE)
                 if r.data.tags.get(names.TAG_ERROR)]
 
     # The logged-model API answered 404, so both log steps took the save + log_artifacts path.
@@ -166,13 +178,13 @@ def test_main_as_a_job_completes_in_the_strict_workspace_stand_in(user_side, mai
     assert "the alias API refused it" in registered.reason
     assert tags[names.TAG_PREFIX + "serve_uri"] == registered.serve_uri
     version = client.get_model_version(names.DEFAULT_REGISTERED_MODEL, registered.version)
-    assert version.source.startswith("azureml://experiments/")
+    assert version.source.startswith(_workspace_artifacts(ws))
     assert version.tags[names.TAG_ALIAS_PREFIX + "champion"] == registry.HOLDS
     answer = predict_in_fresh_process(registered.serve_uri, QUESTION, env=ws.client_env())
     assert "Madrid" in answer["choices"][0]["message"]["content"]
 
     # Each upload got azureml-mlflow's batch timeout sized for it (the fixture: the 300 s floor).
-    assert f"{tracking.ARTIFACTS_TIMEOUT}=300 for this upload" in main_job.log
+    assert f"{azureml_store.ARTIFACTS_TIMEOUT}=300 for this upload" in main_job.log
     # The job outlived its first token (100 s): it was refreshed, only ever for the job's run.
     assert main_job.refreshes > 0 and ws.counters.refused_refreshes == []
     assert ws.counters.unauthorized == [], ws.counters.unauthorized[:5]
@@ -207,20 +219,26 @@ def test_evaluate_without_traces_scores_the_same_rows_the_same_way(user_side, ma
     assert names.EVAL_TABLE in [a.path for a in client.list_artifacts(evaluate_run.info.run_id)]
 
 
-def test_main_as_a_job_called_nothing_the_workspace_refuses(main_job):
-    """Only the expected refusals: evaluate's probe of the trace API and the alias endpoints,
-    each of which the project handles; no trace call succeeded."""
-    features = {r.feature for r in main_job.refusals}
-    assert features <= {"traces", "aliases (404)"}, main_job.refusals
+def test_main_as_a_job_called_nothing_the_workspace_refuses_but_the_store_probes(main_job):
+    """The only refused calls are the store adapter's probes, each made once by the step that
+    needed it: the trace API (evaluate), tag filters in a version search and the alias API
+    (register), and the logged-model API (each log step: an empty 404, counted apart). No trace
+    call succeeded, and no refused call came after a probe."""
+    assert Counter(r.feature for r in main_job.refusals) == {
+        "traces": 1, "tag filter in a registry search": 1, "aliases (404)": 1}, main_job.refusals
     traces = [r for r in main_job.refusals if r.feature == "traces"]
-    # evaluate's one probe (MLflow's client tries /api/3.0 first, /api/2.0 only after a 404)
+    # MLflow's client tries /api/3.0 first, /api/2.0 only after a 404
     assert [r.path for r in traces] == ["/api/3.0/mlflow/traces/search"]
+    assert [r.path for r in main_job.refusals if r.feature.startswith("aliases")] == [
+        "/api/2.0/mlflow/registered-models/alias"]
     assert not [r for r in main_job.requests if "/traces" in r[1] and r[2] == 200]
+    assert len([r for r in main_job.requests if "/logged-models" in r[1]]) == 2
 
 
 def test_no_secret_reaches_a_param_tag_or_the_log_of_the_job(user_side, main_job):
     client = mlflow.MlflowClient()
-    runs = client.search_runs([client.get_run(main_job.run_id).info.experiment_id])
+    runs = client.search_runs([client.get_run(main_job.run_id).info.experiment_id],
+                              max_results=store.PAGE)
     recorded = [*main_job.log.splitlines(), *(v for r in runs for v in
                                               [*r.data.params.values(), *r.data.tags.values()])]
     assert not [line for line in recorded if SECRET.search(line)]
@@ -251,12 +269,12 @@ def test_experiment_variable_variants_on_the_job_service_stand_in(user_side, tmp
     """Azure may set either experiment variable (or both, as in the main test): all work.
     The user's own upload timeout (backend-config `extra_env`) reaches the job and is kept."""
     jobs = _jobs(user_side, tmp_path, monkeypatch, experiment_variables=variables)
-    config = {**CONFIG, "extra_env": {tracking.ARTIFACTS_TIMEOUT: "900"}}
+    config = {**CONFIG, "extra_env": {azureml_store.ARTIFACTS_TIMEOUT: "900"}}
     submitted = _submit(names.FETCH_MODEL, FIXTURE_PARAMS, config)
     record = jobs.jobs[submitted.run_id]
     log = record["log"].read_text()
     assert record["status"] == "Completed", log[-4000:]
-    assert record["env"][tracking.ARTIFACTS_TIMEOUT] == "900"
+    assert record["env"][azureml_store.ARTIFACTS_TIMEOUT] == "900"
     assert "for this upload" not in log and "uploading checkpoint/" in log
     assert not set(("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")) - set(variables) & set(
         record["env"])
@@ -281,8 +299,10 @@ def test_failed_job_on_the_job_service_stand_in_ends_failed_with_the_steps_error
             _submit(names.LOG_TRANSFORMERS, {"fetch_run_id": "f" * 32})
     finally:
         logger.removeHandler(handler)
-    (run,) = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
-                                filter_string="tags.`phi3flow.azureml.job_status` = 'Failed'")
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                "tags.phi3flow.azureml.job_status = 'Failed'",
+                                max_results=store.PAGE)
     assert run.info.status == "FAILED"
     message = next(r.getMessage() for r in records if "ended Failed" in r.getMessage())
     assert "fetch_run_id=" + "f" * 32 in message and "no such run" in message
@@ -325,9 +345,10 @@ def test_register_keeps_the_champion_whatever_the_alias_endpoints_answer(
     """Served, an empty 404, a 403, Azure's error body, no answer in time: the champion is
     recorded (alias or version tag), read back, moved, and never lost to an error."""
     user_side.alias_answer = answer
+    if answer in ("azure-error", "timeout"):  # MLflow retries a 5xx for minutes by default
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     if answer == "timeout":  # the client gives up long before the stand-in answers
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         user_side.alias_hang_s = 4
     client = mlflow.MlflowClient()
     name = f"alias-probe-{answer}"
@@ -367,24 +388,38 @@ def test_an_unanswered_alias_with_an_unreadable_registry_stops_register(user_sid
 
 # Each feature the workspace stand-in refuses, as a call through MLflow's own client, and the
 # refusal's feature name: the stand-in must refuse it (so it cannot quietly become lenient),
-# and main as a job must not have called it.
+# and main as a job must not have called it (but for the store adapter's probes).
 REFUSED = {
     "traces": lambda c, e: c.search_traces(locations=[e], max_results=1),
     "the MLflow endpoint logged-models/search": None,  # an empty 404, asserted below
-    "filter on attributes": lambda c, e: c.search_runs([e], "attributes.status = 'FINISHED'"),
-    "LIKE/ILIKE": lambda c, e: c.search_runs([e], "tags.`phi3flow.step` LIKE 'fetch%'"),
-    "OR": lambda c, e: c.search_runs([e], "tags.a = 'x' OR tags.b = 'y'"),
-    "!= on tags": lambda c, e: c.search_runs([e], "tags.`phi3flow.step` != 'main'"),
+    "filter on attributes": lambda c, e: c.search_runs([e], "attributes.status = 'FINISHED'",
+                                                       max_results=10),
+    "LIKE/ILIKE": lambda c, e: c.search_runs([e], "tags.phi3flow.step LIKE 'fetch%'",
+                                             max_results=10),
+    "OR": lambda c, e: c.search_runs([e], "tags.a = 'x' OR tags.b = 'y'", max_results=10),
+    "!= on tags": lambda c, e: c.search_runs([e], "tags.phi3flow.step != 'main'",
+                                             max_results=10),
     "order by metrics, params or tags": lambda c, e: c.search_runs(
-        [e], "", order_by=["tags.`phi3flow.step` DESC"]),
+        [e], "", order_by=["tags.phi3flow.step DESC"], max_results=10),
+    "escaped identifiers": lambda c, e: c.search_runs(
+        [e], "tags.`phi3flow.step` = 'main'", max_results=10),
+    # MLflow's own prompt filter, added to every registered-model search (issue 42155)
+    "tag filter in a registry search": lambda c, e: c.search_registered_models(max_results=1),
+    # MLflow's own metric-history page of 25,000 (issue 10694)
+    "max_results of 1000 or more": lambda c, e: c.get_metric_history(
+        c.search_runs([e], max_results=1)[0].info.run_id, "anything"),
     "aliases (404)": lambda c, e: c.get_model_version_by_alias("any", "champion"),
     "the MLflow endpoint registered-models/set-tag": lambda c, e: c.set_registered_model_tag(
         _registered(c, "refusal-probe"), "k", "v"),
 }
+# The store adapter's probes, each made once by the step that needs it.
+PROBED = {"traces": 1, "tag filter in a registry search": 1, "aliases (404)": 1}
 
 
 def _registered(client, name: str) -> str:
-    if not client.search_registered_models(f"name = '{name}'"):
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
         client.create_registered_model(name)
     return name
 
@@ -397,13 +432,77 @@ def test_the_workspace_stand_in_refuses_and_main_does_not_call(user_side, main_j
     with pytest.raises(mlflow.exceptions.MlflowException) as refused:
         REFUSED[feature](client, experiment_id)
     assert [r.feature for r in user_side.counters.refusals[before:]][-1:] == [feature]
-    if feature.startswith(("filter", "LIKE", "OR", "!=", "order")):
+    if feature.startswith(("filter", "LIKE", "OR", "!=", "order", "escaped")):
         assert feature in str(refused.value)  # a 400 naming what is not supported
+    if feature == "tag filter in a registry search":  # issue 42155's answer
+        assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert "Currently unsupported filter string format" in str(refused.value)
+        assert "tag.`mlflow.prompt.is_prompt` != 'true'" in str(refused.value)
+    if feature.startswith("max_results"):  # issue 10694's answer
+        assert "MaxResults = 25000 is invalid" in str(refused.value)
     if feature == "traces":
         assert "403" in str(refused.value)
     made = [r for r in main_job.refusals if r.feature == feature]
-    allowed = {"traces": 1, "aliases (404)": len(made)}  # evaluate's probe; register's fallback
-    assert len(made) == allowed.get(feature, 0), made
+    assert len(made) == PROBED.get(feature, 0), made
+
+
+@pytest.mark.parametrize("search", ["runs", "versions"])
+def test_the_workspace_stand_in_refuses_mlflows_default_pages(user_side, main_job, search):
+    """MLflow asks for 10,000 runs a page in `mlflow.search_runs` and 10,000 model versions in
+    `search_model_versions`: refused (issue 10694's limit); the project's pages are answered."""
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(main_job.run_id).info.experiment_id
+    name = names.DEFAULT_REGISTERED_MODEL
+    with pytest.raises(mlflow.exceptions.MlflowException, match="MaxResults must be less than"):
+        if search == "runs":
+            mlflow.search_runs([experiment_id], output_format="list")
+        else:
+            client.search_model_versions(f"name = '{name}'")
+    if search == "runs":
+        found = store.current().runs_tagged(experiment_id, names.TAG_STEP, names.REGISTER)
+    else:
+        found = store.current().versions(name)
+    assert found
+    assert not [r for r in main_job.refusals if r.feature == "max_results of 1000 or more"]
+
+
+def test_a_run_token_writes_only_to_its_jobs_runs_in_the_workspace_stand_in(user_side, main_job):
+    """A job's run token is checked on every write: its job's run and the runs under it, yes;
+    another run, or a run in another experiment, no (403). main as a job made no such write."""
+    import requests
+
+    ws = user_side
+    client = mlflow.MlflowClient()
+    job = client.get_run(main_job.run_id)
+    step = _children(client, job)[names.FETCH_MODEL]
+    elsewhere = client.create_run(job.info.experiment_id)  # the user's, not the job's
+    token = ws.run_token(main_job.run_id, job.info.experiment_id)
+    base = f"https://{ws.host}/mlflow/v2.0{SCOPE}/api/2.0/mlflow"
+
+    def set_tag(run_id: str) -> int:
+        return requests.post(f"{base}/runs/set-tag", json={"run_id": run_id, "key": "probe",
+                                                           "value": "x"},
+                             headers={"Authorization": f"Bearer {token}"},
+                             verify=str(ws.bundle), timeout=60).status_code
+
+    assert (set_tag(main_job.run_id), set_tag(step.info.run_id)) == (200, 200)
+    assert set_tag(elsewhere.info.run_id) == 403
+    other = client.create_experiment("another-experiment")
+    created = requests.post(f"{base}/runs/create", json={"experiment_id": other},
+                            headers={"Authorization": f"Bearer {token}"},
+                            verify=str(ws.bundle), timeout=60)
+    assert created.status_code == 403
+    assert ws.refused("a run token beyond its run")[-2:] and not [
+        r for r in main_job.refusals if r.feature == "a run token beyond its run"]
+
+
+def test_the_workspace_stand_in_keeps_the_tags_azure_sets_on_a_jobs_run(user_side, main_job):
+    client = mlflow.MlflowClient()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="mlflow.user are set by Azure"):
+        client.set_tag(main_job.run_id, "mlflow.user", "someone else")
+    client.set_tag(main_job.run_id, "mlflow.user", STANDIN_USER)  # the same value: a no-op
+    assert client.get_run(main_job.run_id).data.tags["mlflow.user"] == STANDIN_USER
+    assert not [r for r in main_job.refusals if r.feature.startswith("changing a system tag")]
 
 
 def test_the_workspace_stand_in_answers_logged_models_with_an_empty_404(user_side):
@@ -414,7 +513,9 @@ def test_the_workspace_stand_in_answers_logged_models_with_an_empty_404(user_sid
 
 
 def _runs_in_workspace() -> int:
-    return len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    client = mlflow.MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids, max_results=store.PAGE))
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -487,12 +588,12 @@ CHILD = ("import mlflow, os\n"
 LONG_STEP = f"""
 import os, subprocess, sys, time
 import mlflow
-from phi3flow import tracking
+from phi3flow import store, tracking
 
 initial = os.environ["MLFLOW_TRACKING_TOKEN"]
 with tracking.step_run("probe") as run:  # the step's nested run, from MLFLOW_RUN_ID
     time.sleep(float(sys.argv[1]))  # longer than the job's first token lives
-    fresh = tracking.child_environment()
+    fresh = store.child_environment()
     stale = {{**fresh, "MLFLOW_TRACKING_TOKEN": initial}}
     ok = subprocess.run([sys.executable, "-c", {CHILD!r}], env=fresh, timeout=240).returncode
     bad = subprocess.run([sys.executable, "-c", {CHILD!r}], env=stale, capture_output=True,
@@ -510,7 +611,7 @@ def test_a_step_outlives_the_jobs_first_token_whatever_runs_a_refresh_may_name(
 
     A step's own run is nested under the job's, but its process refreshes the token under the
     job's run, so it works either way; a child started later from the environment's copy of the
-    token is refused, one started from `tracking.child_environment()` is not.
+    token is refused, one started from `store.child_environment()` is not.
     """
     monkeypatch.setattr(ws, "run_token_seconds", 45)
     monkeypatch.setattr(ws, "token_scope", scope)
