@@ -1,6 +1,7 @@
 """The store adapter's probes (`phi3flow/store.py`), each capability both ways, each probed once.
 
-"Yes" comes from a local sqlite store and a plain `mlflow server`; "no" from the same server
+"Yes" comes from a plain `mlflow server` (and a local sqlite store: tests/unit/test_store.py);
+"no" from the same server
 behind the refusing proxy stand-in (`tests/refusing_proxy.py`), which answers as an Azure ML
 workspace does, under a plain `http://` URI.
 """
@@ -15,11 +16,10 @@ import pytest
 from phi3flow import names, store
 from phi3flow.errors import StepError
 from tests.refusing_proxy import ALL, refusing_server
+from tests.unit.test_store import CAPABILITIES, ask_each
 
 pytestmark = pytest.mark.e2e
 
-CAPABILITIES = ("traces", "logged_models", "registry", "registry_tag_filters", "aliases",
-                "escaped_keys")
 
 
 @pytest.fixture(scope="module")
@@ -37,43 +37,23 @@ def refusing(proxy, monkeypatch):
     proxy.refusing = frozenset(ALL)
 
 
-def _ask_each(experiment_id: str) -> dict[str, bool]:
-    current = store.current()
-    asks = {"traces": lambda: current.traces(experiment_id),
-            "logged_models": lambda: current.logged_models(experiment_id),
-            "registry": lambda: current.registry("probed"),
-            "registry_tag_filters": lambda: current.registry_tag_filters("probed"),
-            "aliases": lambda: current.aliases("probed", "champion"),
-            "escaped_keys": lambda: current.escaped_keys(experiment_id)}
-    first = {name: bool(ask()) for name, ask in asks.items()}
-    second = {name: bool(ask()) for name, ask in asks.items()}
-    assert first == second
-    return first
-
-
-def test_a_local_sqlite_store_has_every_capability_each_probed_once(tracking):
-    experiment = mlflow.MlflowClient().create_experiment("probes")
-    assert _ask_each(experiment) == dict.fromkeys(CAPABILITIES, True)
-    assert store.current().probes == list(CAPABILITIES)
-
-
 def test_a_plain_mlflow_server_has_every_capability(refusing):
     refusing.refusing = frozenset()
     experiment = mlflow.MlflowClient().create_experiment("plain")
-    assert _ask_each(experiment) == dict.fromkeys(CAPABILITIES, True)
+    assert ask_each(experiment) == dict.fromkeys(CAPABILITIES, True)
     assert refusing.refused == []
 
 
 def test_the_refusing_server_stand_in_is_learned_from_its_answers_once_each(refusing):
     experiment = mlflow.MlflowClient().create_experiment("refused")
-    assert _ask_each(experiment) == {
+    assert ask_each(experiment) == {
         "traces": False, "logged_models": False, "registry": True,
         "registry_tag_filters": False, "aliases": False, "escaped_keys": False}
     # Asked twice, refused once each: the answer is kept for the process.
     assert Counter(name for name, _ in refusing.refused) == {
         "traces": 1, "logged-models": 1, "registry-tag-filters": 1, "aliases": 1,
         "escaped-keys": 1}
-    why = store.current().registry_tag_filters()
+    why = store.current().registry_tag_filters("probed")
     assert why.error_code == "INVALID_PARAMETER_VALUE" and "unsupported filter" in why.how
 
 
