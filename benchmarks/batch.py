@@ -32,8 +32,8 @@ from pathlib import Path
 
 from benchmarks.measure import ROOT, WORDS, Plan
 from benchmarks.probe import progress
-from phi3flow import batch_model
-from phi3flow.eval_worker import peak_rss_mb
+from phi3flow.batch import udf_model as batch_model
+from phi3flow.evaluation.eval_worker import peak_rss_mb
 
 LOADED = re.compile(r"loaded the chat model in Python worker process (\d+) \(([\d.]+) s\)")
 
@@ -208,7 +208,7 @@ def probe_batch_score(spec: dict) -> dict:
     import pandas as pd
     from pyspark.sql import SparkSession
 
-    from phi3flow.batch_score import local_cores
+    from phi3flow.batch.score import local_cores
     from steps import batch_score
 
     folder = Path(tempfile.mkdtemp(prefix="phi3flow-bench-spark-"))

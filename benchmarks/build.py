@@ -8,7 +8,7 @@ The real weights cannot be downloaded here, and the benchmark must be reproducib
   3072, vocab 32064, context 4096). Weights are bf16, like the published checkpoint.
 - Tokenizer: the tiny fixture's (Phi-3's special tokens and chat template) with its vocabulary
   padded to 32,064 entries, so every id the random model can emit decodes to text.
-- int4 ONNX: the same builder command `fetch_model -P onnx_source=build` runs (phi3flow.onnx_build);
+- int4 ONNX: the same builder command `fetch_model -P onnx_source=build` runs (phi3flow.fetching.onnx_build);
   it peaks at about 23 GB RAM, so nothing else should run beside it.
 
 A build is reused when its `done.json` marker exists (written last, after a complete build).
@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from phi3flow import onnx_build
+from phi3flow.fetching import onnx_build
 
 logger = logging.getLogger(__name__)
 

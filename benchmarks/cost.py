@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks import build as build_mod
 from benchmarks import llamacpp
-from phi3flow import onnx_build
+from phi3flow.fetching import onnx_build
 
 
 def weight_bytes(onnx_folder: Path) -> int:

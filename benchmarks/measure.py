@@ -26,8 +26,8 @@ import numpy as np
 
 from benchmarks import build as build_mod
 from benchmarks.probe import CONCURRENT, GUIDED, HEAD_OF_LINE, progress
-from phi3flow.eval_contract import percentile
-from phi3flow.eval_worker import peak_rss_mb
+from phi3flow.evaluation.eval_worker import peak_rss_mb
+from phi3flow.evaluation.records import percentile
 
 ROOT = build_mod.ROOT
 WORDS = ("the quick brown fox jumps over the lazy dog while a small model answers questions "

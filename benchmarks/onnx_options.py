@@ -1,7 +1,7 @@
 """ONNX builder options, measured side by side: `python -m benchmarks.onnx_options`.
 
 Which build of the full-size checkpoint (random weights, benchmarks/build.py) serves users best?
-Each variant is built by phi3flow.onnx_build, the code `fetch_model -P onnx_source=build` runs:
+Each variant is built by phi3flow.fetching.onnx_build, the code `fetch_model -P onnx_source=build` runs:
 - `int4`: the default (block size 32, accuracy level 4 = int8 compute, fp32 KV cache), the
   benchmark's own build;
 - `int4-kv8`: `kv_cache=int8`, the KV cache quantized per channel with calibrated scales;
@@ -41,7 +41,7 @@ import numpy as np
 from benchmarks import build as build_mod
 from benchmarks import cost, measure, report
 from benchmarks.probe import STARTED, progress
-from phi3flow import onnx_build
+from phi3flow.fetching import onnx_build
 
 VARIANTS = {  # name -> onnx_build.build options
     "int4": {},

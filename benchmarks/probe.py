@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from phi3flow.eval_worker import peak_rss_mb
+from phi3flow.evaluation.eval_worker import peak_rss_mb
 
 HEAD_OF_LINE = "head-of-line"  # the paired protocol's line that asks for head_of_line()
 CONCURRENT = "concurrent"  # the paired protocol's line that asks for concurrent()

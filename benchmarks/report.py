@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks import llamacpp
 from benchmarks.cost import STEP_MODEL, decode_limits
-from phi3flow import batch_model
+from phi3flow.batch import udf_model as batch_model
 
 # --- results ----------------------------------------------------------------------------------
 

@@ -65,16 +65,16 @@ def save_models(checkpoint: Path, onnx: Path, cache: Path, plan: Plan) -> dict[s
     """The two MLflow models, saved exactly as the log steps log them (cached)."""
     import mlflow
 
-    from phi3flow import onnx_model, transformers_model
-    from phi3flow.config import LogOnnxPyfuncConfig, LogTransformersConfig
+    from phi3flow.models import onnx_model, transformers_model
+    from phi3flow.models.config import LogOnnxPyfuncConfig, LogTransformersConfig
 
     # The configs want the run that fetched the files; the benchmark saves from folders directly.
     no_fetch_run = "0" * 32
     generation = dict(max_new_tokens=plan.new_tokens, temperature=0.0)
     paths = {"onnx": cache / f"{onnx.name}-pyfunc", "transformers": cache / f"{checkpoint.name}-pyfunc"}
     # The saved ONNX model carries a copy of its code: save again whenever that code changed.
-    code = hashlib.sha256(onnx_model.MODEL_CODE.read_bytes()
-                          + onnx_model.CONTRACT_CODE.read_bytes()).hexdigest()
+    code = hashlib.sha256(b"".join(
+        f.read_bytes() for f in sorted(onnx_model.CHAT_CORE.glob("*.py")))).hexdigest()
     marker = paths["onnx"] / build_mod.DONE
     if not marker.is_file() or json.loads(marker.read_text()).get("code_sha256") != code:
         shutil.rmtree(paths["onnx"], ignore_errors=True)

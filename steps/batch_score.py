@@ -16,8 +16,10 @@ Needs pyspark and Java 17 (not in requirements.txt: docs/batch-scoring.md).
 
 from __future__ import annotations
 
-from phi3flow import batch_score, names, tracking
-from phi3flow.config import BatchScoreConfig, parse_config
+from phi3flow.batch import score as batch_score
+from phi3flow.batch.config import BatchScoreConfig
+from phi3flow.core import names, tracking
+from phi3flow.core.config import parse_config
 
 
 def main(argv: list[str] | None = None) -> batch_score.BatchScored:

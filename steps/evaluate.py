@@ -18,9 +18,11 @@ Each model answers in a fresh process, so load time and peak memory are its own.
 
 from __future__ import annotations
 
-from phi3flow import evaluation, names, tracking
-from phi3flow.config import EvaluateConfig, parse_config
-from phi3flow.decision import Decision
+from phi3flow.core import names, tracking
+from phi3flow.core.config import parse_config
+from phi3flow.evaluation import evaluate as evaluation
+from phi3flow.evaluation.config import EvaluateConfig
+from phi3flow.evaluation.decision import Decision
 
 
 def main(argv: list[str] | None = None) -> Decision:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import mlflow
 
-from phi3flow import names, tracking
-from phi3flow.config import FetchModelConfig, parse_config
-from phi3flow.fetch import fetch, log_fetched
+from phi3flow.core import names, tracking
+from phi3flow.core.config import parse_config
+from phi3flow.fetching.config import FetchModelConfig
+from phi3flow.fetching.fetch import fetch, log_fetched
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -2,7 +2,7 @@
 
 Inputs: `fetch_run_id` (a FINISHED fetch_model run); `interface` (chat|prompt); generation
 defaults (`max_new_tokens`, `temperature`, `top_p`, `top_k`).
-Outputs: a logged model `phi3-onnx` whose code is phi3flow/onnx_chat_model.py and the chat
+Outputs: a logged model `phi3-onnx` whose code is phi3flow/chat/onnx_runtime.py and the chat
 contract it imports (no pickle), whose
 artifact is the fetched ONNX folder (verified against the manifest before and after logging),
 with pinned requirements and no torch; `config.json`.
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import mlflow
 
-from phi3flow import names, onnx_model, tracking
-from phi3flow.config import LogOnnxPyfuncConfig, parse_config
-from phi3flow.fetch import consume
+from phi3flow.core import names, tracking
+from phi3flow.core.config import parse_config
+from phi3flow.fetching.fetch import consume
+from phi3flow.models import onnx_model
+from phi3flow.models.config import LogOnnxPyfuncConfig
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import mlflow
 
-from phi3flow import names, tracking, transformers_model
-from phi3flow.config import LogTransformersConfig, parse_config
-from phi3flow.fetch import consume
+from phi3flow.core import names, tracking
+from phi3flow.core.config import parse_config
+from phi3flow.fetching.fetch import consume
+from phi3flow.models import transformers_model
+from phi3flow.models.config import LogTransformersConfig
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -6,7 +6,7 @@ tags on this run naming each step's run ID and which were reused; a summary in t
 run IDs, the model URI and how to look at them.
 Reuse: a step is re-run when its parameters, its upstream run, the project's code (uncommitted
 changes too) or a local input folder changed; `force=true` re-runs everything. The stages are
-declared in phi3flow/pipeline.py, the reuse policy in phi3flow/reuse.py.
+declared in phi3flow/pipeline/stages.py, the reuse policy in phi3flow/pipeline/reuse.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import logging
 
 import mlflow
 
-from phi3flow import names, stale, tracking
-from phi3flow.config import MainConfig, parse_config
-from phi3flow.model_uris import logged_model_uri
-from phi3flow.pipeline import Produced, StepRunner, run_pipeline, summary
-from phi3flow.registry import Registration
+from phi3flow.core import names, stale, tracking
+from phi3flow.core.config import parse_config
+from phi3flow.core.model_uris import logged_model_uri
+from phi3flow.pipeline.config import MainConfig
+from phi3flow.pipeline.stages import Produced, StepRunner, run_pipeline, summary
+from phi3flow.registry.register import Registration
 
 logger = logging.getLogger("steps.main")
 

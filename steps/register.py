@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import mlflow
 
-from phi3flow import names, registry, store, tracking
-from phi3flow.config import RegisterConfig, parse_config
-from phi3flow.decision import Decision
-from phi3flow.registry import Registration
+from phi3flow.core import names, store, tracking
+from phi3flow.core.config import parse_config
+from phi3flow.evaluation.decision import Decision
+from phi3flow.registry import register as registry
+from phi3flow.registry.config import RegisterConfig
+from phi3flow.registry.register import Registration
 
 
 def main(argv: list[str] | None = None) -> Registration:

@@ -80,7 +80,7 @@ def _isolated_cwd(tmp_path, monkeypatch):
     """Each test runs in its own directory: stray mlflow.db / mlruns land there, not in the repo.
     And each starts knowing nothing of any store (what the store adapter learned in this process
     under an earlier test's stand-in may not hold now)."""
-    from phi3flow import store
+    from phi3flow.core import store
 
     monkeypatch.chdir(tmp_path)
     store.forget()
@@ -125,7 +125,7 @@ def fp32_onnx(fetch_run_id) -> Path:
 def int4_onnx(tmp_path_factory) -> Path:
     """One int4 build of the fixture (fetch_model's default precision) per test run; read-only:
     a test that must change it copies it (fetch_model's `--onnx_source <folder>` does)."""
-    from phi3flow import onnx_build
+    from phi3flow.fetching import onnx_build
 
     return onnx_build.build(FIXTURE, tmp_path_factory.mktemp("int4") / "onnx", "int4", "cpu")
 

@@ -225,11 +225,11 @@ def write_jsonl(path: Path, rows: list[dict], extra_lines: tuple[str, ...] = ())
 
 
 def ensure_java() -> None:
-    """Java 17 or newer for Spark: Debian's openjdk-17-jre-headless (Debian 12, Ubuntu) or
-    openjdk-21-jre-headless (Debian 13 has no 17) is installed with apt-get where it is missing
-    (as root), else the test fails saying how to install it."""
-    from phi3flow.batch_score import require_spark
-    from phi3flow.errors import StepError
+    """Java 17 or newer for Spark, installed where it is missing (as root) with the command the
+    docs give, Debian's default-jre-headless (Java 17 on Debian 12, 21 on Debian 13), else the
+    test fails saying how to install it."""
+    from phi3flow.batch.score import require_spark
+    from phi3flow.core.errors import StepError
 
     try:
         require_spark()
@@ -239,10 +239,7 @@ def ensure_java() -> None:
             pytest.fail(str(missing))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-    known = subprocess.run(["apt-cache", "show", "openjdk-17-jre-headless"], env=env,
-                           capture_output=True).returncode == 0
-    package = "openjdk-17-jre-headless" if known else "openjdk-21-jre-headless"
-    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env,
+    subprocess.run(["apt-get", "install", "-y", "-qq", "default-jre-headless"], check=True, env=env,
                    timeout=1200)
     require_spark()
 

@@ -1,5 +1,5 @@
-"""The docs' generated tables: docs/parameters.md's from the step configs (phi3flow/config.py),
-and docs/serving.md's conformance table from the front door's fields (phi3flow/front_door.py).
+"""The docs' generated tables: docs/parameters.md's from the step configs (each stage's config.py),
+and docs/serving.md's conformance table from the front door's fields (phi3flow/serving/front_door.py).
 
 Each entry point's table sits between `<!-- parameters: <entry point> -->` and
 `<!-- end parameters -->`, the conformance table between `<!-- conformance -->` and
@@ -16,14 +16,16 @@ import re
 import sys
 from pathlib import Path
 
-from phi3flow import config, front_door
+from phi3flow.core import config
+from phi3flow.pipeline.config import STEP_CONFIGS
+from phi3flow.serving import front_door
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
 SERVING = PAGE.with_name("serving.md")
 CONFORMANCE = re.compile(r"(<!-- conformance -->\n)(.*?)(<!-- end conformance -->)", re.S)
 COMMAND = "python -m tests.parameter_docs"
 BLOCK = re.compile(r"(<!-- parameters: (\w+) -->\n)(.*?)(<!-- end parameters -->)", re.S)
-CONFIGS = config.STEP_CONFIGS
+CONFIGS = STEP_CONFIGS
 
 
 def table(entry_point: str) -> str:

@@ -1,7 +1,7 @@
 """A stand-in for a tracking server that refuses what an Azure ML workspace refuses: a real
 `mlflow server` (sqlite) on 127.0.0.1 behind a small proxy that answers some requests itself.
 
-It is not named after Azure on purpose: the store adapter (`phi3flow/store.py`) must follow what
+It is not named after Azure on purpose: the store adapter (`phi3flow/core/store.py`) must follow what
 a store answers, not what it is called, so the same refusals come from a plain `http://` server.
 Each refusal is one of the workspace stand-in's, with the same answer and the same source
 (`tests/azureml_standin.py`):

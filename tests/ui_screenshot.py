@@ -23,8 +23,9 @@ from pathlib import Path
 
 import mlflow
 
-from phi3flow import names, scorers
-from phi3flow.decision import Decision
+from phi3flow.core import names
+from phi3flow.evaluation.decision import Decision
+from phi3flow.evaluation.metrics import AGREEMENT, EXACT, QUALITY
 
 ROOT = Path(__file__).resolve().parents[1]
 # The chevron that shows an assessment's rationale in the MLflow 3.15 trace view.
@@ -101,7 +102,7 @@ def main() -> None:
         driver.get(f"{url}/#/experiments/{run.info.experiment_id}/evaluation-runs?"
                    f"selectedRunUuid={onnx}&compareToRunUuid={transformers}")
         missing = wait_for_text(driver, ["Comparing", "evaluate/onnx", "evaluate/transformers",
-                                         "expected_response", scorers.AGREEMENT])
+                                         "expected_response", AGREEMENT.name])
         # The rows above the fold (the UI lists newest first): each with both answers.
         text = page_text(driver)
         shown = table[[question in text for question in table["question"]]]
@@ -112,7 +113,7 @@ def main() -> None:
         for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
             button.click()  # the assistant side panel, which hides the scorer columns
         time.sleep(2)
-        missing += wait_for_text(driver, [scorers.CONTAINS, scorers.EXACT], seconds=10)
+        missing += wait_for_text(driver, [QUALITY.name, EXACT.name], seconds=10)
         driver.save_screenshot(str(args.out / "evaluation-ui.png"))
         # One answer of one model, opened: its trace with each assessment and its rationale.
         trace_id = shown["onnx_trace_id"].iloc[0]

@@ -25,11 +25,14 @@ import mlflow
 import mlflow.projects
 import pytest
 
-from phi3flow import azureml_store, evaluation, names, registry, scorers, store
-from phi3flow.azureml_backend import AzureMLBackend, AzureMLConfigError
-from phi3flow.decision import MODELS, Decision
-from phi3flow.errors import StepError
-from phi3flow.registry import Registration
+from phi3flow.azure.backend import AzureMLBackend, AzureMLConfigError
+from phi3flow.core import azureml_store, names, store
+from phi3flow.core.errors import StepError
+from phi3flow.evaluation import evaluate as evaluation
+from phi3flow.evaluation.decision import MODELS, Decision
+from phi3flow.evaluation.metrics import AGREEMENT, EXACT, QUALITY
+from phi3flow.registry import register as registry
+from phi3flow.registry.register import Registration
 from tests.azureml_standin import (
     JOB_ENVIRONMENT,
     RESOURCE_GROUP,
@@ -143,7 +146,7 @@ def test_main_as_a_job_completes_in_the_strict_workspace_stand_in(user_side, mai
     ws = user_side
     assert main_job.status == "Completed", main_job.log[-4000:]
     assert set(JOB_ENVIRONMENT) <= set(main_job.env)
-    assert main_job.command.startswith("python -m phi3flow.azureml_job -e main")
+    assert main_job.command.startswith("python -m phi3flow.azure.job -e main")
 
     client = mlflow.MlflowClient()
     run = client.get_run(main_job.run_id)  # the job's own run, read back from the workspace
@@ -204,16 +207,16 @@ def test_evaluate_without_traces_scores_the_same_rows_the_same_way(user_side, ma
     for name in MODELS:
         child = client.get_run(decision.eval_runs[name])
         assert child.info.status == "FINISHED"
-        for scorer, expected in ((scorers.CONTAINS, 1.0), (scorers.EXACT, 0.0),
-                                 (scorers.AGREEMENT, 1.0)):
+        for scorer, expected in ((QUALITY.name, 1.0), (EXACT.name, 0.0),
+                                 (AGREEMENT.name, 1.0)):
             assert child.data.metrics[f"{scorer}/mean"] == expected, (name, scorer)
             assert decision.metrics[name][scorer] == expected
         table = json.loads(Path(mlflow.artifacts.download_artifacts(
             run_id=child.info.run_id, artifact_path=names.EVAL_RESULTS)).read_text())
         frame = dict(zip(table["columns"], zip(*table["data"])))
         assert list(frame["expected"]) == [r["expected"] for r in rows]
-        assert all(frame[f"{scorers.CONTAINS}/value"])
-        assert all(frame[f"{scorers.AGREEMENT}/rationale"])
+        assert all(frame[f"{QUALITY.name}/value"])
+        assert all(frame[f"{AGREEMENT.name}/rationale"])
     assert all(v.passed for v in decision.verdicts.values())
     assert decision.chosen == min(MODELS, key=lambda m: decision.metrics[m]["latency_p95_s"])
     assert names.EVAL_TABLE in [a.path for a in client.list_artifacts(evaluate_run.info.run_id)]
@@ -588,7 +591,8 @@ CHILD = ("import mlflow, os\n"
 LONG_STEP = f"""
 import os, subprocess, sys, time
 import mlflow
-from phi3flow import store, tracking
+from phi3flow.core import store
+from phi3flow.core import tracking
 
 initial = os.environ["MLFLOW_TRACKING_TOKEN"]
 with tracking.step_run("probe") as run:  # the step's nested run, from MLFLOW_RUN_ID

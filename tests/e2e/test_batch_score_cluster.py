@@ -12,7 +12,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from phi3flow import batch_score, names
+from phi3flow.batch import score as batch_score
+from phi3flow.core import names
 from tests.helpers import (
     batch_questions,
     run_project,

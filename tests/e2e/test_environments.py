@@ -12,7 +12,8 @@ import shutil
 import mlflow
 import pytest
 
-from phi3flow import names, pipeline
+from phi3flow.core import names
+from phi3flow.pipeline import stages as pipeline
 from tests.e2e.test_mlflow_run import _ok, _run_id
 from tests.helpers import QUESTION, git, predict_in_fresh_process, run_project
 

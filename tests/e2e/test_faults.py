@@ -17,8 +17,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import names, pipeline, stale
-from phi3flow.errors import StepError
+from phi3flow.core import names, stale
+from phi3flow.core.errors import StepError
+from phi3flow.pipeline import stages as pipeline
 from steps import fetch_model, log_onnx_pyfunc, log_transformers
 from tests.helpers import FIXTURE, ROOT, free_port, run_project, tracking_server
 

@@ -19,7 +19,7 @@ import mlflow
 import openai
 import pytest
 
-from phi3flow import names
+from phi3flow.core import names
 from tests.e2e.test_load import REQUESTS_PER_CLIENT, run_load
 from tests.helpers import FIXTURE, FRONT_DOOR_NAMES, QUESTION, front_door
 from tests.openai_schemas import validate

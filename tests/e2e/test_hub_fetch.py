@@ -13,7 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import manifest, names, onnx_build
+from phi3flow.core import names
+from phi3flow.fetching import manifest, onnx_build
 from tests.e2e.test_mlflow_run import _ok, _run_id
 from tests.helpers import (
     FIXTURE,

@@ -16,8 +16,9 @@ from collections import Counter
 import mlflow
 import pytest
 
-from phi3flow import names, registry
-from phi3flow.registry import Registration
+from phi3flow.core import names
+from phi3flow.registry import register as registry
+from phi3flow.registry.register import Registration
 from tests.helpers import FIXTURE, QUESTION, predict_in_fresh_process, run_project
 from tests.refusing_proxy import refusing_server
 

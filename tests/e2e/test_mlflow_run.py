@@ -17,8 +17,9 @@ import urllib.request
 import mlflow
 import pytest
 
-from phi3flow import names, pipeline
-from phi3flow.pipeline import Produced
+from phi3flow.core import names
+from phi3flow.pipeline import stages as pipeline
+from phi3flow.pipeline.stages import Produced
 from tests.helpers import (
     FIXTURE,
     QUESTION,
@@ -141,7 +142,7 @@ def _printed_commands_work_as_printed(output: str, tmp_path) -> None:
     """The commands main prints, run as a new user would: each in its own process, side by
     side, from another folder and without MLFLOW_TRACKING_URI (the commands name the store).
     Only the ports are swapped for free ones, so the test does not depend on 5000/5001."""
-    from phi3flow import pipeline as main_step  # where main's printed commands are made
+    from phi3flow.pipeline import stages as main_step  # where main's printed commands are made
 
     block = output.split("Look at it with")[1].splitlines()[1:4]
     ui, serve, curl = (line.strip() for line in block)

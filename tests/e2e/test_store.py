@@ -1,4 +1,4 @@
-"""The store adapter's probes (`phi3flow/store.py`), each capability both ways, each probed once.
+"""The store adapter's probes (`phi3flow/core/store.py`), each capability both ways, each probed once.
 
 "Yes" comes from a plain `mlflow server` (and a local sqlite store: tests/unit/test_store.py);
 "no" from the same server
@@ -13,8 +13,8 @@ from collections import Counter
 import mlflow
 import pytest
 
-from phi3flow import names, store
-from phi3flow.errors import StepError
+from phi3flow.core import names, store
+from phi3flow.core.errors import StepError
 from tests.refusing_proxy import ALL, refusing_server
 from tests.unit.test_store import CAPABILITIES, ask_each
 

@@ -17,7 +17,7 @@ import sys
 import mlflow
 import pytest
 
-from phi3flow import names, tracking
+from phi3flow.core import names, tracking
 from tests import bad_input_table
 from tests.helpers import (
     EVAL_DATA,
@@ -179,11 +179,11 @@ def test_bad_step_parameter_exits_2_with_one_line_naming_it_and_the_run_fails(
     argv = [a.format(**run_ids) for a in argv]
     module = importlib.import_module(f"steps.{step}")
     monkeypatch.setattr(sys, "argv", [f"steps/{step}.py", *argv])
-    caplog.set_level(logging.ERROR, logger="phi3flow.tracking")
+    caplog.set_level(logging.ERROR, logger="phi3flow.core.tracking")
     with pytest.raises(SystemExit) as exited:
         tracking.run_cli(step, module.main)
     lines = [r.getMessage() for r in caplog.records
-             if r.name == "phi3flow.tracking" and r.levelno == logging.ERROR]
+             if r.name == "phi3flow.core.tracking" and r.levelno == logging.ERROR]
     run = mlflow.last_active_run()
     message = lines[-1] if lines else ""
     ok = (exited.value.code == 2 and len(lines) == 1 and "\n" not in message
@@ -270,11 +270,11 @@ def short_timeout_transformers(champions):
         yield server
 
 
+@pytest.mark.e2e  # served models: server processes
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize(("order", "case"), [
     # the 10 MB prompt waits out a server of its own's timeout (short_timeout_transformers)
-    pytest.param(i, c, id=f"{c[0]}-{i}", marks=[pytest.mark.e2e] if c[0] == "10 MB body" else [])
-    for i, c in enumerate(PAYLOAD_CASES)])
+    pytest.param(i, c, id=f"{c[0]}-{i}") for i, c in enumerate(PAYLOAD_CASES)])
 def test_bad_payload_gets_its_answer_and_the_server_keeps_serving(
         request, served, model, order, case):
     kind, body, outcomes = case
@@ -364,6 +364,7 @@ def _curl(url: str, body: bytes, tmp_path) -> tuple[int, bytes]:
     return int(status), raw
 
 
+@pytest.mark.e2e  # the front door: a server process
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize(("order", "case"), list(enumerate(DOOR_CASES)),
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(DOOR_CASES)])

@@ -1,4 +1,4 @@
-"""The model batch_score's Spark UDF runs (phi3flow/batch_model.py), in-process without Spark,
+"""The model batch_score's Spark UDF runs (phi3flow/batch/udf_model.py), in-process without Spark,
 around the session's ONNX fixture model: answers as the model's own, a bad row's error in its
 result while the good rows of the same call are still answered together, the chat model loaded
 once per process."""
@@ -12,8 +12,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from phi3flow import batch_score
-from phi3flow.config import BatchScoreConfig, parse_config
+from phi3flow.batch import score as batch_score
+from phi3flow.batch.config import BatchScoreConfig
+from phi3flow.core.config import parse_config
 from tests.helpers import EVAL_DATA, eval_rows
 
 ROWS = eval_rows()
@@ -89,8 +90,8 @@ def test_the_onnx_model_is_loaded_with_the_scoring_settings_and_the_environment_
     server's default is 256) on the cores it was given; the variables that said so are gone."""
     import os
 
-    from phi3flow import batch_model
+    from phi3flow.batch import udf_model as batch_model
 
     chat = scorer.unwrap_python_model().model.unwrap_python_model()
     assert chat.batch_prefill == batch_model.SCORING_BATCH_PREFILL != 256
-    assert batch_model.ONNX_BATCH_PREFILL_ENV not in os.environ
+    assert batch_model.BATCH_PREFILL_ENV not in os.environ

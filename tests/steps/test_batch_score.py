@@ -14,7 +14,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from phi3flow import batch_score, names, tracking
+from phi3flow.batch import score as batch_score
+from phi3flow.core import names, tracking
 from steps import batch_score as step
 from tests.helpers import batch_questions, ensure_java, write_jsonl
 
@@ -67,7 +68,7 @@ def test_onnx_champion_answers_200_rows_as_its_own_predict_and_reports_bad_rows(
     rows = questions + BAD_ROWS + [{"id": 903, "prompt": "What is the capital of Spain?"}]
     source = write_jsonl(tmp_path / "rows.jsonl", rows, extra_lines=("{not json",))
     monkeypatch.setattr(batch_score, "PROGRESS_EVERY_S", 0.5)
-    caplog.set_level(logging.INFO, logger="phi3flow.batch_score")
+    caplog.set_level(logging.INFO, logger="phi3flow.batch.score")
 
     scored = _run("--model_uri", champions["onnx"], "--input", str(source), "--batch_size", "8")
 
@@ -121,7 +122,7 @@ def test_transformers_model_answers_as_its_own_predict(spark, champions, tmp_pat
     errors = out["error"].iloc[24:].tolist()
     assert "Cannot apply chat template to an empty conversation" in errors[0]
     # MLflow's transformers flavor answers these; batch_score refuses them as the ONNX model does
-    assert errors[1] == "messages[0].role must be one of system, user, assistant, got \"bot\"."
+    assert errors[1] == "messages[0].role must be one of system, user, assistant, tool, got \"bot\"."
     assert "more than the context window of 4096" in errors[2]
     assert scored.failed_rows == 3
 
@@ -174,8 +175,8 @@ def test_bad_input_spark_sees_stops_before_scoring_with_one_line(
     if kind == "another master":
         argv[3] = "local[1]"
     monkeypatch.setattr(sys, "argv", ["steps/batch_score.py", *argv])
-    caplog.set_level(logging.ERROR, logger="phi3flow.tracking")
-    scoring = importlib.import_module("phi3flow.batch_score")
+    caplog.set_level(logging.ERROR, logger="phi3flow.core.tracking")
+    scoring = importlib.import_module("phi3flow.batch.score")
     monkeypatch.setattr(scoring, "save_scoring_model",  # never reached: nothing is scored
                         lambda *a: pytest.fail("the model was prepared for a bad input"))
     with pytest.raises(SystemExit) as exited:

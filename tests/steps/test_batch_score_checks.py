@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from phi3flow import names, tracking
+from phi3flow.core import names, tracking
 from steps import batch_score as step
 from steps import log_onnx_pyfunc
 from tests.helpers import EVAL_DATA
@@ -19,7 +19,7 @@ from tests.helpers import EVAL_DATA
 def _refused(monkeypatch, caplog, *argv: str) -> str:
     monkeypatch.setattr(sys, "argv", ["steps/batch_score.py", "--input", str(EVAL_DATA), *argv])
     caplog.clear()
-    caplog.set_level(logging.ERROR, logger="phi3flow.tracking")
+    caplog.set_level(logging.ERROR, logger="phi3flow.core.tracking")
     with pytest.raises(SystemExit) as exited:
         tracking.run_cli(names.BATCH_SCORE, step.main)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -33,7 +33,7 @@ def test_without_pyspark_it_says_how_to_install_it(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pyspark", None)  # `import pyspark` raises ImportError
     message = _refused(monkeypatch, caplog)
     assert "needs pyspark, which requirements.txt leaves out: pip install pyspark==4.3.0" in message
-    assert "openjdk-17-jre-headless" in message
+    assert "apt-get install -y default-jre-headless" in message
 
 
 def test_without_java_or_with_an_old_one_it_says_which_java(monkeypatch, caplog, tmp_path):

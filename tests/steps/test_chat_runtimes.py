@@ -1,5 +1,5 @@
 """Both chat runtimes in process, on the session's fixture models: the ONNX pyfunc and the
-transformers model as the front door drives it (phi3flow/transformers_chat.py). Message text is
+transformers model as the front door drives it (phi3flow/chat/transformers_runtime.py). Message text is
 text, logprobs are the model's own, a seed repeats an answer, and the front door's transformers
 answers are MLflow's own."""
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from phi3flow.chat_contract import BadRequest, token_bytes
-from phi3flow.transformers_chat import TransformersChat
+from phi3flow.chat.answer import token_bytes
+from phi3flow.chat.request import BadRequest, parse
+from phi3flow.chat.transformers_runtime import TransformersChat
 from tests.helpers import FIXTURE, eval_rows
 
 ROWS = eval_rows()
@@ -45,7 +46,19 @@ def runtime(request, onnx_model, transformers_chat):
     """(predict, predict_stream, the object with chat_ids, tags and encode_text) of each."""
     if request.param == "onnx":
         return onnx_model.predict, onnx_model.predict_stream, onnx_model.unwrap_python_model()
-    return transformers_chat.predict, transformers_chat.predict_stream, transformers_chat
+    return chat_predict(transformers_chat), chat_stream(transformers_chat), transformers_chat
+
+
+def chat_predict(chat_runtime):
+    """predict on a chat runtime as the front door drives it: the request parsed once, prepared
+    by the runtime, answered (a list of one chat.completion, as a pyfunc's predict)."""
+    return lambda payload: [chat_runtime.complete(chat_runtime.prepare(
+        parse(payload, chat_runtime.context_length)))]
+
+
+def chat_stream(chat_runtime):
+    return lambda payload: chat_runtime.stream(chat_runtime.prepare(
+        parse(payload, chat_runtime.context_length)))
 
 
 def answer(predict, **payload) -> dict:
@@ -60,11 +73,14 @@ def test_the_front_doors_transformers_answers_are_mlflows_own(mlflow_transformer
     for row in ROWS:
         for options in ({}, {"max_tokens": 3}):
             payload = {"messages": row["messages"], **options}
-            (ours,) = transformers_chat.predict(payload)
+            (ours,) = chat_predict(transformers_chat)(payload)
             (theirs,) = mlflow_transformers.predict(payload)
             assert ours["choices"][0]["message"]["content"] == theirs["choices"][0]["message"][
                 "content"], row
-            assert ours["usage"] == theirs["usage"], row
+            # the same counts; ours also has OpenAI's prompt_tokens_details, as the ONNX
+            # model's usage does (nothing cached here)
+            assert ours["usage"] == {**theirs["usage"],
+                                     "prompt_tokens_details": {"cached_tokens": 0}}, row
             assert ours["choices"][0]["finish_reason"] == theirs["choices"][0][
                 "finish_reason"], row
 
@@ -103,7 +119,7 @@ def test_the_real_phi3_tokenizer_keeps_its_bos_and_reads_no_tag_from_text():
     keep the tokenizer's ids, typed tags are text."""
     import transformers
 
-    from phi3flow.chat_contract import added_tokens, chat_ids, plain_text_encoder
+    from phi3flow.chat.prompt import added_tokens, chat_ids, plain_text_encoder
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         FIXTURE.parent / "phi3-vocab", gguf_file="ggml-vocab-phi-3.gguf")
@@ -129,7 +145,7 @@ def test_the_real_phi3_tokenizer_keeps_its_bos_and_reads_no_tag_from_text():
 def test_a_template_that_changes_message_text_refuses_typed_tags():
     """Where the template transforms content (here: trims it), the tags cannot be located as
     text: the request is refused with what to do, never tokenized as tags."""
-    from phi3flow.chat_contract import chat_ids
+    from phi3flow.chat.prompt import chat_ids
 
     def render(messages):
         return "".join(f"<|user|>\n{m['content'].strip()}<|end|>\n" for m in messages)
@@ -171,7 +187,7 @@ def test_logprobs_are_the_models_own_log_softmax(kind, onnx_model, transformers_
     predict, chat_ids, logits_after = (
         (onnx_model.predict, inner.chat_ids, lambda ids: _onnx_logits(onnx_model, ids))
         if kind == "onnx" else
-        (transformers_chat.predict, transformers_chat.chat_ids,
+        (chat_predict(transformers_chat), transformers_chat.chat_ids,
          lambda ids: _torch_logits(transformers_chat, ids)))
     response = answer(predict, logprobs=True, top_logprobs=5, temperature=0.8, seed=3)
     entries = response["choices"][0]["logprobs"]["content"]
@@ -259,7 +275,7 @@ def test_closing_a_transformers_stream_stops_its_generation(transformers_chat, m
     monkeypatch.setattr(transformers_chat.model.generation_config, "eos_token_id", [0])
     monkeypatch.setattr(transformers_chat, "eos", frozenset({0}))
     before = {t.name for t in threading.enumerate()}
-    stream = transformers_chat.predict_stream({"messages": QUESTION, "max_tokens": 2000})
+    stream = chat_stream(transformers_chat)({"messages": QUESTION, "max_tokens": 2000})
     read = [next(stream) for _ in range(3)]
     assert "transformers-generate" in {t.name for t in threading.enumerate()} - before
     started = time.monotonic()

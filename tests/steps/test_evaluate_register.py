@@ -9,9 +9,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import names
-from phi3flow.decision import QUALITY, Decision, decide
-from phi3flow.errors import StepError
+from phi3flow.core import names
+from phi3flow.core.errors import StepError
+from phi3flow.evaluation.decision import Decision, decide
+from phi3flow.evaluation.metrics import QUALITY
 from steps import evaluate, register
 from tests.helpers import (
     EVAL_DATA,
@@ -21,6 +22,7 @@ from tests.helpers import (
     evaluate_args,
     predict_in_fresh_process,
 )
+from tests.steps.conftest import logged_decision
 
 METRICS = ("quality_contains", "quality_exact", "latency_p50_s", "latency_p95_s", "ttft_p50_s",
            "output_tokens_per_s", "load_s", "peak_rss_mb", "size_mb")
@@ -33,19 +35,10 @@ def evaluated(evaluated):
     return run.info.run_id, decision
 
 
-def logged_decision(decision: Decision) -> str:
-    """An evaluate run holding `decision`: register's rules tested on records (made by the real
-    gate from real metrics), not on evaluations re-run to get them."""
-    with mlflow.start_run() as run:
-        mlflow.set_tag(names.TAG_STEP, names.EVALUATE)
-        decision.log()
-    return run.info.run_id
-
-
 def regated(decision: Decision, thresholds: dict[str, float],
             quality: float | None = None) -> Decision:
     """`decision` gated again with other thresholds (and, given `quality`, that quality)."""
-    metrics = {name: {**values, **({QUALITY: quality} if quality is not None else {})}
+    metrics = {name: {**values, **({QUALITY.name: quality} if quality is not None else {})}
                for name, values in decision.metrics.items()}
     return decide(metrics, {**decision.thresholds, **thresholds}, decision.models,
                   decision.agreement, decision.eval_data, decision.eval_data_sha256,
@@ -53,6 +46,7 @@ def regated(decision: Decision, thresholds: dict[str, float],
                   decision.scoring_reason)
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_evaluate_logs_every_metric_for_both_models_in_range(evaluated):
     run_id, decision = evaluated
     metrics = mlflow.get_run(run_id).data.metrics
@@ -66,6 +60,7 @@ def test_evaluate_logs_every_metric_for_both_models_in_range(evaluated):
     assert metrics["agreement"] == 1.0  # fp32 ONNX and transformers give the same answers
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_evaluate_writes_table_chart_and_decision(evaluated):
     run_id, decision = evaluated
     store = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=""))
@@ -88,6 +83,7 @@ def test_evaluate_writes_table_chart_and_decision(evaluated):
         names.TAG_EVAL_DATA_SHA256]
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_metrics_are_attached_to_the_logged_models(evaluated, transformers_model_uri,
                                                    onnx_model_uri):
     for uri in (transformers_model_uri, onnx_model_uri):
@@ -172,9 +168,9 @@ def versions(name: str) -> list:
     return mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
 
 
-def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, model_name,
+def test_register_makes_a_champion_with_lineage_and_is_idempotent(decided, model_name,
                                                                    transformers_model_uri):
-    run_id, decision = evaluated
+    run_id, decision = decided
     first = register.main(["--evaluate_run_id", run_id, "--model_name", model_name])
     assert first.alias == "champion" and first.version == "1"
     client = mlflow.MlflowClient()
@@ -197,9 +193,9 @@ def test_register_makes_a_champion_with_lineage_and_is_idempotent(evaluated, mod
     assert "Madrid" in answer["choices"][0]["message"]["content"]
 
 
-def test_gate_failure_registers_a_challenger_and_says_why(evaluated, model_name):
-    register.main(["--evaluate_run_id", evaluated[0], "--model_name", model_name])
-    failing = logged_decision(regated(evaluated[1], {"max_p95_latency_s": 0.000001}))
+def test_gate_failure_registers_a_challenger_and_says_why(decided, model_name):
+    register.main(["--evaluate_run_id", decided[0], "--model_name", model_name])
+    failing = logged_decision(regated(decided[1], {"max_p95_latency_s": 0.000001}))
     result = register.main(["--evaluate_run_id", failing, "--model_name", model_name])
     assert result.alias == "challenger"
     assert "failed the gate" in result.reason and "max_p95_latency_s" in result.reason
@@ -212,12 +208,12 @@ def test_gate_failure_registers_a_challenger_and_says_why(evaluated, model_name)
     assert forced.alias == "champion" and version.tags[names.TAG_UNVALIDATED] == "true"
 
 
-def test_a_better_candidate_takes_champion(evaluated, model_name):
+def test_a_better_candidate_takes_champion(decided, model_name):
     # A weak first champion: no answer right, passed by a gate that asks for none.
-    weak = logged_decision(regated(evaluated[1], {"min_quality": 0.0}, quality=0.0))
+    weak = logged_decision(regated(decided[1], {"min_quality": 0.0}, quality=0.0))
     weak_registered = register.main(["--evaluate_run_id", weak, "--model_name", model_name])
     assert weak_registered.alias == "champion"
-    strong = register.main(["--evaluate_run_id", evaluated[0], "--model_name", model_name])
+    strong = register.main(["--evaluate_run_id", decided[0], "--model_name", model_name])
     assert strong.alias == "champion" and strong.version == "2"
     assert "beats the current champion: quality 1.000 vs 0.0" in strong.reason
     # The weak one does not win it back.
@@ -225,10 +221,10 @@ def test_a_better_candidate_takes_champion(evaluated, model_name):
     assert str(client.get_model_version_by_alias(model_name, "champion").version) == "2"
 
 
-def test_register_refuses_a_store_without_a_registry(evaluated, monkeypatch, tmp_path):
+def test_register_refuses_a_store_without_a_registry(decided, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"file://{tmp_path / 'no-registry'}")
     with pytest.raises(StepError, match="has no usable model registry"):
-        register.main(["--evaluate_run_id", evaluated[0]])
+        register.main(["--evaluate_run_id", decided[0]])
 
 
 def test_register_refuses_a_run_that_is_not_an_evaluation(log_runs):

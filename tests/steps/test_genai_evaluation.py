@@ -11,14 +11,17 @@ import textwrap
 import mlflow
 import pytest
 
-from phi3flow import eval_data, evaluation, names, scorers
-from phi3flow.decision import GATED_ON, MODELS, Decision
-from phi3flow.errors import StepError
-from phi3flow.eval_contract import Answer, WorkerResult, WorkerSpec
+from phi3flow.core import names
+from phi3flow.core.errors import StepError
+from phi3flow.evaluation import eval_data, scorers
+from phi3flow.evaluation import evaluate as evaluation
+from phi3flow.evaluation.decision import GATED_ON, MODELS, Decision
+from phi3flow.evaluation.metrics import AGREEMENT, EXACT, JUDGE, QUALITY
+from phi3flow.evaluation.records import Answer, WorkerResult, WorkerSpec
 from steps import evaluate
 from tests.helpers import EVAL_DATA, created_run, eval_rows, evaluate_args
 
-SCORERS = (scorers.CONTAINS, scorers.EXACT, scorers.AGREEMENT)
+SCORERS = (QUALITY.name, EXACT.name, AGREEMENT.name)
 
 
 @pytest.fixture
@@ -36,6 +39,7 @@ def assessments(trace) -> dict:
     return {a.name: a for a in trace.info.assessments}
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_each_model_has_an_evaluation_run_with_a_trace_per_answer(genai_evaluated):
     """One child run per model; each row is one trace: the request, the chat.completion answer,
     token usage, latency, linked to the model's logged model, in the eval set's row order."""
@@ -62,6 +66,7 @@ def test_each_model_has_an_evaluation_run_with_a_trace_per_answer(genai_evaluate
             assert trace.info.execution_duration > 0  # ms, the answer's latency
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_every_answer_has_an_assessment_per_scorer_with_a_rationale(genai_evaluated):
     run, decision = genai_evaluated
     rows = eval_rows()
@@ -76,25 +81,26 @@ def test_every_answer_has_an_assessment_per_scorer_with_a_rationale(genai_evalua
                 assert found[scorer].value is value, (name, scorer, found[scorer].rationale)
                 assert found[scorer].rationale
                 assert found[scorer].metadata["mlflow.assessment.sourceRunId"] == child_id
-            assert found[scorers.AGREEMENT].rationale.startswith(
+            assert found[AGREEMENT.name].rationale.startswith(
                 f"{other} answered")
         # MLflow's own aggregate of each scorer, on the evaluation run
         metrics = mlflow.get_run(child_id).data.metrics
-        assert metrics[f"{scorers.CONTAINS}/mean"] == 1.0
+        assert metrics[f"{QUALITY.name}/mean"] == 1.0
         assert metrics["latency_p95_s"] == decision.metrics[name]["latency_p95_s"]
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_the_decision_names_its_gate_and_reports_quality_per_category(genai_evaluated):
     run, decision = genai_evaluated
     assert Decision.read(mlflow.get_run(run.info.run_id)) == decision
-    assert decision.gated_on == GATED_ON
+    assert decision.gated_on == tuple(metric.name for metric in GATED_ON)
     assert decision.eval_data == str(EVAL_DATA)  # auto on the 1 MB fixture: the smoke set
     assert run.data.tags[names.TAG_EVAL_DATA] == str(EVAL_DATA)
     for name in MODELS:
         assert decision.quality_by_category[name] == {
-            "facts": {"rows": 12.0, scorers.CONTAINS: 1.0, scorers.EXACT: 0.0}}
+            "facts": {"rows": 12.0, QUALITY.name: 1.0, EXACT.name: 0.0}}
         assert mlflow.get_run(run.info.run_id).data.metrics[
-            f"{name}_{scorers.CONTAINS}_facts"] == 1.0
+            f"{name}_{QUALITY.name}_facts"] == 1.0
     # First tokens at the rows' median prompt and at a long one, each a measured length.
     onnx = decision.metrics["onnx"]
     assert abs(onnx["long_prompt_tokens"] - 1024) <= 102 and onnx["prompt_tokens_p50"] < 200
@@ -112,7 +118,7 @@ def test_the_full_set_gates_the_fixture_out_and_reports_every_category(log_runs)
     assert decision.eval_data == str(eval_data.resolve_path(eval_data.FULL_SET))
     assert not decision.chosen_passed
     for name in MODELS:
-        assert decision.metrics[name][scorers.CONTAINS] < 0.8
+        assert decision.metrics[name][QUALITY.name] < 0.8
         assert decision.verdicts[name].reasons[0].startswith("quality ")
         per = decision.quality_by_category[name]
         assert list(per) == list(eval_data.CATEGORIES)
@@ -131,12 +137,12 @@ def test_a_row_the_model_fails_on_loses_only_that_row(log_runs, tmp_path):
     decision = evaluate.main(evaluate_args(log_runs, "--eval_data", str(subset)))
     onnx = decision.metrics["onnx"]
     assert onnx["failed_rows"] == 1.0 and onnx["scorer_errors"] == 0.0
-    assert onnx[scorers.CONTAINS] == 0.75  # 3 of 4: the failed row counts as wrong
+    assert onnx[QUALITY.name] == 0.75  # 3 of 4: the failed row counts as wrong
     failed = next(t for t in traces_of(decision.eval_runs["onnx"])
                   if t.info.tags[names.TRACE_TAG_ROW] == "3")
     assert failed.info.state == "ERROR"
     assert "context window" in failed.data.spans[0].events[0].attributes["exception.message"]
-    assert assessments(failed)[scorers.CONTAINS].rationale.startswith("no answer")
+    assert assessments(failed)[QUALITY.name].rationale.startswith("no answer")
     table = mlflow.load_table(names.EVAL_TABLE, run_ids=[created_run().info.run_id])
     assert "context window" in table["onnx_error"][3] and table["onnx_error"][0] == ""
 
@@ -175,14 +181,14 @@ def test_a_judge_that_fails_on_one_row_loses_only_that_row(log_runs, tmp_path):
     decision = evaluate.main(evaluate_args(log_runs, "--eval_data", str(subset),
                                            "--judge_model_uri", judge))
     for name in MODELS:
-        assert decision.metrics[name][scorers.JUDGE] == pytest.approx(2 / 3)
+        assert decision.metrics[name][JUDGE.name] == pytest.approx(2 / 3)
         assert decision.metrics[name]["scorer_errors"] == 1.0
-        assert decision.metrics[name][scorers.CONTAINS] == 1.0  # untouched by the judge
+        assert decision.metrics[name][QUALITY.name] == 1.0  # untouched by the judge
         by_row = {int(t.info.tags[names.TRACE_TAG_ROW]): assessments(t)
                   for t in traces_of(decision.eval_runs[name])}
-        assert "judge overloaded" in by_row[0][scorers.JUDGE].error.error_message
-        assert by_row[1][scorers.JUDGE].value is True
-        assert by_row[1][scorers.JUDGE].rationale == "the judge replied 'yes'"
+        assert "judge overloaded" in by_row[0][JUDGE.name].error.error_message
+        assert by_row[1][JUDGE.name].value is True
+        assert by_row[1][JUDGE.name].rationale == "the judge replied 'yes'"
     assert mlflow.get_run(created_run().info.run_id).info.status == "FINISHED"
 
 
@@ -217,7 +223,8 @@ def dataset():
     return made
 
 
-@pytest.mark.parametrize("by", ["name", pytest.param("dataset_id", marks=pytest.mark.e2e)])
+@pytest.mark.e2e  # a whole evaluation of its own
+@pytest.mark.parametrize("by", ["name", "dataset_id"])
 def test_eval_data_can_be_an_mlflow_evaluation_dataset(log_runs, dataset, by):
     decision = evaluate.main(evaluate_args(log_runs, "--eval_data", getattr(dataset, by)))
     assert decision.eval_data == f"MLflow evaluation dataset {dataset.name} ({dataset.dataset_id})"
@@ -250,6 +257,7 @@ def test_auto_picks_the_full_set_for_a_real_sized_checkpoint():
     assert eval_data.choose_auto(1_000_000)[0] == eval_data.SMOKE_SET
 
 
+@pytest.mark.e2e  # a real evaluation (the session's one)
 def test_scoring_without_traces_gives_each_row_what_mlflow_gave_it(genai_evaluated):
     """A store without a trace API gets the same scorers on the same rows (evaluation.
     score_without_traces): fed the answers MLflow scored, it reaches the same value on every

@@ -16,9 +16,9 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from phi3flow import names
+from phi3flow.core import names
 from steps import fetch_model, log_onnx_pyfunc
-from tests.helpers import FIXTURE, QUESTION, eval_rows
+from tests.helpers import FIXTURE, QUESTION, ROOT, eval_rows
 
 ROWS = eval_rows()
 
@@ -52,6 +52,17 @@ def ask(model, row: dict, **options) -> dict:
 def loaded_module(model):
     """The module MLflow loaded the model's code into (models from code: not phi3flow's)."""
     return sys.modules[type(model.unwrap_python_model()).__module__]
+
+
+def scheduler_module(model):
+    """The scheduler module of the chat core the logged model carries (its `chat` package)."""
+    (scheduler,) = [c for c in type(model.unwrap_python_model()).__mro__
+                    if c.__name__ == "Scheduler"]
+    return sys.modules[scheduler.__module__]
+
+
+def prefix_cache_module(model):
+    return sys.modules[type(model.unwrap_python_model().prefix_cache).__module__]
 
 
 def test_fp32_onnx_answers_equal_the_transformers_answers(onnx_model, transformers_model):
@@ -130,7 +141,7 @@ def prefill_calls(onnx_model, monkeypatch, no_prefix_cache) -> list[list[int]]:
 
 def test_chunked_prompt_feeding_gives_the_same_answers(onnx_model, prefill_calls, monkeypatch):
     """The prompt goes in chunks, one call each (GIL released between them), same output."""
-    module = loaded_module(onnx_model)
+    module = scheduler_module(onnx_model)
     whole = [ask(onnx_model, row) for row in ROWS[:4]]
     prefill_calls.clear()
     monkeypatch.setattr(module, "PREFILL_CHUNK", 1)
@@ -145,7 +156,7 @@ def test_a_request_alone_prefills_in_large_chunks_and_beside_others_in_small_one
         onnx_model, prefill_calls, monkeypatch):
     """Adaptive prefill: ALONE_PREFILL_CHUNK tokens per call while a row is the only work,
     PREFILL_CHUNK while another batch runs beside it, so that one keeps decoding."""
-    module = loaded_module(onnx_model)
+    module = scheduler_module(onnx_model)
     monkeypatch.setattr(onnx_model.unwrap_python_model(), "alone_chunk", 8)
     monkeypatch.setattr(module, "PREFILL_CHUNK", 2)
     alone = ask(onnx_model, ROWS[0])
@@ -165,16 +176,16 @@ def test_a_request_alone_prefills_in_large_chunks_and_beside_others_in_small_one
 @pytest.mark.parametrize(("env", "default"), [("ALONE_CHUNK_ENV", 256), ("BATCH_PREFILL_ENV", 256)])
 def test_token_settings_are_256_unless_the_environment_says(onnx_model, monkeypatch, env,
                                                              default):
-    module = loaded_module(onnx_model)
+    module = scheduler_module(onnx_model)
     name = getattr(module, env)
     monkeypatch.delenv(name, raising=False)
-    assert module._tokens_setting(name, default) == default
+    assert module.tokens_setting(name, default) == default
     monkeypatch.setenv(name, "16")
-    assert module._tokens_setting(name, default) == 16
+    assert module.tokens_setting(name, default) == 16
     for bad in ("lots", "0"):
         monkeypatch.setenv(name, bad)
         with pytest.raises(MlflowException, match=f"{name}='{bad}' must be a whole number"):
-            module._tokens_setting(name, default)
+            module.tokens_setting(name, default)
 
 
 def test_the_batch_prefill_cap_decides_which_rows_share_a_generator(onnx_model, prefill_calls,
@@ -222,16 +233,16 @@ def test_a_streams_first_token_reaches_its_reader_before_the_next_step(onnx_mode
     """A Generator call holds the GIL for its whole step (~0.1 s at full size), so a token put
     on a stream's queue would reach its reader only after the next step: the scheduler hands
     the first token over first (TTFT is not one step late; the gap the benchmark measured)."""
-    module = loaded_module(onnx_model)
+    module, model_class = scheduler_module(onnx_model), type(onnx_model.unwrap_python_model())
     monkeypatch.setattr(module, "FIRST_TOKEN_HANDOVER_S", 30.0)  # generous: the check is order
-    real, read, seen = module.OnnxChatModel._step, [], []
+    real, read, seen = model_class._step, [], []
 
     def step(self, batch, alone):
         if batch.prompt is None:  # a decode step: how many chunks had the reader read by now?
             seen.append(len(read))
         return real(self, batch, alone)
 
-    monkeypatch.setattr(module.OnnxChatModel, "_step", step)
+    monkeypatch.setattr(model_class, "_step", step)
     for chunk in onnx_model.predict_stream({"messages": ROWS[0]["messages"], "max_tokens": 4,
                                                  "temperature": 0}):
         read.append(chunk)
@@ -243,7 +254,7 @@ def test_kv_cache_is_sized_to_each_request(onnx_model, monkeypatch):
     """onnxruntime-genai allocates max_length up front: prompt + max_tokens, and for a request
     the prefix cache may keep, room for its conversation's next turn."""
     sizes = []
-    cls = loaded_module(onnx_model).OnnxChatModel
+    cls = type(onnx_model.unwrap_python_model())
     real = cls._search_options
 
     def recording(self, options, max_length, batch_size):
@@ -256,7 +267,7 @@ def test_kv_cache_is_sized_to_each_request(onnx_model, monkeypatch):
     monkeypatch.setattr(cache, "kept", [])  # a fresh generator, not a kept one
     response = ask(onnx_model, ROWS[0], max_tokens=5)
     prompt = response["usage"]["prompt_tokens"]
-    assert sizes == [prompt + 5 + loaded_module(onnx_model).prefix_room(prompt)]
+    assert sizes == [prompt + 5 + prefix_cache_module(onnx_model).prefix_room(prompt)]
     monkeypatch.setattr(cache, "budget", 0)  # nothing kept: exactly what the request needs
     response = ask(onnx_model, ROWS[0], max_tokens=5)
     assert sizes[1:] == [response["usage"]["prompt_tokens"] + 5]
@@ -359,10 +370,15 @@ def test_bad_requests_are_refused_naming_the_field(onnx_model, payload, message)
     assert content(ask(onnx_model, ROWS[0])) == ROWS[0]["answer"]  # still serving
 
 
-def test_prompt_interface_answers_a_string(fetch_run_id):
-    uri = log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--interface", "prompt",
-                                "--max_new_tokens", "32"])
-    model = mlflow.pyfunc.load_model(uri)
+@pytest.fixture(scope="module")
+def prompt_model_uri(fetch_run_id):
+    """The ONNX model logged with interface=prompt (the Phi-3 cookbook's contract), once."""
+    return log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--interface", "prompt",
+                                 "--max_new_tokens", "32"])
+
+
+def test_prompt_interface_answers_a_string(prompt_model_uri):
+    model = mlflow.pyfunc.load_model(prompt_model_uri)
     assert model.predict({"prompt": "What is the capital of Spain?"}) == (
         "The capital of Spain is Madrid.")
     assert model.predict([{"prompt": r["messages"][0]["content"]} for r in ROWS[:3]]) == [
@@ -377,12 +393,25 @@ def test_prompt_interface_answers_a_string(fetch_run_id):
     seed = ("<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom"
             "<|end|><|assistant|>")
     inner = model.unwrap_python_model()
-    assert list(inner.parse({"prompt": seed}).ids) == list(inner.tokenizer.encode(seed))
-    plain = list(inner.parse({"prompt": "What is the capital of Spain?"}).ids)
+    assert list(inner.prepare_row({"prompt": seed}).ids) == list(inner.tokenizer.encode(seed))
+    plain = list(inner.prepare_row({"prompt": "What is the capital of Spain?"}).ids)
     wrapped = inner.tokenizer.apply_chat_template(json.dumps(
         [{"role": "user", "content": "What is the capital of Spain?"}]), add_generation_prompt=True)
     assert plain == list(inner.tokenizer.encode(wrapped))
     assert isinstance(model.predict({"prompt": seed}), str)
+
+
+def test_the_prompt_interface_reuses_its_prefix_too(prompt_model_uri, monkeypatch):
+    """interface=prompt (pre-formatted prompts): a prompt that extends the last one reuses it,
+    with the same answer as without the cache."""
+    with_cache = mlflow.pyfunc.load_model(prompt_model_uri)
+    monkeypatch.setenv("PHI3FLOW_ONNX_PREFIX_CACHE_MB", "0")
+    without = mlflow.pyfunc.load_model(prompt_model_uri)
+    turn = "<|user|>\nWhat is the capital of Spain?<|end|>\n<|assistant|>\n"
+    answer = with_cache.predict({"prompt": turn})
+    follow = f"{turn}{answer}<|end|>\n<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"
+    assert with_cache.predict({"prompt": follow}) == without.predict({"prompt": follow})
+    assert with_cache.unwrap_python_model().prefix_cache.hits == 1
 
 
 def test_int4_build_loads_and_answers(int4_onnx):
@@ -400,9 +429,10 @@ def test_logged_from_code_without_pickles_or_torch(onnx_model_uri, fetch_run_id)
     stored = Path(mlflow.artifacts.download_artifacts(model.artifact_location))
     files = [p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()]
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
-    assert "onnx_chat_model.py" in {Path(f).name for f in files}
-    # The chat contract it imports, and no other project code.
-    assert [f for f in files if f.startswith("code/")] == ["code/chat_contract.py"]
+    assert "onnx_runtime.py" in files  # the model's code (models from code)
+    # The chat core it is part of, and no other project code.
+    shipped = sorted(f.removeprefix("code/chat/") for f in files if f.startswith("code/"))
+    assert shipped == sorted(f.name for f in (ROOT / "phi3flow" / "chat").glob("*.py")), shipped
     requirements = (stored / "requirements.txt").read_text()
     assert "onnxruntime-genai==0.18.0" in requirements and "torch" not in requirements
     fetch_tags = mlflow.get_run(fetch_run_id).data.tags

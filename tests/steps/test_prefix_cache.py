@@ -1,4 +1,4 @@
-"""The ONNX model's prefix cache (phi3flow/onnx_chat_model.py, _PrefixCache): a request that
+"""The ONNX model's prefix cache (phi3flow/chat/prefix_cache.py, PrefixCache): a request that
 continues a kept sequence reuses its KV cache and computes only its new tokens, and answers
 token for token as the same request does without the cache, for every prompt form."""
 
@@ -59,7 +59,7 @@ def test_a_multi_turn_chat_reuses_each_turn_and_answers_as_without_the_cache(cac
     answer) is reused while the turn fits in the room the last generator was given (half its
     prompt, prefix_room); a turn that does not starts a generator with more, and
     the next turn is reused again. Each answer equals the uncached model's."""
-    module = sys.modules[type(cached.unwrap_python_model()).__module__]
+    module = sys.modules[type(cached.unwrap_python_model().prefix_cache).__module__]
     messages, previous_total, room, reused = [], 0, 0, 0
     for turn, row in enumerate(ROWS[:5]):
         messages.append(row["messages"][0])
@@ -118,31 +118,14 @@ def test_a_prompt_that_diverges_mid_way_reuses_up_to_the_divergence(cached, unca
     assert 30 < cached_tokens(diverged) < prompt - 2
 
 
-def test_the_prompt_interface_reuses_its_prefix_too(fetch_run_id, monkeypatch):
-    """interface=prompt (pre-formatted prompts): a prompt that extends the last one reuses it,
-    with the same answer as without the cache."""
-    from steps import log_onnx_pyfunc
-
-    uri = log_onnx_pyfunc.main(["--fetch_run_id", fetch_run_id, "--interface", "prompt",
-                                "--max_new_tokens", "24"])
-    with_cache = mlflow.pyfunc.load_model(uri)
-    monkeypatch.setenv("PHI3FLOW_ONNX_PREFIX_CACHE_MB", "0")
-    without = mlflow.pyfunc.load_model(uri)
-    turn = "<|user|>\nWhat is the capital of Spain?<|end|>\n<|assistant|>\n"
-    answer = with_cache.predict({"prompt": turn})
-    follow = f"{turn}{answer}<|end|>\n<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"
-    assert with_cache.predict({"prompt": follow}) == without.predict({"prompt": follow})
-    assert cache_of(with_cache).hits == 1
-
-
 def test_eviction_keeps_the_cache_within_its_budget(onnx_model_uri, uncached):
     """A budget for about one kept generator: the second conversation evicts the first, whose
     next turn then starts afresh (and still answers right); the cache never holds more than
     its budget."""
     probe = cache_of(uncached)
     first_turn = [ROWS[0]["messages"][0]]
-    module = sys.modules[type(uncached.unwrap_python_model()).__module__]
-    prompt = len(uncached.unwrap_python_model().parse({"messages": first_turn, **GREEDY}).ids)
+    module = sys.modules[type(uncached.unwrap_python_model().prefix_cache).__module__]
+    prompt = len(uncached.unwrap_python_model().prepare_row({"messages": first_turn, **GREEDY}).ids)
     size = (prompt + GREEDY["max_tokens"] + module.prefix_room(prompt)) * probe.per_token
     small = mlflow.pyfunc.load_model(onnx_model_uri)
     cache = cache_of(small)

@@ -8,9 +8,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from phi3flow import manifest, names, onnx_build
-from phi3flow.errors import StepError
-from phi3flow.manifest import Manifest
+from phi3flow.core import names
+from phi3flow.core.errors import StepError
+from phi3flow.fetching import manifest, onnx_build
+from phi3flow.fetching.manifest import Manifest
 from steps import fetch_model, log_transformers
 from tests.helpers import FIXTURE, QUESTION, created_run, predict_in_fresh_process
 
@@ -123,6 +124,7 @@ def _artifact_dir(run_id: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=""))
 
 
+@pytest.mark.e2e  # an ONNX build of its own (int8 KV cache, block 16)
 def test_fetch_model_builds_the_kv_cache_and_block_size_asked_and_records_them():
     run_id = fetch_model.main(["--model_id", str(FIXTURE), "--onnx_source", "build",
                                "--kv_cache", "int8", "--block_size", "16"])

@@ -19,8 +19,8 @@ import yaml
 from azure.ai.ml import load_job
 from azure.ai.ml.entities import Command
 
-from phi3flow import azureml_backend
-from phi3flow.azureml_backend import AzureMLConfig, AzureMLConfigError
+from phi3flow.azure import backend as azureml_backend
+from phi3flow.azure.backend import AzureMLConfig, AzureMLConfigError
 from tests.helpers import ROOT
 
 WORKSPACE = {"subscription_id": "00000000-0000-0000-0000-000000000000",
@@ -79,7 +79,7 @@ def test_job_for_a_local_project(tmp_path):
     spec = azureml_backend.job_spec(ROOT, "main", PARAMS, None, cfg, "phi3",
                                     tmp_path / "job.yml")
     job = _load(spec, tmp_path)
-    assert job.command == ("python -m phi3flow.azureml_job -e main "
+    assert job.command == ("python -m phi3flow.azure.job -e main "
                            "-P model_id=tests/fixtures/tiny-phi3 -P onnx_source=build")
     assert Path(job.code) == ROOT
     assert job.compute == "cpu-cluster"  # the loader strips the azureml: prefix
@@ -112,7 +112,7 @@ def test_job_for_a_git_url_uploads_the_checkout_and_names_its_source(tmp_path):
     spec = azureml_backend.job_spec(ROOT, "fetch_model", {}, source, cfg, "phi3",
                                     tmp_path / "job.yml")
     job = _load(spec, tmp_path)
-    assert job.command == (f"python -m phi3flow.azureml_job -e fetch_model --source-url {url} "
+    assert job.command == (f"python -m phi3flow.azure.job -e fetch_model --source-url {url} "
                            f"--source-commit {'a' * 40}")
     assert Path(job.code) == ROOT
     assert job.resources.instance_type == "Standard_E4s_v3"
@@ -155,14 +155,14 @@ def test_tracking_uri_of_the_workspace_is_accepted_whatever_the_case(uri):
 
 
 def test_job_entry_refuses_to_run_outside_a_job(monkeypatch, capsys):
-    from phi3flow import azureml_job
+    from phi3flow.azure import job as azureml_job
 
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     assert azureml_job.main(["-e", "main"]) == 2
 
 
 def test_job_entry_keeps_one_experiment_variable():
-    from phi3flow import azureml_job
+    from phi3flow.azure import job as azureml_job
 
     env = {"MLFLOW_EXPERIMENT_ID": "7", "MLFLOW_EXPERIMENT_NAME": "phi3"}
     azureml_job.normalise_environment(env, "7")
@@ -193,7 +193,7 @@ def test_mlflow_run_finds_the_plugin_and_dry_run_writes_a_loadable_job(tracking,
     assert done.returncode == 0, done.stderr[-4000:]
     assert "nothing was submitted" in done.stderr
     job = load_job(str(job_yaml))
-    assert job.command.startswith("python -m phi3flow.azureml_job -e main")
+    assert job.command.startswith("python -m phi3flow.azure.job -e main")
     assert "must-not-appear-anywhere" not in job_yaml.read_text() + done.stderr + done.stdout
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.tags["phi3flow.azureml.dry_run"] == "true"

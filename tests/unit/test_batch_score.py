@@ -9,8 +9,9 @@ import tomllib
 
 import pytest
 
-from phi3flow import batch_score
-from phi3flow.config import BatchScoreConfig, ConfigError, parse_config
+from phi3flow.batch import score as batch_score
+from phi3flow.batch.config import BatchScoreConfig
+from phi3flow.core.config import ConfigError, parse_config
 from tests.helpers import EVAL_DATA, ROOT
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of phi3flow.config: defaults that work, and bad values refused by name."""
+"""Unit tests of phi3flow.core.config: defaults that work, and bad values refused by name."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import dataclasses
 
 import pytest
 
-from phi3flow import config, names, pipeline
-from phi3flow.config import (
-    ConfigError,
-    FetchModelConfig,
-    LogTransformersConfig,
-    MainConfig,
-    parameters,
-    parse_config,
-)
+from phi3flow.core import names
+from phi3flow.core.config import ConfigError, parameters, parse_config
+from phi3flow.fetching.config import FetchModelConfig
+from phi3flow.models.config import GenerationOptions, LogTransformersConfig
+from phi3flow.pipeline import config as pipeline_config
+from phi3flow.pipeline import stages as pipeline
+from phi3flow.pipeline.config import MainConfig
 from tests.helpers import FIXTURE
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -105,19 +103,19 @@ def test_main_hands_each_step_exactly_its_own_parameters():
 def test_main_is_composed_of_the_steps_options_and_shared_flags_agree():
     """MainConfig contains each step's options; a flag several steps take has one default and
     one main-level help saying what it feeds (no field silently meaning two things)."""
-    parts = config.main_parts()
+    parts = pipeline_config.main_parts()
     assert list(parts) == [stage.entry_point for stage in pipeline.PIPELINE]
     owners: dict[str, list] = {}
     for part in parts.values():
         for f in dataclasses.fields(part):
             owners.setdefault(f.name, []).append(f)
     shared = {name for name, fields in owners.items() if len(fields) > 1}
-    assert shared == set(config.MAIN_SHARED_HELP)
+    assert shared == set(pipeline_config.MAIN_SHARED_HELP)
     for name in shared:
         assert len({f.default for f in owners[name]}) == 1, f"{name}: defaults differ"
-    flags = {f.name: f.metadata["help"] for f in config.main_fields()}
+    flags = {f.name: f.metadata["help"] for f in pipeline_config.main_fields()}
     assert set(flags) == set(owners) | {"force"}
-    assert all(flags[name] == config.MAIN_SHARED_HELP[name] for name in shared)
+    assert all(flags[name] == pipeline_config.MAIN_SHARED_HELP[name] for name in shared)
 
 
 def test_every_stage_consumes_run_ids_by_the_name_its_producer_hands_on():
@@ -133,9 +131,9 @@ def test_every_stage_consumes_run_ids_by_the_name_its_producer_hands_on():
 def test_the_onnx_model_code_falls_back_to_the_configs_generation_defaults():
     """onnx_chat_model.py is logged as standalone model code and cannot import the config, so
     its fallbacks (for a model_config without a key) are a copy: they must stay the same."""
-    from phi3flow import onnx_chat_model
+    from phi3flow.chat import onnx_runtime as onnx_chat_model
 
-    defaults = {f.name: f.default for f in dataclasses.fields(config.GenerationOptions)}
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationOptions)}
     assert onnx_chat_model.DEFAULTS == {
         "max_tokens": defaults["max_new_tokens"], "temperature": defaults["temperature"],
         "top_p": defaults["top_p"], "top_k": defaults["top_k"], "stop": None}

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from phi3flow import names
-from phi3flow.eval_contract import (
+from phi3flow.core.record import RecordError
+from phi3flow.evaluation import metrics
+from phi3flow.evaluation.eval_data import EvalRow
+from phi3flow.evaluation.records import (
     Answer,
     LongPrompt,
     ModelMetrics,
     WorkerResult,
     WorkerSpec,
+    loggable_names,
     percentile,
+    unnamed_metrics,
 )
-from phi3flow.eval_data import EvalRow
-from phi3flow.record import RecordError
 
 ROW = EvalRow(({"role": "user", "content": "What is the capital of Spain?"},), "Madrid", "facts")
 
@@ -36,23 +39,38 @@ def test_metrics_count_only_answered_rows_for_speed_and_every_row_for_quality():
     result = WorkerResult(load_s=3.0, size_mb=120.5, peak_rss_mb=900.0, answers=(
         answered(1.0), answered(3.0, tokens=8), Answer(trace_id=None, error="ValueError: boom")),
         long_prompt=LongPrompt(prompt_tokens=1020, ttft_s=2.5))
-    metrics = ModelMetrics.of(result, {names.CONTAINS: [True, True, False],
-                                       names.EXACT: [True, None, False]})
-    assert metrics.failed_rows == 1 and metrics.scorer_errors == 1
-    assert metrics.quality == {names.CONTAINS: pytest.approx(2 / 3),
-                               names.EXACT: pytest.approx(1 / 3)}
-    assert metrics.latency_p50_s == 2.0 and metrics.output_tokens_per_s == 3.0  # 12 tokens / 4 s
-    logged = metrics.logged()
-    assert logged[names.LATENCY_P95] == pytest.approx(2.9)
-    assert logged[names.CONTAINS] == pytest.approx(2 / 3)  # the scorers sit beside the rest, flat
+    quality, exact = metrics.QUALITY.name, metrics.EXACT.name
+    measured = ModelMetrics.of(result, {quality: [True, True, False],
+                                        exact: [True, None, False]})
+    assert measured.failed_rows == 1 and measured.scorer_errors == 1
+    assert measured.quality == {quality: pytest.approx(2 / 3), exact: pytest.approx(1 / 3)}
+    assert measured.latency_p50_s == 2.0 and measured.output_tokens_per_s == 3.0  # 12 tokens / 4 s
+    logged = measured.logged()
+    assert logged[metrics.LATENCY_P95.name] == pytest.approx(2.9)
+    assert logged[quality] == pytest.approx(2 / 3)  # the scorers sit beside the rest, flat
     assert logged["long_prompt_tokens"] == 1020.0 and logged["ttft_long_prompt_s"] == 2.5
     assert all(isinstance(value, float) for value in logged.values())
 
 
 def test_a_model_that_could_not_take_the_long_prompt_logs_no_long_prompt_metrics():
     result = WorkerResult(load_s=1.0, size_mb=1.0, peak_rss_mb=1.0, answers=(answered(1.0),))
-    logged = ModelMetrics.of(result, {names.CONTAINS: [True]}).logged()
+    logged = ModelMetrics.of(result, {metrics.QUALITY.name: [True]}).logged()
     assert "long_prompt_tokens" not in logged and "ttft_long_prompt_s" not in logged
+
+
+def test_each_metric_has_one_name_and_every_logged_key_is_a_metric():
+    """One record per metric (metrics.py): evaluate logs, the gate judges, decision.json holds
+    and register tags a metric under the one name its Metric gives."""
+    all_names = [metric.name for metric in metrics.ALL]
+    assert len(set(all_names)) == len(all_names) == len(metrics.BY_NAME)
+    assert all(metrics.BY_NAME[metric.name] is metric for metric in metrics.ALL)
+    assert unnamed_metrics() == []
+    others = {f.name: 1 for f in dataclasses.fields(ModelMetrics) if f.name != "quality"}
+    full = ModelMetrics(quality={metric.name: 0.5 for metric in metrics.SCORES}, **others)
+    logged = full.logged()
+    # A scorer named like a field would overwrite it in the flat dict: one key each, no fewer.
+    assert len(logged) == len(metrics.SCORES) + len(others)
+    assert sorted(logged) == sorted(all_names) == sorted(loggable_names())
 
 
 def test_the_worker_spec_survives_its_file_and_a_foreign_one_is_refused_by_name():

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from phi3flow import eval_data
-from phi3flow.errors import StepError
-from phi3flow.scorers import contains, exact
+from phi3flow.core.errors import StepError
+from phi3flow.evaluation import eval_data
+from phi3flow.evaluation.scorers import contains, exact
 
 
 def test_the_full_set_is_large_categorised_and_unambiguous():

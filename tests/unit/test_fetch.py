@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from phi3flow import azureml_store, fetch
-from phi3flow.config import ConfigError, FetchModelConfig
+from phi3flow.core import azureml_store
+from phi3flow.core.config import ConfigError
+from phi3flow.fetching import fetch
+from phi3flow.fetching.config import FetchModelConfig
 from tests.helpers import FIXTURE
 
 # A run's artifact URI in a workspace, in the form current workspaces answer, and the older one.

@@ -1,4 +1,4 @@
-"""The front door's request fields (phi3flow/front_door.py FIELDS) against OpenAI's own list, and
+"""The front door's request fields (phi3flow/serving/front_door.py FIELDS) against OpenAI's own list, and
 each field walked through the check every request passes (over HTTP: tests/e2e/test_front_door.py)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 
-from phi3flow import front_door
-from phi3flow.front_door import FIELD, FIELDS, ApiError, check_fields
+from phi3flow.serving import front_door
+from phi3flow.serving.front_door import FIELD, FIELDS, ApiError, check_fields
 
 # For each field this server refuses: a value that asks for something.
 ASKS_SOMETHING = {

@@ -1,4 +1,4 @@
-"""phi3flow.hub against the local hub stand-in (tests/hub_server.py): downloads are checked
+"""phi3flow.fetching.hub against the local hub stand-in (tests/hub_server.py): downloads are checked
 against the hub's own sizes and hashes, and a bad file is refused by name and evicted."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3flow import hub
+from phi3flow.fetching import hub
 from tests.hub_server import LocalHub
 
 REPO = "org/model"

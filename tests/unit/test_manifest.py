@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from phi3flow import manifest
-from phi3flow.manifest import Manifest, Source
-from phi3flow.record import RecordError
+from phi3flow.core.record import RecordError
+from phi3flow.fetching import manifest
+from phi3flow.fetching.manifest import Manifest, Source
 
 SOURCES = {"checkpoint": Source("local", True, path="/x"), "onnx": Source("build", True)}
 

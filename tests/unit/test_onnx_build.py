@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from phi3flow import onnx_build
+from phi3flow.fetching import onnx_build
 from tests.helpers import FIXTURE, eval_rows
 
 ROWS = eval_rows()

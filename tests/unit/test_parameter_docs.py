@@ -9,7 +9,7 @@ from tests import parameter_docs
 def test_the_parameter_tables_match_the_step_configs():
     page = parameter_docs.PAGE.read_text()
     assert parameter_docs.render(page) == page, (
-        f"docs/parameters.md differs from phi3flow/config.py: run `{parameter_docs.COMMAND}`")
+        f"docs/parameters.md differs from phi3flow/core/config.py: run `{parameter_docs.COMMAND}`")
 
 
 def test_each_table_lists_exactly_its_entry_points_parameters():
@@ -24,4 +24,4 @@ def test_each_table_lists_exactly_its_entry_points_parameters():
 def test_the_conformance_table_matches_the_front_doors_fields():
     page = parameter_docs.SERVING.read_text()
     assert parameter_docs.render_serving(page) == page, (
-        f"docs/serving.md differs from phi3flow/front_door.py: run `{parameter_docs.COMMAND}`")
+        f"docs/serving.md differs from phi3flow/serving/front_door.py: run `{parameter_docs.COMMAND}`")

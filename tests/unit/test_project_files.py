@@ -9,10 +9,10 @@ import pytest
 import yaml
 from mlflow.projects._project_spec import load_project
 
-from phi3flow import config
+from phi3flow.core import config
+from phi3flow.pipeline.config import STEP_CONFIGS
 from tests.helpers import ROOT
 
-STEP_CONFIGS = config.STEP_CONFIGS
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
 

@@ -7,12 +7,15 @@ import dataclasses
 import json
 
 import pytest
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-from phi3flow import decision, pipeline, registry
-from phi3flow.decision import Decision, ModelRef
-from phi3flow.pipeline import Produced
-from phi3flow.record import RecordError
-from phi3flow.registry import Registration
+from phi3flow.core.record import RecordError
+from phi3flow.evaluation import decision
+from phi3flow.evaluation.decision import Decision, ModelRef
+from phi3flow.pipeline import stages as pipeline
+from phi3flow.pipeline.stages import Produced
+from phi3flow.registry import register as registry
+from phi3flow.registry.register import Registration
 
 THRESHOLDS = {"min_quality": 0.8, "max_quality_drop": 0.05, "max_p95_latency_s": 10.0}
 RUN = "0123456789abcdef0123456789abcdef"
@@ -38,6 +41,32 @@ def test_the_gate_chooses_the_fastest_model_that_passed_and_says_why():
     slow = decision.decide({"transformers": _metrics(0.5, 50), "onnx": _metrics(0.6, 60)},
                            THRESHOLDS, _decision().models, 0.0, "e", "ab" * 32)
     assert slow.chosen == "onnx" and not slow.chosen_passed  # best quality, not champion
+
+
+def test_the_gate_and_register_word_their_reasons_from_each_metric():
+    """Reasons read label, unit and format from the Metric (metrics.py): worded as they were
+    when each Threshold spelled them out, since users and tests match on them."""
+    low = _decision(onnx_quality=0.5, onnx_p95=12.0)
+    assert low.verdicts["onnx"].reasons == (
+        "quality 0.500 < min_quality 0.8", "quality drop vs transformers 0.500 > "
+        "max_quality_drop 0.05", "p95 latency 12.00 s > max_p95_latency_s 10.0")
+    assert low.gated_on == ("quality_contains", "latency_p95_s")
+
+    def holder(quality: float, p95: float) -> ModelVersion:
+        return ModelVersion("phi3", "3", 0, tags=[
+            ModelVersionTag(f"phi3flow.metric.{key}", repr(value))
+            for key, value in (("quality_contains", quality), ("latency_p95_s", p95))])
+
+    candidate = _metrics(1.0, 1.0)
+    assert registry._beats(candidate, holder(1.0, 2.0)) == (
+        True, "equal quality; p95 latency 1.000 s vs 2.000 s of version 3")
+    assert registry._beats(candidate, holder(1.0, 0.5)) == (
+        False, "equal quality; p95 latency 1.000 s vs 0.500 s of version 3")
+    assert registry._beats(_metrics(0.9, 1.0), holder(1.0, 9.0)) == (
+        False, "quality 0.900 vs 1.000 of version 3")
+    assert [m.name for m in registry.KEY_METRICS] == [
+        "quality_contains", "latency_p95_s", "quality_exact", "output_tokens_per_s",
+        "peak_rss_mb"]
 
 
 def test_the_decision_says_which_model_answers_first_at_each_prompt_length():

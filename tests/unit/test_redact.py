@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from phi3flow import redact
+from phi3flow.core import redact
 
 JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJleHAiOjE3MDAwMDAwMDAsImtpbmQiOiJydW4ifQ."
        "c2lnbmF0dXJlLW9mLXRoZS1qd3Q")

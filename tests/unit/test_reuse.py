@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from phi3flow import reuse
+from phi3flow.pipeline import reuse
 from tests.helpers import FIXTURE, ROOT
 
 PARAMS = {"model_id": "x", "max_new_tokens": "32"}

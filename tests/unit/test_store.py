@@ -1,4 +1,4 @@
-"""The store adapter (`phi3flow/store.py`) on a local sqlite store: every capability there, each
+"""The store adapter (`phi3flow/core/store.py`) on a local sqlite store: every capability there, each
 probed once per process. The other answers, from servers: tests/e2e/test_store.py."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from phi3flow import store
+from phi3flow.core import store
 
 CAPABILITIES = ("traces", "logged_models", "registry", "registry_tag_filters", "aliases",
                 "escaped_keys")

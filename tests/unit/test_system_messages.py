@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from phi3flow import system_messages
+from phi3flow.chat import system_messages
 from tests.helpers import FIXTURE
 
 VOCAB = FIXTURE.parent / "phi3-vocab"

@@ -1,0 +1,1 @@
+"""What every stage shares: names, errors, typed records, redaction, config machinery, a step's run, and the store adapter."""

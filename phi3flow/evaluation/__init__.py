@@ -1,0 +1,1 @@
+"""evaluate: the worker that answers, the scorers, the metrics, the gate and its decision."""

@@ -1,0 +1,1 @@
+"""register: champion or challenger from evaluate's decision, with lineage."""
