@@ -7,7 +7,8 @@ Design, for serving (`mlflow models serve` calls predict from several threads at
   Each turn it starts a batch for the rows that arrived meanwhile (rows sharing generation
   options share one Generator) and advances every active batch by one Generator call. So
   concurrent requests share decode steps, which are memory-bound: on the full-size model a
-  batch of 4 costs about one row's step (2.0x, docs/decisions.md). onnxruntime-genai cannot add
+  batch of 4 rows gives about twice one row's tokens/s (docs/decisions.md; served clients:
+  docs/performance.md). onnxruntime-genai cannot add
   rows to a running Generator, so batches that started apart are stepped in turn, not merged.
 - The KV cache is sized per batch: max_length = longest prompt + max_tokens (onnxruntime-genai
   allocates it up front; the 4096 default would cost about 3 GiB per request on Phi-3-mini).
@@ -118,7 +119,8 @@ class Scheduler:
 
         Each step is one Generator call: a prompt chunk or one new token per row. Requests that
         arrive while a step runs are batched together at the next turn, so concurrent clients
-        share decode steps (decode is memory-bound: a batch of 4 costs about one row's step),
+        share decode steps (decode is memory-bound: a batch of 4 gives about twice one row's
+        tokens/s),
         and no request waits for an unrelated one to finish before it starts.
         """
         active: list[Batch] = []
