@@ -85,6 +85,27 @@ def test_the_front_doors_transformers_answers_are_mlflows_own(mlflow_transformer
                 "finish_reason"], row
 
 
+def _json_shape(value):
+    """A JSON value's shape: its keys, nested, and its leaves' types (None apart)."""
+    if isinstance(value, dict):
+        return {k: _json_shape(v) for k, v in value.items() if k not in ("id", "created", "model")}
+    if isinstance(value, list):
+        return [_json_shape(v) for v in value[:1]]
+    return type(value).__name__
+
+
+def test_both_runtimes_answer_the_same_shape_streamed_and_not(onnx_model, transformers_chat):
+    """Every field, usage details included, is where a client reads it on either runtime."""
+    inner = onnx_model.unwrap_python_model()
+    for options in ({}, {"max_tokens": 2, "logprobs": True, "top_logprobs": 1}):
+        payload = {"messages": QUESTION, **options}
+        onnx, ours = (chat_predict(r)(payload)[0] for r in (inner, transformers_chat))
+        assert _json_shape(onnx) == _json_shape(ours), (onnx, ours)
+        assert isinstance(ours["usage"]["prompt_tokens_details"]["cached_tokens"], int)
+        last = [list(chat_stream(r)(payload))[-1] for r in (inner, transformers_chat)]
+        assert _json_shape(last[0]) == _json_shape(last[1])
+
+
 def test_message_text_that_spells_control_tags_is_tokenized_as_text(runtime):
     """The typed tags become ordinary tokens: the prompt holds exactly the template's own tags
     (one user turn, `<|user|>\n{content}<|end|>\n<|assistant|>\n`), and the text between them

@@ -77,3 +77,16 @@ def test_ci_runs_the_readme_test_command():
     assert len(setup) == 2, "README must hold exactly two set-up commands"
     test_command = next(b for b in setup if "pytest" in b)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_serve_command_is_the_front_door():
+    """`phi3flow-serve` (pyproject's console script) runs what `python -m phi3flow.front_door`
+    runs."""
+    import tomllib
+
+    from phi3flow import front_door
+    from phi3flow.serving import front_door as server
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["phi3flow-serve"].split(":")
+    assert (module, function) == (server.__name__, "main") and front_door.main is server.main
