@@ -43,12 +43,14 @@ from mlflow.pyfunc import PythonModel
 
 try:  # inside the saved model: MLflow puts its code/ folder on sys.path
     from chat.onnx_scheduler import BATCH_PREFILL_ENV, THREADS_ENV
-    from chat.request import ROLES, plain
+    from chat.prompt import check_room
+    from chat.request import BadRequest, checked_messages, plain
     from result import RESULT_FIELDS
 except ImportError:  # in this repository
     from phi3flow.batch.result import RESULT_FIELDS
     from phi3flow.chat.onnx_scheduler import BATCH_PREFILL_ENV, THREADS_ENV
-    from phi3flow.chat.request import ROLES, plain
+    from phi3flow.chat.prompt import check_room
+    from phi3flow.chat.request import BadRequest, checked_messages, plain
 
 MODEL_ARTIFACT = "model"
 CORRUPT_RECORD = "_corrupt_record"
@@ -189,27 +191,21 @@ class BatchChatModel(PythonModel):
         return request
 
     def _check_transformers(self, messages: Any) -> None:
-        """Refuse an unknown role and a prompt over the context window, which MLflow's
-        transformers flavor answers anyway (docs/serving.md); the ONNX model refuses them
-        itself, in the same words."""
-        if not isinstance(messages, list) or not messages:
-            return  # the model's own error says what is wrong
-        for i, message in enumerate(messages):
-            role = message.get("role") if isinstance(message, dict) else None
-            if role not in ROLES:
-                raise RowError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
-                               f"{json.dumps(role)[:60]}.")
-        tokenizer = self.pipeline.tokenizer
-        context = int(self.pipeline.model.config.max_position_embeddings)
+        """Refuse what MLflow's transformers flavor answers anyway (an unknown role, a prompt
+        over the context window: docs/serving.md) with the chat core's own checks, so a row
+        gets the words the ONNX model refuses it in."""
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-        except Exception:  # noqa: BLE001 - the model's own call says what is wrong
-            return
-        if len(ids) + self.max_tokens > context:
-            raise RowError(f"the prompt has {len(ids)} tokens; with max_tokens={self.max_tokens} "
-                           f"that is more than the context window of {context}: shorten the "
-                           "conversation or lower max_new_tokens.")
+            checked_messages(messages)
+            tokenizer = self.pipeline.tokenizer
+            try:
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)
+            except Exception:  # noqa: BLE001 - the model's own call says what is wrong
+                return
+            check_room(len(ids), self.max_tokens,
+                       int(self.pipeline.model.config.max_position_embeddings))
+        except BadRequest as refused:
+            raise RowError(refused.message) from None
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow checks no type hints
         rows = model_input.to_dict(orient="records")

@@ -3,7 +3,7 @@ messages, generation options, tools and response format. Both runtimes take what
 no runtime checks a request again.
 
 Shipped inside the logged ONNX model (MLflow `code_paths`, the whole `chat` folder), so it needs
-only the standard library and mlflow.
+only the standard library, numpy and mlflow.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def plain(value: Any) -> Any:
     """numpy arrays and scalars (what MLflow makes of {"inputs": ...}, what Arrow hands a Spark
     UDF) as plain Python lists and values."""
     if isinstance(value, np.ndarray):
-        return [plain(v) for v in value.tolist()]
+        return plain(value.tolist())  # nested lists, or a scalar for a 0-d array
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if isinstance(value, dict):

@@ -230,3 +230,17 @@ def test_text_that_may_begin_a_stop_string_is_not_sent_before_it_is_known():
     they begin no stop string."""
     pieces = list(deltas(tokens_of("aXYb"), chr, frozenset(), ["XYZ"]))
     assert [(p.text, p.finish) for p in pieces] == [("a", None), ("X", None), ("Yb", "length")]
+
+
+def test_what_mlflow_hands_a_model_becomes_plain_python():
+    """MLflow's {"inputs": [rows]} reaches predict as numpy values, a row's max_tokens as a 0-d
+    array (mlflow models serve): each becomes the plain value a request is parsed from."""
+    import numpy as np
+
+    from phi3flow.chat.request import plain
+
+    row = {"max_tokens": np.array(40), "messages": np.array([{"role": "user", "content": "hi"}]),
+           "temperature": np.float32(0.5), "stop": np.array(["a", "b"])}
+    assert plain(row) == {"max_tokens": 40, "messages": [{"role": "user", "content": "hi"}],
+                          "temperature": 0.5, "stop": ["a", "b"]}
+    assert type(plain(row)["max_tokens"]) is int
